@@ -1,0 +1,28 @@
+# Two commands: `make demo` and `make test`. Each creates .venv when missing.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test test-fast clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch and torchvision as a matching pair (this pair lies on local disk where pip is capped)
+	$(BIN)/python -m pip install -q "torch>=2.5,<=2.14.1" "torchvision<=0.29.1"
+	$(BIN)/python -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python examples/sparse_vit.py
+
+# The suite: the reference path and the FX pass on CPU, then the Triton kernels
+# themselves through Triton's interpreter (TRITON_INTERPRET=1 is read when triton
+# decorates the kernels, so the kernel tests run in their own pytest process).
+test: $(STAMP)
+	$(BIN)/python -m pytest tests -m "not interpret"
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest tests -m interpret
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,5 @@
+"""fxsparse: find the attention in any PyTorch model by graph shape and make it block-sparse."""
+from .layout import Layout
+from .op import sparse_attention
+
+__all__ = ["Layout", "sparse_attention"]
