@@ -3,3 +3,4 @@ from .layout import Layout
 from .op import sparse_attention
 
 __all__ = ["Layout", "sparse_attention"]
+from . import patterns
