@@ -1,0 +1,246 @@
+"""Layout: the compiled form of an attention mask for one (q_len, kv_len).
+
+The token mask (True = may attend) is cut into square blocks of ``block_size``:
+
+* a *full* block has every entry True: the kernels run it with no per-element work;
+* a *partial* block has some True entries: its element mask is packed into bits
+  (``block_size // 32`` int32 words a row) and applied inside the kernel;
+* an *empty* block is never visited.
+
+Positions past ``q_len`` / ``kv_len`` count as False, so the last block of a
+sequence that is not a multiple of the block size is partial at most and full
+blocks never need bounds checks. Identical partial blocks share one packed mask.
+
+For the forward pass each query block lists the kv blocks it visits (partial and
+full separately, ascending); for the backward pass each kv block lists the query
+blocks that visit it. Tables are per (batch, head) of the mask, where either may
+be 1 and broadcast.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+DEFAULT_BLOCK_SIZE = 128
+EMPTY, PARTIAL, FULL = 0, 1, 2
+
+# The order in which the tables travel to the op (torch.library takes tensors, not objects).
+TABLE_NAMES = (
+    "kinds",  # int8 [Bl, Hl, NQB, NKB]: EMPTY / PARTIAL / FULL
+    "mask_id",  # int32 [Bl, Hl, NQB, NKB]: row of `bits` for a partial block, else -1
+    "bits",  # int32 [P, block, block // 32]: packed element masks of partial blocks
+    "full_num",  # int32 [Bl, Hl, NQB]
+    "full_idx",  # int32 [Bl, Hl, NQB, NKB]: kv blocks, ascending, padded
+    "part_num",
+    "part_idx",
+    "t_full_num",  # int32 [Bl, Hl, NKB]: transposed, for dk / dv
+    "t_full_idx",  # int32 [Bl, Hl, NKB, NQB]
+    "t_part_num",
+    "t_part_idx",
+)
+
+
+def _as_4d(mask: torch.Tensor) -> torch.Tensor:
+    if mask.dim() < 2 or mask.dim() > 4:
+        raise ValueError(
+            f"mask must have 2 to 4 dims ([Nq, Nk], [H, Nq, Nk] or [B, H, Nq, Nk]), got shape {tuple(mask.shape)}"
+        )
+    while mask.dim() < 4:
+        mask = mask.unsqueeze(0)
+    return mask
+
+
+def _block_lists(sel: torch.Tensor):
+    """For a bool [..., R, C] selection: per row the count and the column indices, ascending, padded."""
+    num = sel.sum(-1, dtype=torch.int32)
+    cols = torch.arange(sel.shape[-1], device=sel.device, dtype=torch.int32)
+    # selected columns first, in ascending order: sort by (not selected, column)
+    key = (~sel).to(torch.int32) * sel.shape[-1] + cols
+    idx = key.sort(dim=-1).values % sel.shape[-1]
+    return num.contiguous(), idx.to(torch.int32).contiguous()
+
+
+def _pack_bits(blocks: torch.Tensor) -> torch.Tensor:
+    """bool [P, bs, bs] -> int32 [P, bs, bs // 32]; bit j of word w is column 32 * w + j."""
+    p, r, c = blocks.shape
+    weights = torch.ones(32, dtype=torch.int64, device=blocks.device) << torch.arange(32, device=blocks.device)
+    words = (blocks.reshape(p, r, c // 32, 32).to(torch.int64) * weights).sum(-1)
+    words = torch.where(words >= 2**31, words - 2**32, words)
+    return words.to(torch.int32)
+
+
+def _unpack_bits(words: torch.Tensor) -> torch.Tensor:
+    """int32 [..., W] -> bool [..., 32 * W]."""
+    shifts = torch.arange(32, device=words.device, dtype=torch.int32)
+    bits = (words.unsqueeze(-1) >> shifts) & 1
+    return bits.reshape(*words.shape[:-1], words.shape[-1] * 32).bool()
+
+
+@dataclass(eq=False)
+class Layout:
+    """Block-sparse form of a bool attention mask [B|1, H|1, q_len, kv_len]; build once, reuse every call."""
+
+    block_size: int
+    shape: tuple  # (q_len, kv_len)
+    kinds: torch.Tensor
+    mask_id: torch.Tensor
+    bits: torch.Tensor
+    full_num: torch.Tensor
+    full_idx: torch.Tensor
+    part_num: torch.Tensor
+    part_idx: torch.Tensor
+    t_full_num: torch.Tensor
+    t_full_idx: torch.Tensor
+    t_part_num: torch.Tensor
+    t_part_idx: torch.Tensor
+    density: float = 1.0
+
+    # ---------------------------------------------------------------- building
+    @classmethod
+    def from_mask(cls, mask: torch.Tensor, block_size: int | None = None) -> "Layout":
+        """Exact layout of a bool token mask [Nq, Nk], [H, Nq, Nk] or [B, H, Nq, Nk] (True = may attend)."""
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError(f"mask must be a torch.Tensor of dtype bool, got {type(mask).__name__}")
+        if mask.dtype != torch.bool:
+            raise TypeError(
+                f"mask must be a bool tensor (True = may attend), got dtype {mask.dtype}; "
+                "for an additive float mask pass it as `bias=` instead"
+            )
+        bs = _check_block_size(DEFAULT_BLOCK_SIZE if block_size is None else block_size)
+        m4 = _as_4d(mask)
+        bl, hl, nq, nk = m4.shape
+        if nq == 0 or nk == 0:
+            raise ValueError(f"mask has an empty sequence axis: shape {tuple(mask.shape)}")
+        nqb, nkb = math.ceil(nq / bs), math.ceil(nk / bs)
+        padded = torch.zeros(bl, hl, nqb * bs, nkb * bs, dtype=torch.bool, device=m4.device)
+        padded[:, :, :nq, :nk] = m4
+        tiles = padded.reshape(bl, hl, nqb, bs, nkb, bs).transpose(3, 4)  # [Bl,Hl,NQB,NKB,bs,bs]
+        counts = tiles.sum((-1, -2))
+        full = counts == bs * bs
+        partial = (counts > 0) & ~full
+        kinds = torch.where(full, FULL, torch.where(partial, PARTIAL, EMPTY)).to(torch.int8)
+        mask_id = torch.full(kinds.shape, -1, dtype=torch.int32, device=m4.device)
+        if partial.any():
+            packed = _pack_bits(tiles[partial])
+            uniq, inverse = torch.unique(packed.reshape(packed.shape[0], -1), dim=0, return_inverse=True)
+            bits = uniq.reshape(-1, bs, bs // 32).contiguous()
+            mask_id[partial] = inverse.to(torch.int32)
+        else:
+            bits = torch.zeros(1, bs, bs // 32, dtype=torch.int32, device=m4.device)
+        return cls._from_kinds(kinds, mask_id, bits, bs, (nq, nk))
+
+    @classmethod
+    def from_blocks(cls, blocks: torch.Tensor, block_size: int, shape: tuple | None = None) -> "Layout":
+        """Layout from a bool block map [NQB, NKB] (or [H|1, ...], [B|1, H|1, ...]): True blocks are computed whole.
+
+        ``shape`` = (q_len, kv_len) defaults to the block map times ``block_size``; when it is not a
+        multiple of the block, the blocks on the edge are cut to the sequence.
+        """
+        if not isinstance(blocks, torch.Tensor) or blocks.dtype != torch.bool:
+            raise TypeError("blocks must be a bool tensor [NQB, NKB] (True = compute this block)")
+        bs = _check_block_size(block_size)
+        b4 = _as_4d(blocks)
+        nqb, nkb = b4.shape[-2:]
+        nq, nk = shape if shape is not None else (nqb * bs, nkb * bs)
+        if math.ceil(nq / bs) != nqb or math.ceil(nk / bs) != nkb:
+            raise ValueError(
+                f"block map of {nqb}x{nkb} blocks of {bs} does not cover shape {(nq, nk)}: "
+                f"expected {math.ceil(nq / bs)}x{math.ceil(nk / bs)} blocks"
+            )
+        if nq % bs == 0 and nk % bs == 0:
+            kinds = torch.where(b4, FULL, EMPTY).to(torch.int8)
+            mask_id = torch.full(kinds.shape, -1, dtype=torch.int32, device=b4.device)
+            bits = torch.zeros(1, bs, bs // 32, dtype=torch.int32, device=b4.device)
+            return cls._from_kinds(kinds, mask_id, bits, bs, (nq, nk))
+        # ragged edges: go through the exact token mask
+        tok = b4.repeat_interleave(bs, -2).repeat_interleave(bs, -1)[..., :nq, :nk]
+        return cls.from_mask(tok, bs)
+
+    @classmethod
+    def _from_kinds(cls, kinds, mask_id, bits, bs, shape) -> "Layout":
+        full, partial = kinds == FULL, kinds == PARTIAL
+        full_num, full_idx = _block_lists(full)
+        part_num, part_idx = _block_lists(partial)
+        t_full_num, t_full_idx = _block_lists(full.transpose(-1, -2))
+        t_part_num, t_part_idx = _block_lists(partial.transpose(-1, -2))
+        nq, nk = shape
+        # scores computed: every visited block, cut to the sequence
+        rows = torch.full((kinds.shape[-2],), bs, dtype=torch.float64, device=kinds.device)
+        cols = torch.full((kinds.shape[-1],), bs, dtype=torch.float64, device=kinds.device)
+        rows[-1] = nq - bs * (kinds.shape[-2] - 1)
+        cols[-1] = nk - bs * (kinds.shape[-1] - 1)
+        visited = (kinds != EMPTY).to(torch.float64)
+        computed = (visited * rows[:, None] * cols[None, :]).sum((-1, -2)).mean()
+        return cls(
+            block_size=bs, shape=(int(nq), int(nk)), kinds=kinds.contiguous(), mask_id=mask_id.contiguous(),
+            bits=bits.contiguous(), full_num=full_num, full_idx=full_idx, part_num=part_num, part_idx=part_idx,
+            t_full_num=t_full_num, t_full_idx=t_full_idx, t_part_num=t_part_num, t_part_idx=t_part_idx,
+            density=float(computed) / (nq * nk),
+        )
+
+    # ---------------------------------------------------------------- use
+    @property
+    def batch(self) -> int:
+        return self.kinds.shape[0]
+
+    @property
+    def num_heads(self) -> int:
+        return self.kinds.shape[1]
+
+    @property
+    def num_blocks(self) -> tuple:
+        return tuple(self.kinds.shape[-2:])
+
+    @property
+    def device(self) -> torch.device:
+        return self.kinds.device
+
+    def tables(self) -> list:
+        return [getattr(self, n) for n in TABLE_NAMES]
+
+    @classmethod
+    def from_tables(cls, tables, block_size: int, shape: tuple) -> "Layout":
+        return cls(block_size=block_size, shape=tuple(shape), **dict(zip(TABLE_NAMES, tables)), density=float("nan"))
+
+    def to(self, device) -> "Layout":
+        moved = {n: getattr(self, n).to(device) for n in TABLE_NAMES}
+        return Layout(block_size=self.block_size, shape=self.shape, density=self.density, **moved)
+
+    def to_mask(self) -> torch.Tensor:
+        """The exact token mask this layout encodes, bool [Bl, Hl, q_len, kv_len]."""
+        return block_mask(self.tables(), self.block_size, self.shape, 0, self.kinds.shape[-2])
+
+    def __repr__(self) -> str:
+        kinds = self.kinds
+        n_full = int((kinds == FULL).sum())
+        n_part = int((kinds == PARTIAL).sum())
+        total = kinds.numel()
+        return (
+            f"Layout(shape={self.shape}, block_size={self.block_size}, batch={self.batch}, heads={self.num_heads}, "
+            f"blocks={self.num_blocks[0]}x{self.num_blocks[1]}, full={n_full}, partial={n_part}, "
+            f"empty={total - n_full - n_part}, density={self.density:.2%}, device={self.device})"
+        )
+
+
+def block_mask(tables, block_size: int, shape: tuple, qb_start: int, qb_end: int) -> torch.Tensor:
+    """Token mask of query blocks [qb_start, qb_end) from the layout tables: bool [Bl, Hl, rows, kv_len]."""
+    kinds, mask_id, bits = tables[0], tables[1], tables[2]
+    nq, nk = shape
+    bs = block_size
+    k = kinds[:, :, qb_start:qb_end]  # [Bl,Hl,nb,NKB]
+    mid = mask_id[:, :, qb_start:qb_end]
+    elems = _unpack_bits(bits[mid.clamp(min=0).long()])  # [Bl,Hl,nb,NKB,bs,bs]
+    full = (k == FULL)[..., None, None]
+    part = (k == PARTIAL)[..., None, None]
+    tiles = full | (part & elems)
+    bl, hl, nb, nkb = k.shape
+    tok = tiles.transpose(3, 4).reshape(bl, hl, nb * bs, nkb * bs)
+    return tok[:, :, : min(nb * bs, nq - qb_start * bs), :nk]
+
+
+def _check_block_size(bs) -> int:
+    if not isinstance(bs, int) or bs not in (32, 64, 128, 256):
+        raise ValueError(f"block_size must be one of 32, 64, 128, 256, got {bs!r}")
+    return bs

@@ -1,0 +1,213 @@
+"""The block-sparse attention op: one torch.library op with a fake kernel and autograd.
+
+``sparse_attention`` checks its arguments and turns the mask into a Layout; the op itself
+(``torch.ops.fxsparse.sparse_attention``) takes the layout's tables as tensors so that
+torch.compile and torch.export see one opaque op. CUDA tensors run the Triton kernels; CPU
+tensors run the exact chunked reference, or the Triton kernels through Triton's interpreter
+when ``TRITON_INTERPRET=1`` is set.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import reference
+from .layout import Layout
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_dense_layouts: dict = {}
+
+
+def _use_triton(q: Tensor) -> bool:
+    return q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _impl(name):
+    if name == "triton":
+        from .kernels import attention as kernels
+
+        return kernels
+    return reference
+
+
+def _new_out(q: Tensor, dv: int) -> Tensor:
+    """Output [B, H, Nq, D] laid out as [B, Nq, H, D], so the usual `transpose(1, 2).reshape(B, N, C)` is a view."""
+    b, h, nq, _ = q.shape
+    return q.new_empty(b, nq, h, dv).transpose(1, 2)
+
+
+# ------------------------------------------------------------------------------------- the op
+@torch.library.custom_op("fxsparse::sparse_attention", mutates_args=())
+def _sparse_attention_op(
+    q: Tensor, k: Tensor, v: Tensor, tables: list[Tensor], bias: Optional[Tensor],
+    scale: float, block_size: int, causal: bool,
+) -> tuple[Tensor, Tensor]:
+    impl = _impl("triton" if _use_triton(q) else "reference")
+    out = _new_out(q, v.shape[-1])
+    lse = impl.forward(q, k, v, tables, bias, scale, block_size, causal, out)
+    return out, lse
+
+
+@_sparse_attention_op.register_fake
+def _(q, k, v, tables, bias, scale, block_size, causal):
+    b, h, nq, _ = q.shape
+    return _new_out(q, v.shape[-1]), q.new_empty(b, h, nq, dtype=torch.float32)
+
+
+@torch.library.custom_op("fxsparse::sparse_attention_backward", mutates_args=())
+def _sparse_attention_backward_op(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, tables: list[Tensor],
+    bias: Optional[Tensor], scale: float, block_size: int, causal: bool, bias_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    impl = _impl("triton" if _use_triton(q) else "reference")
+    dq, dk, dv, dbias = impl.backward(dout, q, k, v, out, lse, tables, bias, scale, block_size, causal, bias_grad)
+    return dq, dk, dv, dbias if dbias is not None else q.new_empty(0, dtype=torch.float32)
+
+
+@_sparse_attention_backward_op.register_fake
+def _(dout, q, k, v, out, lse, tables, bias, scale, block_size, causal, bias_grad):
+    b, h, nq, _ = q.shape
+    dbias = q.new_empty(b, h, nq, k.shape[2], dtype=torch.float32) if bias_grad else q.new_empty(0, dtype=torch.float32)
+    return torch.empty_like(q, memory_format=torch.contiguous_format), torch.empty_like(k, memory_format=torch.contiguous_format), torch.empty_like(v, memory_format=torch.contiguous_format), dbias
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, tables, bias, scale, block_size, causal = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, bias, *tables)
+    ctx.scale, ctx.block_size, ctx.causal = scale, block_size, causal
+    ctx.bias_grad = bias is not None and bias.requires_grad
+    ctx.bias_shape = None if bias is None else tuple(bias.shape)
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, out, lse, bias, *tables = ctx.saved_tensors
+    dq, dk, dv, dbias = _sparse_attention_backward_op(
+        dout.contiguous(), q, k, v, out, lse, tables, bias, ctx.scale, ctx.block_size, ctx.causal, ctx.bias_grad
+    )
+    dbias_out = _reduce_to(dbias, ctx.bias_shape).to(bias.dtype) if ctx.bias_grad else None
+    return dq, dk, dv, [None] * len(tables), dbias_out, None, None, None
+
+
+def _reduce_to(grad: Tensor, shape: tuple) -> Tensor:
+    """Sum a [B, H, Nq, Nk] gradient down to the shape the bias was broadcast from."""
+    lead = grad.dim() - len(shape)
+    dims = list(range(lead)) + [lead + i for i, n in enumerate(shape) if n == 1 and grad.shape[lead + i] != 1]
+    return grad.sum(dims, keepdim=True).reshape(shape) if dims else grad.reshape(shape)
+
+
+torch.library.register_autograd("fxsparse::sparse_attention", _backward, setup_context=_setup_context)
+
+
+# ------------------------------------------------------------------------------------- public
+def sparse_attention(
+    q: Tensor, k: Tensor, v: Tensor, mask=None, *, scale: float | None = None, bias: Tensor | None = None,
+    causal: bool = False,
+) -> Tensor:
+    """Block-sparse attention: softmax(q kᵀ · scale + bias, restricted to ``mask``) v.
+
+    q: [B, H, Nq, D]; k, v: [B, Hkv, Nk, D] with H % Hkv == 0 (grouped-query heads share kv heads,
+    no copy). Any strides. D from 16 to 256. float16, bfloat16 or float32 (float32 matmuls follow
+    ``torch.get_float32_matmul_precision()``); the output has q's dtype and shape [B, H, Nq, D].
+
+    mask: a ``Layout`` (build it once and reuse it: the per-call cost is then nothing), a bool token
+    mask broadcastable to [B|1, H|1, Nq, Nk] with True = may attend (compiled into a Layout on every
+    call), or None for dense attention.
+    bias: additive float tensor broadcastable to [B, H, Nq, Nk] (padding masks, relative position
+    bias, ALiBi); it receives a gradient when it requires one.
+    causal: query i attends keys j <= i, top-left aligned as in ``scaled_dot_product_attention``
+    (for Nq != Nk that is ``torch.ones(Nq, Nk).tril()``); blocks above the diagonal are skipped.
+
+    A query row with no allowed key returns 0, with gradient 0.
+    """
+    _check_inputs(q, k, v)
+    b, h, nq, d = q.shape
+    nk = k.shape[2]
+    layout = _as_layout(mask, q, nq, nk)
+    if layout.batch not in (1, b) or layout.num_heads not in (1, h):
+        raise ValueError(
+            f"mask has batch {layout.batch} and heads {layout.num_heads}; expected batch 1 or {b} and heads 1 or {h}"
+        )
+    if bias is not None:
+        bias = _check_bias(bias, q, nk)
+    if scale is None:
+        scale = 1.0 / math.sqrt(d)
+    out, _ = _sparse_attention_op(q, k, v, layout.tables(), bias, float(scale), layout.block_size, bool(causal))
+    return out
+
+
+def _check_inputs(q, k, v):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D [B, heads, seq, head_dim], got shape {tuple(t.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    allowed = _FLOAT_DTYPES if q.is_cuda else _FLOAT_DTYPES + (torch.float64,)
+    if q.dtype not in allowed:
+        raise TypeError(f"dtype {q.dtype} is not supported on {q.device.type}; use one of {', '.join(map(str, allowed))}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    b, h, nq, d = q.shape
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if k.shape[0] != b:
+        raise ValueError(f"batch of k/v ({k.shape[0]}) differs from q's ({b})")
+    if k.shape[3] != d:
+        raise ValueError(f"head_dim of k/v ({k.shape[3]}) differs from q's ({d})")
+    hkv = k.shape[1]
+    if hkv == 0 or h % hkv != 0:
+        raise ValueError(f"q has {h} heads, which is not a multiple of k/v's {hkv} heads")
+    if not 16 <= d <= 256:
+        raise ValueError(f"head_dim must be between 16 and 256, got {d}")
+    if nq == 0 or k.shape[2] == 0:
+        raise ValueError(f"empty sequence: q has {nq} tokens, k has {k.shape[2]}")
+
+
+def _as_layout(mask, q: Tensor, nq: int, nk: int) -> Layout:
+    if mask is None:
+        key = (nq, nk, str(q.device))
+        if key not in _dense_layouts:
+            _dense_layouts[key] = Layout.from_mask(torch.ones(1, 1, nq, nk, dtype=torch.bool, device=q.device))
+        return _dense_layouts[key]
+    if isinstance(mask, Layout):
+        if mask.shape != (nq, nk):
+            raise ValueError(f"layout was built for (q_len, kv_len) = {mask.shape}, but the inputs have {(nq, nk)}")
+        if mask.device != q.device:
+            raise ValueError(
+                f"layout is on {mask.device} but q is on {q.device}: move it once with layout.to({str(q.device)!r})"
+            )
+        return mask
+    if isinstance(mask, Tensor):
+        if torch.compiler.is_compiling():
+            raise TypeError(
+                "a bool token mask cannot be compiled into a Layout inside torch.compile: "
+                "build `fxsparse.Layout.from_mask(mask)` once outside and pass the Layout"
+            )
+        if mask.dtype != torch.bool:
+            raise TypeError(f"mask must be bool (True = may attend) or a Layout, got a tensor of dtype {mask.dtype}")
+        if mask.dim() > 4 or tuple(mask.shape[-2:]) != (nq, nk):
+            raise ValueError(f"mask of shape {tuple(mask.shape)} does not broadcast to [B|1, H|1, {nq}, {nk}]")
+        return Layout.from_mask(mask.to(q.device))
+    raise TypeError(f"mask must be a fxsparse.Layout, a bool tensor or None, got {type(mask).__name__}")
+
+
+def _check_bias(bias, q: Tensor, nk: int) -> Tensor:
+    b, h, nq, _ = q.shape
+    if not isinstance(bias, Tensor) or not bias.is_floating_point():
+        got = bias.dtype if isinstance(bias, Tensor) else type(bias).__name__
+        raise TypeError(f"bias must be an additive float tensor, got {got}; pass a bool mask as `mask=` instead")
+    if bias.device != q.device:
+        raise ValueError(f"bias is on {bias.device} but q is on {q.device}")
+    try:
+        ok = bias.dim() <= 4 and torch.broadcast_shapes(bias.shape, (b, h, nq, nk)) == (b, h, nq, nk)
+    except RuntimeError:
+        ok = False
+    if not ok:
+        raise ValueError(f"bias of shape {tuple(bias.shape)} does not broadcast to [B, H, Nq, Nk] = {[b, h, nq, nk]}")
+    return bias
