@@ -1,0 +1,186 @@
+"""Small random-weight models of the families fxsparse must handle, built from configs (no hub).
+
+Each ``Case`` builds a fresh model in eval mode (seeded, so two builds are equal), its inputs,
+how to hand it to ``fxsparse.transform``, the attention sites it holds (names in graph order and
+lengths), and a sparse mask_fn that fits it. All run in well under a second on a CPU.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from fxsparse import patterns
+
+
+@dataclass
+class Case:
+    name: str
+    build: Callable[[], torch.nn.Module]
+    inputs: Callable[[], tuple]                  # positional args of model(...)
+    sites: list[tuple[str, int, int]]            # (name, q_len, kv_len) in graph order
+    sparse_fn: Callable                          # a mask_fn that makes every chosen site sparse
+    sparse_status: list[str]                     # report status per site under sparse_fn
+    use_example_inputs: bool = False             # transformers 5: no symbolic tracing
+    concrete_args: dict | None = None
+    transform_kwargs: dict = field(default_factory=dict)
+
+    def __repr__(self):
+        return self.name
+
+
+def _seeded(fn):
+    def build():
+        torch.manual_seed(0)
+        return fn().eval()
+    return build
+
+
+def _images(size=32, batch=2):
+    return lambda: (torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(1)),)
+
+
+# ---------------------------------------------------------------------------------------------
+# timm
+
+
+def deit():
+    """Distilled DeiT: CLS + distillation token + 4x4 patches = 18 tokens. Block 0 uses
+    F.scaled_dot_product_attention, block 1 the written-out softmax (fused_attn off)."""
+    from timm.models.deit import VisionTransformerDistilled
+
+    def make():
+        m = VisionTransformerDistilled(img_size=32, patch_size=8, embed_dim=32, depth=2,
+                                       num_heads=4, mlp_ratio=2.0, num_classes=10)
+        m.blocks[1].attn.fused_attn = False
+        return m
+    return Case("timm_deit", _seeded(make), _images(),
+                [(f"blocks.{i}.attn", 18, 18) for i in range(2)],
+                patterns.only(patterns.local_2d(1), layers=[0]), ["rewritten", "dense"])
+
+
+def eva():
+    """EVA with 2-D rotary position embedding (rope applied to q and k inside the attention)."""
+    from timm.models.eva import Eva
+
+    def make():
+        return Eva(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4,
+                   mlp_ratio=2.0, num_classes=10, use_rot_pos_emb=True, ref_feat_shape=4,
+                   global_pool="token")
+    return Case("timm_eva", _seeded(make), _images(),
+                [(f"blocks.{i}.attn", 17, 17) for i in range(2)],
+                patterns.local_2d(1, prefix_tokens=1), ["rewritten", "rewritten"])
+
+
+def swin():
+    """Swin: 16x16 patches, 4x4 windows (16 tokens a window) with relative position bias;
+    stage 0 on the 16x16 grid, stage 1 on 8x8; block 1 of each stage is shifted (an additive
+    -100 mask per window). Shifted block of stage 0 and block 0 of stage 1 use the written-out
+    softmax, the others F.scaled_dot_product_attention."""
+    from timm.models.swin_transformer import SwinTransformer
+
+    def make():
+        m = SwinTransformer(img_size=64, patch_size=4, embed_dim=16, depths=(2, 2),
+                            num_heads=(2, 4), window_size=4, mlp_ratio=2.0, num_classes=10,
+                            drop_path_rate=0.0)
+        for (stage, block), fused in {(0, 0): True, (0, 1): False,
+                                      (1, 0): False, (1, 1): True}.items():
+            m.layers[stage].blocks[block].attn.fused_attn = fused
+        return m
+    names = [f"layers.{s}.blocks.{b}.attn" for s in range(2) for b in range(2)]
+    return Case("timm_swin", _seeded(make), _images(64), [(n, 16, 16) for n in names],
+                patterns.local_2d(1), ["rewritten"] * 4)
+
+
+# ---------------------------------------------------------------------------------------------
+# torchvision
+
+
+def torchvision_vit():
+    """torchvision's VisionTransformer (vit_b_16's class, small dims): nn.MultiheadAttention."""
+    from torchvision.models import VisionTransformer
+
+    def make():
+        m = VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=4,
+                              hidden_dim=32, mlp_dim=64, num_classes=10)
+        torch.nn.init.normal_(m.heads.head.weight)   # torchvision zero-inits the head
+        return m
+    return Case("torchvision_vit", _seeded(make), _images(),
+                [(f"encoder.layers.encoder_layer_{i}.self_attention", 17, 17) for i in range(2)],
+                patterns.only(patterns.local_2d(1), names="*.encoder_layer_0.*"),
+                ["rewritten", "dense"])
+
+
+# ---------------------------------------------------------------------------------------------
+# HuggingFace transformers (version 5: through example_inputs)
+
+
+def hf_vit():
+    from transformers import ViTConfig, ViTModel
+
+    def make():
+        cfg = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, image_size=32, patch_size=8)
+        return ViTModel(cfg, add_pooling_layer=False)
+    return Case("hf_vit", _seeded(make), _images(),
+                [(f"layers.{i}.attention", 17, 17) for i in range(2)],
+                patterns.local_2d(1, prefix_tokens=1), ["rewritten", "rewritten"],
+                use_example_inputs=True)
+
+
+def _text_inputs(vocab, batch=2, length=12, pad=4):
+    def make():
+        ids = torch.randint(3, vocab, (batch, length), generator=torch.Generator().manual_seed(2))
+        mask = torch.ones(batch, length, dtype=torch.long)
+        mask[1, length - pad:] = 0                  # the second sequence is padded
+        return ids, mask
+    return make
+
+
+def bert():
+    """BERT with a padding attention mask: the site's own additive mask must stay in force."""
+    from transformers import BertConfig, BertModel
+
+    def make():
+        cfg = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2,
+                         num_attention_heads=4, intermediate_size=64,
+                         max_position_embeddings=32)
+        return BertModel(cfg)
+    return Case("hf_bert", _seeded(make), _text_inputs(64),
+                [(f"encoder.layer.{i}.attention.self", 12, 12) for i in range(2)],
+                patterns.sliding_window(2), ["rewritten", "rewritten"],
+                use_example_inputs=True)
+
+
+def clip():
+    """CLIP: a vision tower (17 tokens) and a causal text tower with padding (12 tokens)."""
+    from transformers import CLIPConfig, CLIPModel
+
+    def make():
+        cfg = CLIPConfig(
+            text_config=dict(vocab_size=64, hidden_size=32, intermediate_size=64,
+                             num_hidden_layers=2, num_attention_heads=4,
+                             max_position_embeddings=16, bos_token_id=1,
+                             eos_token_id=2),
+            vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                               num_attention_heads=4, image_size=32, patch_size=8),
+            projection_dim=16)
+        return CLIPModel(cfg)
+
+    def inputs():
+        ids, mask = _text_inputs(64)()
+        return ids, _images()()[0], mask
+
+    def towers(site):      # vision: local windows; text: a causal sliding window
+        if site.name.startswith("vision_model."):
+            return patterns.local_2d_mask(site.q_len, site.kv_len, window=1, prefix_tokens=1)
+        return patterns.sliding_window_mask(site.q_len, site.kv_len, window=3, causal=True)
+    towers.__name__ = "clip_towers"
+    text = [(f"text_model.encoder.layers.{i}.self_attn", 12, 12) for i in range(2)]
+    vision = [(f"vision_model.encoder.layers.{i}.self_attn", 17, 17) for i in range(2)]
+    return Case("hf_clip", _seeded(make), inputs, vision + text, towers, ["rewritten"] * 4,
+                use_example_inputs=True)
+
+
+CASES = [deit, eva, swin, torchvision_vit, hf_vit, bert, clip]

@@ -1,0 +1,149 @@
+"""fxsparse.transform on small random-weight models of the common families (tests/models.py).
+
+For each family: the attentions found (count, names, lengths; checked against the oracle, which
+finds them by running the original model), exactness with an all-True mask, a sparse mask
+against the oracle (the original model with the mask applied to each attention, float64),
+the report's statuses, and that the user's model is left as it was.
+"""
+import copy
+from collections.abc import Mapping
+
+import pytest
+import torch
+
+import fxsparse
+from fxsparse import patterns
+
+import models
+from oracle import MaskedAttention
+
+CASES = [make() for make in models.CASES]
+TOL = 1e-5          # relative to the largest magnitude of each output
+
+
+def transform(case, model, mask_fn):
+    kwargs = dict(case.transform_kwargs)
+    if case.use_example_inputs:
+        kwargs["example_inputs"] = case.inputs()
+    if case.concrete_args is not None:
+        kwargs["concrete_args"] = case.concrete_args
+    return fxsparse.transform(model, mask_fn, **kwargs)
+
+
+def tensors(out):
+    """The tensors of a model output in order (tensor, tuple/list, dict or ModelOutput)."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, Mapping):
+        return [t for v in out.values() for t in tensors(v)]
+    if isinstance(out, (tuple, list)):
+        return [t for v in out for t in tensors(v)]
+    return []
+
+
+def run(model, args):
+    with torch.no_grad():
+        return tensors(model(*args))
+
+
+def assert_close_to_scale(got, want, tol, what):
+    assert len(got) == len(want), f"{what}: {len(got)} outputs, expected {len(want)}"
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert g.shape == w.shape, f"{what}: output {i} shape {tuple(g.shape)} != {tuple(w.shape)}"
+        scale = w.abs().max().double().clamp_min(1e-12)
+        err = (g.double() - w.double()).abs().max()
+        assert err <= tol * scale, f"{what}: output {i} off by {err:.3g} (scale {scale:.3g})"
+
+
+def oracle_outputs(model, args, mask_fn):
+    """The original model in float64, each attention masked by mask_fn."""
+    m64 = copy.deepcopy(model).double()
+    args64 = tuple(a.double() if a.is_floating_point() else a for a in args)
+    with torch.no_grad(), MaskedAttention(mask_fn, m64) as oracle:
+        out = tensors(m64(*args64))
+    return out, oracle.sites
+
+
+def statuses(sparse):
+    return [(r.name, r.status) for r in fxsparse.report(sparse).rows]
+
+
+@pytest.fixture(params=CASES, ids=repr)
+def case(request):
+    return request.param
+
+
+def test_sites_found(case):
+    model, args = case.build(), case.inputs()
+    seen = []
+
+    def record(site):
+        seen.append(site)
+        return None
+
+    sparse = transform(case, model, record)
+    run(sparse, args)
+    names = [n for n, _, _ in case.sites]
+    assert statuses(sparse) == [(n, "dense") for n in names]
+    got = [(s.index, s.name, s.q_len, s.kv_len) for s in seen]
+    assert got == [(i, n, q, kv) for i, (n, q, kv) in enumerate(case.sites)]
+    # the oracle, which watches the original model run, sees the same attentions
+    _, oracle_sites = oracle_outputs(model, args, None)
+    assert [(s.name, s.q_len, s.kv_len, s.num_heads) for s in oracle_sites] == \
+        [(s.name, s.q_len, s.kv_len, s.num_heads) for s in seen]
+
+
+def test_all_true_mask_is_exact(case):
+    model, args = case.build(), case.inputs()
+    want = run(model, args)
+    sparse = transform(case, model, patterns.dense())
+    assert statuses(sparse) == [(n, "rewritten") for n, _, _ in case.sites]
+    assert_close_to_scale(run(sparse, args), want, TOL, f"{case.name} with an all-True mask")
+
+
+def test_sparse_mask_matches_oracle(case):
+    model, args = case.build(), case.inputs()
+    sparse = transform(case, model, case.sparse_fn)
+    assert statuses(sparse) == [(n, s) for (n, _, _), s in zip(case.sites, case.sparse_status)]
+    want, _ = oracle_outputs(model, args, case.sparse_fn)
+    assert_close_to_scale(run(sparse, args), want, TOL, f"{case.name} with {case.sparse_fn!r}")
+    # the mask matters: the masked original is far from the dense one
+    dense, _ = oracle_outputs(model, args, None)
+    gap = max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(want, dense))
+    assert gap > 20 * TOL
+
+
+def test_state_dict_loads_by_name(case):
+    model = case.build()
+    sparse = transform(case, model, patterns.dense())
+    sparse.load_state_dict(model.state_dict(), strict=True)
+
+
+def _snapshot(model):
+    plain = (bool, int, float, str, type(None))
+    config = getattr(model, "config", None)
+    return dict(
+        state={k: v.clone() for k, v in model.state_dict().items()},
+        tensors=[(n, id(t)) for n, t in list(model.named_parameters()) + list(model.named_buffers())],
+        modules=[(n, type(m), id(m)) for n, m in model.named_modules()],
+        attrs=[(n, {k: v for k, v in vars(m).items() if isinstance(v, plain)})
+               for n, m in model.named_modules()],
+        hooks=[(n, len(m._forward_hooks), len(m._forward_pre_hooks))
+               for n, m in model.named_modules()],
+        config=None if config is None else (config.to_dict(),
+                                            getattr(config, "_attn_implementation", None)),
+    )
+
+
+def test_model_not_mutated(case):
+    model, args = case.build(), case.inputs()
+    before, out_before = _snapshot(model), run(model, args)
+    sparse = transform(case, model, case.sparse_fn)
+    run(sparse, args)
+    after = _snapshot(model)
+    for key in ("tensors", "modules", "attrs", "hooks", "config"):
+        assert after[key] == before[key], f"{case.name}: transform changed the model's {key}"
+    assert before["state"].keys() == after["state"].keys()
+    for k, v in before["state"].items():
+        assert torch.equal(v, after["state"][k]), f"{case.name}: {k} changed"
+    assert_close_to_scale(run(model, args), out_before, 0.0, f"{case.name} after transform")
