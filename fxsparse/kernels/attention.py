@@ -1,0 +1,403 @@
+"""Triton kernels of block-sparse attention: forward, and backward as a dk/dv kernel plus a dq kernel.
+
+Each query tile visits the kv blocks its layout row lists: partial blocks first (bounds checks and
+the packed element mask), then full blocks (no per-element work). Softmax runs in base 2 with
+log2(e) folded into the scale. The head dim is padded to a power of two inside the kernel by
+masked loads, never by copying the inputs. Grouped-query heads index their kv head (h // G).
+
+The backward pass recomputes the probabilities from the saved log-sum-exp:
+  * dk/dv: one program per (batch, kv head, kv block); it walks the transposed tables of every
+    query head in its group, so no atomics are needed;
+  * dq (and the bias gradient): one program per (batch, head, query block) over the forward tables.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+@triton.jit
+def _dot(a, b, PRECISION: tl.constexpr):
+    # Triton's CPU interpreter multiplies bfloat16 operands wrongly: there the host asks for "upcast".
+    if PRECISION == "upcast":
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
+def _load_bits(BITS, mid, rows, cols, BLOCK: tl.constexpr):
+    """Element mask of partial block `mid` at (rows, cols) within the block (broadcast shapes)."""
+    words = tl.load(BITS + mid * (BLOCK * (BLOCK // 32)) + rows * (BLOCK // 32) + cols // 32)
+    return ((words >> (cols % 32)) & 1) != 0
+
+
+@triton.jit
+def _fwd_block(
+    acc, m_i, l_i, q, K, V, Bias, BITS, kb, mid,
+    offs_m, row_in_block, offs_n, offs_d, skn, skd, svn, svd, sbm, sbn,
+    NQ, NK, scale_log2,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PARTIAL: tl.constexpr, HAS_BIAS: tl.constexpr, IS_CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+):
+    start_n = kb * BLOCK_N
+    cols = start_n + offs_n
+    k_ptrs = K + cols[None, :] * skn + offs_d[:, None] * skd
+    v_ptrs = V + cols[:, None] * svn + offs_d[None, :] * svd
+    if PARTIAL:
+        kt = tl.load(k_ptrs, mask=(cols[None, :] < NK) & (offs_d[:, None] < HEAD_DIM), other=0.0)
+        v = tl.load(v_ptrs, mask=(cols[:, None] < NK) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    elif D_PAD != HEAD_DIM:
+        kt = tl.load(k_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
+        v = tl.load(v_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+    else:
+        kt = tl.load(k_ptrs)
+        v = tl.load(v_ptrs)
+    s = _dot(q, kt, PRECISION) * scale_log2
+    if HAS_BIAS:
+        bmask = (offs_m[:, None] < NQ) & (cols[None, :] < NK)
+        bias = tl.load(Bias + offs_m[:, None] * sbm + cols[None, :] * sbn, mask=bmask, other=0.0)
+        s += bias.to(tl.float32) * 1.4426950408889634
+    if PARTIAL:
+        keep = _load_bits(BITS, mid, row_in_block + tl.arange(0, BLOCK_M)[:, None], offs_n[None, :], BLOCK_N)
+        s = tl.where(keep, s, float("-inf"))
+    if IS_CAUSAL:
+        s = tl.where(offs_m[:, None] >= cols[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, Out, Lse, Bias, MASK_ID, BITS, FULL_NUM, FULL_IDX, PART_NUM, PART_IDX,
+    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
+    sbb, sbh, sbm, sbn, SLOT_B, SLOT_H,
+    H, G, NQ, NK, NQB, NKB, scale_log2,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_BIAS: tl.constexpr, IS_CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    start_m = pid_m * BLOCK_M
+    qb = start_m // BLOCK_N
+    row_in_block = start_m - qb * BLOCK_N
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D_PAD)
+    q = tl.load(
+        Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
+        mask=(offs_m[:, None] < NQ) & (offs_d[None, :] < HEAD_DIM), other=0.0,
+    )
+    K += b * skb + (h // G) * skh
+    V += b * svb + (h // G) * svh
+    Bias += b * sbb + h * sbh
+    row = (b * SLOT_B + h * SLOT_H) * NQB + qb
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
+    last_row = start_m + BLOCK_M - 1
+    for i in range(tl.load(PART_NUM + row)):
+        kb = tl.load(PART_IDX + row * NKB + i)
+        if (not IS_CAUSAL) or (kb * BLOCK_N <= last_row):
+            mid = tl.load(MASK_ID + row * NKB + kb)
+            acc, m_i, l_i = _fwd_block(
+                acc, m_i, l_i, q, K, V, Bias, BITS, kb, mid, offs_m, row_in_block, offs_n, offs_d,
+                skn, skd, svn, svd, sbm, sbn, NQ, NK, scale_log2,
+                HEAD_DIM, D_PAD, BLOCK_M, BLOCK_N, True, HAS_BIAS, IS_CAUSAL, PRECISION,
+            )
+    for i in range(tl.load(FULL_NUM + row)):
+        kb = tl.load(FULL_IDX + row * NKB + i)
+        if (not IS_CAUSAL) or (kb * BLOCK_N <= last_row):
+            acc, m_i, l_i = _fwd_block(
+                acc, m_i, l_i, q, K, V, Bias, BITS, kb, 0, offs_m, row_in_block, offs_n, offs_d,
+                skn, skd, svn, svd, sbm, sbn, NQ, NK, scale_log2,
+                HEAD_DIM, D_PAD, BLOCK_M, BLOCK_N, False, HAS_BIAS, IS_CAUSAL, PRECISION,
+            )
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
+    lse = tl.where(empty, float("inf"), (m_safe + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    o_ptrs = Out + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=(offs_m[:, None] < NQ) & (offs_d[None, :] < HEAD_DIM))
+    tl.store(Lse + pid_bh * NQ + offs_m, lse, mask=offs_m < NQ)
+
+
+@triton.jit
+def _dkdv_block(
+    dk, dv, k, v, Q, DO, Lse, Delta, Bias, BITS, qb, mid,
+    offs_n, offs_d, sqm, sqd, sdm, sdd, sbm, sbn,
+    NQ, NK, scale_log2,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr,
+    PARTIAL: tl.constexpr, HAS_BIAS: tl.constexpr, IS_CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+):
+    rows = qb * BLOCK + tl.arange(0, BLOCK)
+    rmask = rows < NQ
+    dmask = offs_d < HEAD_DIM
+    qt = tl.load(Q + rows[None, :] * sqm + offs_d[:, None] * sqd, mask=rmask[None, :] & dmask[:, None], other=0.0)
+    do = tl.load(DO + rows[:, None] * sdm + offs_d[None, :] * sdd, mask=rmask[:, None] & dmask[None, :], other=0.0)
+    lse2 = tl.load(Lse + rows, mask=rmask, other=float("inf")) * 1.4426950408889634
+    delta = tl.load(Delta + rows, mask=rmask, other=0.0)
+    st = _dot(k, qt, PRECISION) * scale_log2  # [BLOCK_N, BLOCK_M]
+    if HAS_BIAS:
+        bias = tl.load(Bias + rows[None, :] * sbm + offs_n[:, None] * sbn,
+                       mask=rmask[None, :] & (offs_n[:, None] < NK), other=0.0)
+        st += bias.to(tl.float32) * 1.4426950408889634
+    if PARTIAL:
+        keep = _load_bits(BITS, mid, tl.arange(0, BLOCK)[None, :], (offs_n % BLOCK)[:, None], BLOCK)
+        st = tl.where(keep, st, float("-inf"))
+    if IS_CAUSAL:
+        st = tl.where(rows[None, :] >= offs_n[:, None], st, float("-inf"))
+    pt = tl.math.exp2(st - lse2[None, :])
+    dv += _dot(pt.to(do.dtype), do, PRECISION)
+    dpt = _dot(v, tl.trans(do), PRECISION)
+    dst = pt * (dpt - delta[None, :])
+    dk += _dot(dst.to(qt.dtype), tl.trans(qt), PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _dkdv_kernel(
+    Q, K, V, DO, Lse, Delta, DK, DV, Bias, MASK_ID, BITS, T_FULL_NUM, T_FULL_IDX, T_PART_NUM, T_PART_IDX,
+    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdm, sdd,
+    sbb, sbh, sbm, sbn, SLOT_B, SLOT_H,
+    H, HKV, G, NQ, NK, NQB, NKB, scale, scale_log2,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_BIAS: tl.constexpr, IS_CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+):
+    kb = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // HKV
+    hk = pid_bh % HKV
+    offs_n = kb * BLOCK + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, D_PAD)
+    nmask = (offs_n[:, None] < NK) & (offs_d[None, :] < HEAD_DIM)
+    k = tl.load(K + b * skb + hk * skh + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=nmask, other=0.0)
+    v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=nmask, other=0.0)
+    dk = tl.zeros([BLOCK, D_PAD], tl.float32)
+    dv = tl.zeros([BLOCK, D_PAD], tl.float32)
+    first_row_needed = kb * BLOCK
+    for g in range(G):
+        h = hk * G + g
+        slot = b * SLOT_B + h * SLOT_H
+        trow = slot * NKB + kb
+        Qh = Q + b * sqb + h * sqh
+        DOh = DO + b * sdb + h * sdh
+        Lh = Lse + (b * H + h) * NQ
+        Dh = Delta + (b * H + h) * NQ
+        Bh = Bias + b * sbb + h * sbh
+        for i in range(tl.load(T_PART_NUM + trow)):
+            qb = tl.load(T_PART_IDX + trow * NQB + i)
+            if (not IS_CAUSAL) or (qb * BLOCK + BLOCK - 1 >= first_row_needed):
+                mid = tl.load(MASK_ID + (slot * NQB + qb) * NKB + kb)
+                dk, dv = _dkdv_block(
+                    dk, dv, k, v, Qh, DOh, Lh, Dh, Bh, BITS, qb, mid, offs_n, offs_d,
+                    sqm, sqd, sdm, sdd, sbm, sbn, NQ, NK, scale_log2,
+                    HEAD_DIM, D_PAD, BLOCK, True, HAS_BIAS, IS_CAUSAL, PRECISION,
+                )
+        for i in range(tl.load(T_FULL_NUM + trow)):
+            qb = tl.load(T_FULL_IDX + trow * NQB + i)
+            if (not IS_CAUSAL) or (qb * BLOCK + BLOCK - 1 >= first_row_needed):
+                dk, dv = _dkdv_block(
+                    dk, dv, k, v, Qh, DOh, Lh, Dh, Bh, BITS, qb, 0, offs_n, offs_d,
+                    sqm, sqd, sdm, sdd, sbm, sbn, NQ, NK, scale_log2,
+                    HEAD_DIM, D_PAD, BLOCK, False, HAS_BIAS, IS_CAUSAL, PRECISION,
+                )
+    out_mask = nmask
+    tl.store(DK + pid_bh * NK * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :],
+             (dk * scale).to(DK.dtype.element_ty), mask=out_mask)
+    tl.store(DV + pid_bh * NK * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _dq_block(
+    dq, q, do, lse2, delta, K, V, Bias, DBias, BITS, kb, mid,
+    offs_m, offs_n, offs_d, skn, skd, svn, svd, sbm, sbn,
+    NQ, NK, scale_log2,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr,
+    PARTIAL: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    cols = kb * BLOCK + offs_n
+    kmask = (cols[None, :] < NK) & (offs_d[:, None] < HEAD_DIM)
+    kt = tl.load(K + cols[None, :] * skn + offs_d[:, None] * skd, mask=kmask, other=0.0)
+    vt = tl.load(V + cols[None, :] * svn + offs_d[:, None] * svd, mask=kmask, other=0.0)
+    s = _dot(q, kt, PRECISION) * scale_log2
+    if HAS_BIAS:
+        bias = tl.load(Bias + offs_m[:, None] * sbm + cols[None, :] * sbn,
+                       mask=(offs_m[:, None] < NQ) & (cols[None, :] < NK), other=0.0)
+        s += bias.to(tl.float32) * 1.4426950408889634
+    if PARTIAL:
+        keep = _load_bits(BITS, mid, tl.arange(0, BLOCK)[:, None], offs_n[None, :], BLOCK)
+        s = tl.where(keep, s, float("-inf"))
+    if IS_CAUSAL:
+        s = tl.where(offs_m[:, None] >= cols[None, :], s, float("-inf"))
+    p = tl.math.exp2(s - lse2[:, None])
+    dp = _dot(do, vt, PRECISION)
+    ds = p * (dp - delta[:, None])
+    dq += _dot(ds.to(kt.dtype), tl.trans(kt), PRECISION)
+    if BIAS_GRAD:
+        tl.store(DBias + offs_m[:, None] * NK + cols[None, :], ds,
+                 mask=(offs_m[:, None] < NQ) & (cols[None, :] < NK))
+    return dq
+
+
+@triton.jit
+def _dq_kernel(
+    Q, K, V, DO, Lse, Delta, DQ, Bias, DBias, MASK_ID, BITS, FULL_NUM, FULL_IDX, PART_NUM, PART_IDX,
+    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdm, sdd,
+    sbb, sbh, sbm, sbn, SLOT_B, SLOT_H,
+    H, G, NQ, NK, NQB, NKB, scale, scale_log2,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, IS_CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+):
+    qb = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_m = qb * BLOCK + tl.arange(0, BLOCK)
+    offs_n = tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, D_PAD)
+    mmask = (offs_m[:, None] < NQ) & (offs_d[None, :] < HEAD_DIM)
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd, mask=mmask, other=0.0)
+    do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdm + offs_d[None, :] * sdd, mask=mmask, other=0.0)
+    lse2 = tl.load(Lse + pid_bh * NQ + offs_m, mask=offs_m < NQ, other=float("inf")) * 1.4426950408889634
+    delta = tl.load(Delta + pid_bh * NQ + offs_m, mask=offs_m < NQ, other=0.0)
+    K += b * skb + (h // G) * skh
+    V += b * svb + (h // G) * svh
+    Bias += b * sbb + h * sbh
+    DBias += pid_bh * NQ * NK
+    row = (b * SLOT_B + h * SLOT_H) * NQB + qb
+    dq = tl.zeros([BLOCK, D_PAD], tl.float32)
+    last_row = qb * BLOCK + BLOCK - 1
+    for i in range(tl.load(PART_NUM + row)):
+        kb = tl.load(PART_IDX + row * NKB + i)
+        if (not IS_CAUSAL) or (kb * BLOCK <= last_row):
+            mid = tl.load(MASK_ID + row * NKB + kb)
+            dq = _dq_block(
+                dq, q, do, lse2, delta, K, V, Bias, DBias, BITS, kb, mid, offs_m, offs_n, offs_d,
+                skn, skd, svn, svd, sbm, sbn, NQ, NK, scale_log2,
+                HEAD_DIM, D_PAD, BLOCK, True, HAS_BIAS, BIAS_GRAD, IS_CAUSAL, PRECISION,
+            )
+    for i in range(tl.load(FULL_NUM + row)):
+        kb = tl.load(FULL_IDX + row * NKB + i)
+        if (not IS_CAUSAL) or (kb * BLOCK <= last_row):
+            dq = _dq_block(
+                dq, q, do, lse2, delta, K, V, Bias, DBias, BITS, kb, 0, offs_m, offs_n, offs_d,
+                skn, skd, svn, svd, sbm, sbn, NQ, NK, scale_log2,
+                HEAD_DIM, D_PAD, BLOCK, False, HAS_BIAS, BIAS_GRAD, IS_CAUSAL, PRECISION,
+            )
+    tl.store(DQ + pid_bh * NQ * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :],
+             (dq * scale).to(DQ.dtype.element_ty), mask=mmask)
+
+
+# ------------------------------------------------------------------------------------- launch
+def _precision(dtype) -> str:
+    if dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1":
+        return "upcast"
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        return "ieee"
+    return "tf32"
+
+
+def _pad_dim(d: int) -> int:
+    return max(16, triton.next_power_of_2(d))
+
+
+def _slots(tables):
+    """(SLOT_B, SLOT_H): how a (batch, head) pair picks its row of the layout tables (0 = broadcast)."""
+    bl, hl = tables[0].shape[:2]
+    return (hl if bl > 1 else 0), (1 if hl > 1 else 0)
+
+
+def _bias_args(bias, q, nk):
+    if bias is None:
+        return q, (0, 0, 0, 0), False  # any pointer; never read
+    b, h, nq, _ = q.shape
+    full = bias.expand(b, h, nq, nk)
+    return full, full.stride(), True
+
+
+def _fwd_config(block: int, d_pad: int, dtype):
+    """(BLOCK_M, num_warps, num_stages) for this GPU; FXSPARSE_FWD_CONFIG="m,w,s" overrides (benchmarks)."""
+    env = os.environ.get("FXSPARSE_FWD_CONFIG")
+    if env:
+        m, w, s = (int(x) for x in env.split(","))
+        return min(m, block), w, s
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return block, 4, 1
+    block_m = min(128, block)
+    warps = 8 if block_m * d_pad >= 128 * 128 or dtype == torch.float32 else 4
+    return block_m, warps, 3
+
+
+def _bwd_config(block: int, d_pad: int):
+    env = os.environ.get("FXSPARSE_BWD_CONFIG")
+    if env:
+        w, s = (int(x) for x in env.split(","))
+        return w, s
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return 4, 1
+    return (8 if block * d_pad >= 128 * 64 else 4), 2
+
+
+def forward(q, k, v, tables, bias, scale, block, causal, out):
+    mask_id, bits, full_num, full_idx, part_num, part_idx = tables[1:7]
+    b, h, nq, d = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    nqb, nkb = full_idx.shape[-2], full_idx.shape[-1]
+    d_pad = _pad_dim(d)
+    lse = torch.empty(b, h, nq, dtype=torch.float32, device=q.device)
+    bias_t, bstr, has_bias = _bias_args(bias, q, nk)
+    slot_b, slot_h = _slots(tables)
+    block_m, warps, stages = _fwd_config(block, d_pad, q.dtype)
+    grid = (triton.cdiv(nq, block_m), b * h)
+    _fwd_kernel[grid](
+        q, k, v, out, lse, bias_t, mask_id, bits, full_num, full_idx, part_num, part_idx,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *bstr, slot_b, slot_h,
+        h, h // hkv, nq, nk, nqb, nkb, scale * LOG2E,
+        HEAD_DIM=d, D_PAD=d_pad, BLOCK_M=block_m, BLOCK_N=block, HAS_BIAS=has_bias, IS_CAUSAL=causal,
+        PRECISION=_precision(q.dtype), num_warps=warps, num_stages=stages,
+    )
+    return lse
+
+
+def backward(dout, q, k, v, out, lse, tables, bias, scale, block, causal, bias_grad):
+    mask_id, bits, full_num, full_idx, part_num, part_idx, t_full_num, t_full_idx, t_part_num, t_part_idx = tables[1:]
+    b, h, nq, d = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    nqb, nkb = full_idx.shape[-2], full_idx.shape[-1]
+    d_pad = _pad_dim(d)
+    delta = (out.float() * dout.float()).sum(-1).contiguous()
+    dq = torch.empty(b, h, nq, d, dtype=q.dtype, device=q.device)
+    dk = torch.empty(b, hkv, nk, d, dtype=k.dtype, device=q.device)
+    dv = torch.empty(b, hkv, nk, d, dtype=v.dtype, device=q.device)
+    dbias = torch.zeros(b, h, nq, nk, dtype=torch.float32, device=q.device) if bias_grad else None
+    bias_t, bstr, has_bias = _bias_args(bias, q, nk)
+    slot_b, slot_h = _slots(tables)
+    warps, stages = _bwd_config(block, d_pad)
+    common = dict(HEAD_DIM=d, D_PAD=d_pad, BLOCK=block, HAS_BIAS=has_bias, IS_CAUSAL=causal,
+                  PRECISION=_precision(q.dtype), num_warps=warps, num_stages=stages)
+    strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride(), *bstr, slot_b, slot_h)
+    _dkdv_kernel[(nkb, b * hkv)](
+        q, k, v, dout, lse, delta, dk, dv, bias_t, mask_id, bits, t_full_num, t_full_idx, t_part_num, t_part_idx,
+        *strides, h, hkv, h // hkv, nq, nk, nqb, nkb, scale, scale * LOG2E, **common,
+    )
+    _dq_kernel[(nqb, b * h)](
+        q, k, v, dout, lse, delta, dq, bias_t, dbias if bias_grad else q, mask_id, bits,
+        full_num, full_idx, part_num, part_idx,
+        *strides, h, h // hkv, nq, nk, nqb, nkb, scale, scale * LOG2E, BIAS_GRAD=bias_grad, **common,
+    )
+    return dq, dk, dv, dbias
