@@ -216,3 +216,29 @@ def test_readable_names():
     for f in (P.local_2d, P.sliding_window, P.global_tokens, P.bigbird, P.dense, P.union,
               P.intersect, P.only, P.local_2d_mask, P.bigbird_mask):
         assert f.__doc__
+
+
+# ---------------------------------------------------------------------------------------------
+# the builders feed the op directly
+
+
+@pytest.mark.parametrize("build", [
+    lambda n: P.local_2d_mask(n, window=1, prefix_tokens=1),
+    lambda n: P.sliding_window_mask(n, n, window=3, causal=True),
+    lambda n: P.bigbird_mask(n, n, block=4, num_random=1, num_window=3, num_global=1, seed=0),
+    lambda n: P.union(P.sliding_window(2), P.global_tokens(1))(site(n)),
+], ids=["local_2d", "sliding_window", "bigbird", "union"])
+def test_masks_drive_sparse_attention(build):
+    import torch.nn.functional as F
+    import fxsparse
+    from oracle import MaskedAttention
+
+    n = 37                                     # 1 + 6x6 patches
+    mask = build(n)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, n, 16, generator=g) for _ in range(3))
+    with MaskedAttention(lambda s: mask):
+        want = F.scaled_dot_product_attention(q, k, v)
+    for m in (mask, fxsparse.Layout.from_mask(mask)):
+        got = fxsparse.sparse_attention(q, k, v, m)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
