@@ -1,0 +1,238 @@
+"""Block-sparse attention speed: fxsparse against dense SDPA, FlexAttention and SDPA with a bool mask.
+
+    PYTHONPATH=. python benchmarks/attention.py                 # the full table (GPU), JSON in benchmarks/out/
+    PYTHONPATH=. python benchmarks/attention.py --check         # correctness at real shapes first
+    PYTHONPATH=. python benchmarks/attention.py --sweep         # kernel launch configs on one shape
+
+Masks are 1-D local windows |i - j| <= w, w chosen so that the 128-block density is near the target.
+"Useful" TFLOP/s counts the FLOPs of the blocks a method computes: density x dense FLOPs for the
+block-sparse methods, dense FLOPs for SDPA (forward 4·N²·D per head, backward 2.5x that).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+import fxsparse
+from fxsparse import Layout
+
+SHAPES = [(8, 12, 4096, 64), (2, 16, 16384, 64), (1, 16, 32768, 128), (64, 12, 1024, 64)]
+DENSITIES = [0.03, 0.10, 0.25, 1.0]
+BLOCK = 128
+
+
+def block_density(n: int, w: int) -> float:
+    """128-block density of the window |i - j| <= w: block pair (i, j) is visited when |i - j| * B - (B - 1) <= w."""
+    nb = math.ceil(n / BLOCK)
+    d = torch.arange(nb)
+    return ((d[:, None] - d[None, :]).abs() * BLOCK - (BLOCK - 1) <= w).sum().item() / nb**2
+
+
+def window_for(n: int, density: float) -> int:
+    """Window whose 128-block density is nearest `density` (the largest such window)."""
+    if density >= 1.0:
+        return n
+    candidates = [0] + [k * BLOCK for k in range(1, math.ceil(n / BLOCK) + 1)]
+    return min(candidates, key=lambda w: (abs(block_density(n, w) - density), -w))
+
+
+def window_mask(n: int, w: int, device) -> torch.Tensor:
+    i = torch.arange(n, device=device)
+    return (i[:, None] - i[None, :]).abs() <= w
+
+
+def bench(fn, grad_to_none=None) -> float:
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=25, rep=100, grad_to_none=grad_to_none, return_mode="median")
+
+
+def make_flex(n: int, w: int, device):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    def local(b, h, q_idx, kv_idx):
+        return (q_idx - kv_idx).abs() <= w
+
+    bm = create_block_mask(local, B=None, H=None, Q_LEN=n, KV_LEN=n, device=device, BLOCK_SIZE=BLOCK)
+    flex = torch.compile(flex_attention, dynamic=False)
+    return lambda q, k, v: flex(q, k, v, block_mask=bm)
+
+
+def run_table(shapes, densities, modes, methods):
+    torch._dynamo.config.cache_size_limit = 1000
+    dev = "cuda"
+    rows = []
+    for b, h, n, d in shapes:
+        gen = torch.Generator(device=dev).manual_seed(0)
+        q, k, v = (torch.randn(b, h, n, d, device=dev, dtype=torch.bfloat16, generator=gen).requires_grad_() for _ in range(3))
+        dout = torch.randn_like(q)
+        dense_flops = 4 * b * h * n * n * d
+        for w in sorted({window_for(n, dens) for dens in densities}):
+            mask = window_mask(n, w, dev)
+            layout = Layout.from_mask(mask, block_size=BLOCK)
+            fns = {
+                "fxsparse": lambda: fxsparse.sparse_attention(q, k, v, layout),
+                "sdpa-dense": lambda: F.scaled_dot_product_attention(q, k, v),
+            }
+            if "flex" in methods:
+                flex = make_flex(n, w, dev)
+                fns["flex"] = lambda: flex(q, k, v)
+            if "sdpa-mask" in methods and n <= 16384:
+                fns["sdpa-mask"] = lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            for mode in modes:
+                base = {}
+                for name in methods:
+                    if name not in fns:
+                        continue
+                    fn = fns[name]
+                    if mode == "fwd+bwd":
+                        def step(fn=fn):
+                            fn().backward(dout)
+                        try:
+                            ms = bench(step, grad_to_none=[q, k, v])
+                        except torch.OutOfMemoryError:
+                            continue
+                    else:
+                        with torch.no_grad():
+                            try:
+                                ms = bench(fn)
+                            except torch.OutOfMemoryError:
+                                continue
+                    computed = dense_flops * (1.0 if name.startswith("sdpa") else layout.density)
+                    if mode == "fwd+bwd":
+                        computed *= 3.5
+                    useful = dense_flops * layout.density * (3.5 if mode == "fwd+bwd" else 1.0)
+                    base[name] = ms
+                    rows.append(dict(
+                        shape=f"{b}x{h}x{n}x{d}", density=round(layout.density, 4), window=w, mode=mode, method=name,
+                        ms=round(ms, 4), tflops=round(computed / ms / 1e9, 1), useful_tflops=round(useful / ms / 1e9, 1),
+                    ))
+                for r in rows:
+                    if r["shape"] == f"{b}x{h}x{n}x{d}" and r["mode"] == mode and r["density"] == round(layout.density, 4):
+                        if "flex" in base:
+                            r["vs_flex"] = round(base["flex"] / r["ms"], 2)
+                        if "sdpa-dense" in base:
+                            r["vs_sdpa"] = round(base["sdpa-dense"] / r["ms"], 2)
+                torch.cuda.empty_cache()
+    return rows
+
+
+def check(shapes):
+    """fxsparse (Triton, bf16/fp32) against fp32 masked SDPA math at real shapes, forward and backward."""
+    dev = "cuda"
+    results = []
+    cases = []
+    for b, h, n, d in shapes:
+        cases.append(dict(b=1, h=h, hkv=h, n=n, d=d, dens=0.1, bias=False, causal=False, dtype=torch.bfloat16))
+    cases += [
+        dict(b=2, h=12, hkv=12, n=197, d=64, dens=0.3, bias=True, causal=False, dtype=torch.bfloat16),
+        dict(b=2, h=8, hkv=2, n=1000, d=80, dens=0.2, bias=False, causal=True, dtype=torch.float16),
+        dict(b=1, h=4, hkv=4, n=777, d=128, dens=0.25, bias=True, causal=True, dtype=torch.float32),
+        dict(b=1, h=4, hkv=1, n=513, d=96, dens=0.5, bias=False, causal=False, dtype=torch.bfloat16),
+        dict(b=1, h=2, hkv=2, n=300, d=256, dens=0.5, bias=False, causal=False, dtype=torch.bfloat16),
+    ]
+    for c in cases:
+        b, h, hkv, n, d, dt = c["b"], c["h"], c["hkv"], c["n"], c["d"], c["dtype"]
+        if n > 8192:
+            n = 8192
+        g = torch.Generator(device=dev).manual_seed(1)
+        q = torch.randn(b, n, 3, h, d, device=dev, dtype=dt, generator=g)[:, :, 0].transpose(1, 2).requires_grad_()
+        k = torch.randn(b, hkv, n, d, device=dev, dtype=dt, generator=g).requires_grad_()
+        v = torch.randn(b, hkv, n, d, device=dev, dtype=dt, generator=g).requires_grad_()
+        mask = window_mask(n, window_for(n, c["dens"]), dev) & (torch.rand(h, n, n, device=dev, generator=g) < 0.9)
+        bias = torch.randn(1, h, n, n, device=dev, generator=g).requires_grad_() if c["bias"] else None
+        layout = Layout.from_mask(mask, block_size=BLOCK)
+        out = fxsparse.sparse_attention(q, k, v, layout, bias=bias, causal=c["causal"])
+        # reference: fp32 math
+        full = mask & (torch.ones(n, n, device=dev, dtype=torch.bool).tril() if c["causal"] else True)
+        add = torch.zeros(h, n, n, device=dev).masked_fill(~full, float("-inf"))
+        if bias is not None:
+            add = add + bias.float()
+        qf, kf, vf = (t.float() for t in (q, k, v))
+        kf, vf = kf.repeat_interleave(h // hkv, 1), vf.repeat_interleave(h // hkv, 1)
+        s = qf @ kf.transpose(-1, -2) / math.sqrt(d) + add
+        ref = torch.softmax(s, -1).nan_to_num(0.0) @ vf
+        dout = torch.randn_like(out)
+        ins = [q, k, v] + ([bias] if bias is not None else [])
+        got = torch.autograd.grad(out, ins, dout)
+        want = torch.autograd.grad(ref, ins, dout.float())
+        errs = [((out.float() - ref).norm() / ref.norm()).item()]
+        errs += [((a.float() - w_.float()).norm() / w_.float().norm()).item() for a, w_ in zip(got, want)]
+        nan = any(torch.isnan(t).any().item() for t in (out, *got))
+        tol = 2e-2 if dt != torch.float32 else 5e-3
+        ok = not nan and max(errs) < tol
+        results.append(dict(case=f"{b}x{h}/{hkv}x{n}x{d} {str(dt)[6:]} bias={c['bias']} causal={c['causal']}",
+                            errs=" ".join(f"{e:.1e}" for e in errs), ok=ok))
+        del q, k, v, s, ref, got, want
+        torch.cuda.empty_cache()
+    return results
+
+
+def sweep(shape, density):
+    b, h, n, d = shape
+    dev = "cuda"
+    q, k, v = (torch.randn(b, h, n, d, device=dev, dtype=torch.bfloat16).requires_grad_() for _ in range(3))
+    layout = Layout.from_mask(window_mask(n, window_for(n, density), dev), block_size=BLOCK)
+    dout = torch.randn_like(q)
+    rows = []
+    useful = 4 * b * h * n * n * d * layout.density
+    for cfg in ["128,8,3", "128,8,2", "128,4,3", "128,8,4", "64,4,3", "64,4,4", "64,8,3"]:
+        os.environ["FXSPARSE_FWD_CONFIG"] = cfg
+        with torch.no_grad():
+            ms = bench(lambda: fxsparse.sparse_attention(q, k, v, layout))
+        rows.append(dict(kernel="fwd", config=cfg, ms=round(ms, 4), useful_tflops=round(useful / ms / 1e9, 1)))
+    os.environ.pop("FXSPARSE_FWD_CONFIG")
+    for cfg in ["8,2", "8,3", "4,2", "8,1", "4,3"]:
+        os.environ["FXSPARSE_BWD_CONFIG"] = cfg
+        ms = bench(lambda: fxsparse.sparse_attention(q, k, v, layout).backward(dout), grad_to_none=[q, k, v])
+        rows.append(dict(kernel="fwd+bwd", config=cfg, ms=round(ms, 4), useful_tflops=round(3.5 * useful / ms / 1e9, 1)))
+    os.environ.pop("FXSPARSE_BWD_CONFIG")
+    return rows
+
+
+def main():
+    from tabulate import tabulate
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--check", action="store_true")
+    p.add_argument("--sweep", action="store_true")
+    p.add_argument("--table", action="store_true")
+    p.add_argument("--shapes", default="all", help="indices into SHAPES, e.g. 0,3")
+    p.add_argument("--densities", default=",".join(map(str, DENSITIES)))
+    p.add_argument("--modes", default="fwd,fwd+bwd")
+    p.add_argument("--methods", default="fxsparse,flex,sdpa-dense,sdpa-mask")
+    p.add_argument("--out", default=os.environ.get("OUT", "benchmarks/out"))
+    a = p.parse_args()
+    shapes = SHAPES if a.shapes == "all" else [SHAPES[int(i)] for i in a.shapes.split(",")]
+    os.makedirs(a.out, exist_ok=True)
+    import triton
+
+    env = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__)
+    print(env)
+    result = dict(env=env)
+    if a.check:
+        res = check(shapes)
+        result["check"] = res
+        print(tabulate(res, headers="keys"))
+        if not all(r["ok"] for r in res):
+            print("CHECK FAILED")
+    if a.sweep:
+        res = sweep(shapes[0], 0.10)
+        result["sweep"] = res
+        print(tabulate(res, headers="keys"))
+    if a.table or not (a.check or a.sweep):
+        res = run_table(shapes, [float(x) for x in a.densities.split(",")], a.modes.split(","), a.methods.split(","))
+        result["table"] = res
+        print(tabulate(res, headers="keys"))
+    with open(os.path.join(a.out, "attention.json"), "w") as f:
+        json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
