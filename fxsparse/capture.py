@@ -1,0 +1,198 @@
+"""Model -> fx.GraphModule that shares the model's parameters and keeps their names.
+
+Symbolic tracing first, with a tracer that also proxies buffers (nanoGPT slices its causal
+buffer with `self.bias[:, :, :T, :T]`) and honours timm's no-trace functions and modules. When
+symbolic tracing fails and example inputs are given, ``torch.export`` (non-strict) captures an
+aten-level graph instead. With example inputs, every node gets shape metadata (fake tensors),
+so sites know their lengths at transform time.
+"""
+from __future__ import annotations
+
+import copy
+import sys
+from typing import Any, Optional
+
+import torch
+from torch import fx, nn
+
+
+class CaptureError(RuntimeError):
+    pass
+
+
+class _Tracer(fx.Tracer):
+    proxy_buffer_attributes = True
+
+    def __init__(self, leaf_types=(), autowrap_functions=()):
+        super().__init__(autowrap_functions=tuple(autowrap_functions), param_shapes_constant=False)
+        self.leaf_types = tuple(leaf_types)
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, self.leaf_types) or super().is_leaf_module(m, qualname)
+
+
+def _library_hints():
+    """Leaf modules and no-trace functions that libraries registered for fx (timm)."""
+    leaf, fns = [], []
+    timm_fx = sys.modules.get("timm.layers._fx")
+    if timm_fx is not None:
+        leaf += list(timm_fx.get_notrace_modules())
+        fns += list(timm_fx.get_notrace_functions())
+    return leaf, fns
+
+
+def capture(model: nn.Module, example_inputs=None, concrete_args: Optional[dict] = None) -> fx.GraphModule:
+    """The model's forward as a GraphModule; with example inputs, nodes carry shape metadata."""
+    args, kwargs = _split_inputs(example_inputs)
+    try:
+        gm = _symbolic(model, concrete_args)
+    except Exception as err:  # tracing fails on data-dependent Python control flow
+        if example_inputs is None:
+            raise CaptureError(
+                f"torch.fx could not trace {type(model).__name__} ({type(err).__name__}: {err}). "
+                "Pass `example_inputs=` so fxsparse can capture it with torch.export, or use "
+                "`torch.compile(model, backend=fxsparse.backend(mask_fn))`."
+            ) from err
+        gm = _exported(model, args, kwargs, err)
+        _clone_module_objects(gm, model)
+        _keep_unused_state(gm, model)
+        return gm
+    _clone_module_objects(gm, model)
+    _keep_unused_state(gm, model)
+    if example_inputs is not None:
+        _propagate_shapes(gm, args, kwargs)
+    return gm
+
+
+def _split_inputs(example_inputs):
+    if example_inputs is None:
+        return (), {}
+    if isinstance(example_inputs, dict):
+        return (), dict(example_inputs)
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,), {}
+    return tuple(example_inputs), {}
+
+
+def _symbolic(model: nn.Module, concrete_args) -> fx.GraphModule:
+    leaf, fns = _library_hints()
+    tracer = _Tracer(leaf, fns)
+    graph = tracer.trace(model, concrete_args=concrete_args)
+    return fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
+
+
+def _exported(model: nn.Module, args, kwargs, trace_err) -> fx.GraphModule:
+    try:
+        ep = torch.export.export(model, args, kwargs, strict=False)
+    except Exception as err:
+        raise CaptureError(
+            f"neither torch.fx ({type(trace_err).__name__}: {trace_err}) nor torch.export "
+            f"({type(err).__name__}: {err}) could capture {type(model).__name__}; "
+            "use `torch.compile(model, backend=fxsparse.backend(mask_fn))` instead."
+        ) from err
+    gm = ep.module()
+    gm.meta["fxsparse_exported"] = True
+    return gm
+
+
+def _propagate_shapes(gm: fx.GraphModule, args, kwargs):
+    """Fake-tensor shapes on every node (cheap: no real compute); best effort."""
+    inputs = _placeholder_values(gm, args, kwargs)
+    if inputs is None:
+        return
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    fake = [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in inputs]
+    try:
+        FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*fake)
+    except Exception:
+        for node in gm.graph.nodes:  # partial metadata would mislead the matcher
+            node.meta.pop("val", None)
+
+
+def _placeholder_values(gm: fx.GraphModule, args, kwargs) -> Optional[list]:
+    values, pos = [], list(args)
+    for node in gm.graph.nodes:
+        if node.op != "placeholder":
+            continue
+        name = node.target.lstrip("*")
+        if name in kwargs:
+            values.append(kwargs[name])
+        elif pos:
+            values.append(pos.pop(0))
+        elif node.args:
+            values.append(node.args[0])
+        else:
+            return None
+    return values
+
+
+def _clone_module_objects(gm: fx.GraphModule, model: nn.Module):
+    """GraphModule installs the model's own submodule objects; give it shallow copies that share
+    parameters and buffers, so `sparse.eval()` or a hook on `sparse` never reaches `model`."""
+    originals = {id(m) for m in model.modules()}
+    for name, child in list(gm.named_children()):
+        if id(child) in originals:
+            setattr(gm, name, _shallow_copy(child))
+        else:
+            _clone_below(child, originals)
+
+
+def _clone_below(mod: nn.Module, originals: set):
+    for name, child in list(mod.named_children()):
+        if id(child) in originals:
+            setattr(mod, name, _shallow_copy(child))
+        else:
+            _clone_below(child, originals)
+
+
+def _shallow_copy(mod: nn.Module) -> nn.Module:
+    new = copy.copy(mod)
+    new._parameters = type(mod._parameters)(mod._parameters)
+    new._buffers = type(mod._buffers)(mod._buffers)
+    new._non_persistent_buffers_set = set(mod._non_persistent_buffers_set)
+    new._modules = type(mod._modules)((k, None if v is None else _shallow_copy(v)) for k, v in mod._modules.items())
+    for hooks in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+                  "_state_dict_hooks", "_load_state_dict_pre_hooks", "_forward_hooks_with_kwargs",
+                  "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called"):
+        if hasattr(mod, hooks):
+            setattr(new, hooks, copy.copy(getattr(mod, hooks)))
+    return new
+
+
+def _keep_unused_state(gm: fx.GraphModule, model: nn.Module):
+    """Install parameters and buffers that the forward never touches (an unused head, a
+    persistent buffer read only at init), so the state_dict keys match the model's."""
+    have = set(gm.state_dict().keys())
+    persistent = set(model.state_dict().keys())
+    for name, value in list(model.named_parameters()) + list(model.named_buffers()):
+        if name in have or name not in persistent:
+            continue
+        *path, field = name.split(".")
+        owner = gm
+        for part in path:
+            nxt = owner._modules.get(part)
+            if nxt is None:
+                nxt = nn.Module()
+                owner.add_module(part, nxt)
+            owner = nxt
+        if isinstance(value, nn.Parameter):
+            owner.register_parameter(field, value)
+        else:
+            owner.register_buffer(field, value)
+    # a buffer the model keeps out of its state_dict stays out of ours
+    for name in set(gm.state_dict().keys()) - persistent:
+        *path, field = name.split(".")
+        owner = gm.get_submodule(".".join(path)) if path else gm
+        if field in owner._buffers:
+            owner._non_persistent_buffers_set.add(field)
+
+
+def example_device(example_inputs: Any) -> Optional[torch.device]:
+    args, kwargs = _split_inputs(example_inputs)
+    for x in list(args) + list(kwargs.values()):
+        if isinstance(x, torch.Tensor):
+            return x.device
+    return None

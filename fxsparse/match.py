@@ -1,0 +1,834 @@
+"""Find the attentions in an fx graph by their shape.
+
+Every node is first seen through a canonical view (``canon``): ``@``, ``torch.matmul``,
+``Tensor.matmul``, ``bmm`` and ``aten.matmul`` are all "matmul"; ``F.softmax``, ``Tensor.softmax``,
+an ``nn.Softmax`` module and ``aten._softmax`` are all "softmax"; and so on. A new spelling costs
+a line in ``_FUNCTIONS``, ``_METHODS`` or ``_MODULES``.
+
+The walk then starts at each softmax over the key axis (``_match_softmax``):
+
+* back through casts, scale (mul/div by a scalar), additive biases and ``-inf`` fills to a
+  product of two activations: the score matmul ``q @ kᵀ`` (or an attention-shaped einsum);
+* forward through casts and dropout to the product of the probabilities with a third
+  activation ``v``.
+
+Fused attentions are matched directly: ``F.scaled_dot_product_attention`` (``_match_sdpa``) and
+``nn.MultiheadAttention`` modules (``_match_mha``).
+
+The result of a match is an ``AttentionSite`` (what mask_fn and the report see) and a ``Match``
+(the graph nodes rewrite.py needs). A site that is attention but cannot be rewritten faithfully
+gets ``Match.skip`` set to the reason; it is left as it was.
+"""
+from __future__ import annotations
+
+import operator
+import re
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+aten = torch.ops.aten
+
+
+# ------------------------------------------------------------------------------ public site
+@dataclass
+class AttentionSite:
+    """One attention found in the graph; what ``mask_fn(site)`` receives.
+
+    Lengths, heads and head_dim are concrete ints once known (at transform time with
+    ``example_inputs``, else at the first forward); None before that.
+    """
+
+    index: int
+    name: str
+    kind: str  # "matmul-softmax", "einsum", "sdpa" or "mha"
+    num_heads: Optional[int] = None
+    num_kv_heads: Optional[int] = None
+    head_dim: Optional[int] = None
+    q_len: Optional[int] = None
+    kv_len: Optional[int] = None
+    causal: bool = False
+    has_bias: bool = False
+    projection: str = "?"  # where q, k, v come from: "fused qkv", "separate linears", ...
+    dropout: float = 0.0
+
+    @property
+    def pattern(self) -> str:
+        gqa = ", gqa" if self.num_kv_heads and self.num_heads and self.num_kv_heads < self.num_heads else ""
+        return f"{self.kind} ({self.projection}{gqa})" if self.projection != "?" else f"{self.kind}{gqa}"
+
+
+@dataclass
+class Match:
+    """The graph side of a site: what rewrite.py replaces and with what."""
+
+    site: AttentionSite
+    out: fx.Node  # the node whose value the sparse op replaces
+    q: Any = None  # graph values, each [..., seq, head_dim]
+    k: Any = None
+    v: Any = None
+    k_transposed: bool = False  # k above is kᵀ: transpose it back in the rewrite
+    einsum: Optional[tuple] = None  # (q_eq, k_eq, v_eq, out_eq) single-operand einsums into/out of [b,h,n,d]
+    scale_terms: list = field(default_factory=list)  # (scalar, divide): scale = 1 * s0 / s1 ...
+    default_scale: bool = False  # no scale given: the op's 1/sqrt(head_dim), as SDPA
+    q_scales: list = field(default_factory=list)  # (tensor, divide) multiplied into q (learned temperatures)
+    bias_steps: list = field(default_factory=list)  # ("add", node) / ("fill", mask, value, keep) / ("scale", s)
+    causal: Any = False  # bool or a graph value
+    sdpa_mask: Any = None  # SDPA's attn_mask (bool True = attend, or additive)
+    mha: Optional[nn.Module] = None
+    nodes: set = field(default_factory=set)  # nodes of the attention itself, erased after the rewrite
+    extra_nodes: set = field(default_factory=set)  # erased too when nothing else uses them (a causal mask)
+    retarget: list = field(default_factory=list)  # (node, arg index): bias helpers that read the scores' dtype
+    skip: Optional[str] = None
+
+
+# ------------------------------------------------------------------------------ canonical view
+_FUNCTIONS = {
+    operator.matmul: "matmul", torch.matmul: "matmul", torch.bmm: "matmul",
+    aten.matmul.default: "matmul", aten.bmm.default: "matmul",
+    torch.einsum: "einsum", torch.functional.einsum: "einsum", aten.einsum.default: "einsum",
+    F.softmax: "softmax", torch.softmax: "softmax", torch.special.softmax: "softmax",
+    aten.softmax.int: "softmax", aten._softmax.default: "softmax", aten._safe_softmax.default: "softmax",
+    operator.mul: "mul", torch.mul: "mul", aten.mul.Tensor: "mul", aten.mul.Scalar: "mul",
+    operator.truediv: "div", torch.div: "div", aten.div.Tensor: "div", aten.div.Scalar: "div",
+    operator.add: "add", torch.add: "add", aten.add.Tensor: "add", aten.add.Scalar: "add",
+    torch.masked_fill: "masked_fill", aten.masked_fill.Scalar: "masked_fill", aten.masked_fill.Tensor: "masked_fill",
+    torch.where: "where", aten.where.self: "where", aten.where.ScalarOther: "where", aten.where.ScalarSelf: "where",
+    torch.transpose: "transpose", aten.transpose.int: "transpose",
+    torch.permute: "permute", aten.permute.default: "permute",
+    F.dropout: "dropout", torch.dropout: "dropout", aten.dropout.default: "dropout",
+    aten._to_copy.default: "cast", aten.to.dtype: "cast", aten.to.dtype_layout: "cast", aten.type_as.default: "cast",
+    aten.clone.default: "identity", aten.contiguous.default: "identity", aten.alias.default: "identity",
+    F.scaled_dot_product_attention: "sdpa", aten.scaled_dot_product_attention.default: "sdpa",
+    F.linear: "linear", aten.linear.default: "linear",
+    torch.repeat_interleave: "repeat_interleave", aten.repeat_interleave.self_int: "repeat_interleave",
+    operator.getitem: "getitem", aten.expand.default: "expand",
+    aten.reshape.default: "reshape", aten.view.default: "reshape", torch.reshape: "reshape",
+    aten.unsqueeze.default: "unsqueeze", torch.unsqueeze: "unsqueeze",
+}
+_METHODS = {
+    "matmul": "matmul", "bmm": "matmul", "__matmul__": "matmul",
+    "softmax": "softmax",
+    "mul": "mul", "__mul__": "mul", "div": "div", "__truediv__": "div", "add": "add", "__add__": "add",
+    "masked_fill": "masked_fill",
+    "transpose": "transpose", "permute": "permute",
+    "to": "cast", "float": "cast", "half": "cast", "bfloat16": "cast", "double": "cast", "type_as": "cast",
+    "type": "cast", "contiguous": "identity", "clone": "identity",
+    "repeat_interleave": "repeat_interleave", "expand": "expand",
+    "reshape": "reshape", "view": "reshape", "unsqueeze": "unsqueeze",
+}
+_MODULES = {
+    nn.Softmax: "softmax", nn.Dropout: "dropout", nn.Identity: "identity",
+    nn.MultiheadAttention: "mha", nn.Linear: "linear",
+}
+# Functions that read only the dtype / device of the scores they are given (timm builds its
+# causal bias with `attn.new_full(...)`): the rewrite hands them q instead. name -> argument index.
+_READS_SCORES_DTYPE_ONLY = {"resolve_self_attn_mask": 1}
+# Functions that add their second argument (which may be None at run time) to the first.
+_ADDS_BIAS = {"maybe_add_mask"}
+
+
+def canon(node, modules: dict) -> Optional[str]:
+    """The canonical name of what a node computes, or None."""
+    if not isinstance(node, fx.Node):
+        return None
+    if node.op == "call_function":
+        name = _FUNCTIONS.get(node.target)
+        if name is None and getattr(node.target, "__name__", "") in _ADDS_BIAS:
+            return "add"
+        return name
+    if node.op == "call_method":
+        return _METHODS.get(node.target)
+    if node.op == "call_module":
+        mod = modules.get(node.target)
+        for cls, name in _MODULES.items():
+            if type(mod) is cls:
+                return name
+    return None
+
+
+def _arg(node: fx.Node, index: int, name: str, default=None):
+    """Argument of a call, by position (counting the tensor itself as 0) or keyword."""
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+def _first_arg(node: fx.Node):
+    return node.args[0] if node.args else next(iter(node.kwargs.values()), None)
+
+
+# ------------------------------------------------------------------------------ graph facts
+class GraphFacts:
+    """What the walk asks of the graph: modules, shapes, which values are activations."""
+
+    def __init__(self, gm: fx.GraphModule, constants: Optional[dict] = None):
+        self.gm = gm
+        self.modules = dict(gm.named_modules())
+        self.constants = constants or {}  # placeholder name -> real tensor (Dynamo's parameters)
+        self.activations = set()  # nodes whose value depends on a model input
+        for node in gm.graph.nodes:
+            if node.op == "placeholder":
+                if node.name not in self.constants and not _is_param_placeholder(node):
+                    self.activations.add(node)
+            elif node.op != "get_attr" and any(a in self.activations for a in node.all_input_nodes):
+                self.activations.add(node)
+
+    def canon(self, node) -> Optional[str]:
+        return canon(node, self.modules)
+
+    def is_activation(self, x) -> bool:
+        return isinstance(x, fx.Node) and x in self.activations
+
+    def rank(self, x) -> Optional[int]:
+        shape = node_shape(x)
+        return len(shape) if shape is not None else None
+
+    @staticmethod
+    def shape(x) -> Optional[tuple]:
+        return node_shape(x)
+
+    def value(self, x):
+        """The concrete tensor behind a get_attr (or a Dynamo parameter placeholder), else None."""
+        if not isinstance(x, fx.Node):
+            return None
+        if x.op == "get_attr":
+            obj = self.gm
+            for part in x.target.split("."):
+                obj = getattr(obj, part, None)
+            return obj if isinstance(obj, torch.Tensor) else None
+        if x.op == "placeholder":
+            return self.constants.get(x.name)
+        return None
+
+    def is_scalar(self, x) -> bool:
+        """A Python number, or a node computing one (`math.sqrt(k.size(-1))`, `head_dim ** -0.5`)."""
+        if isinstance(x, (int, float)) and not isinstance(x, bool):
+            return True
+        if not isinstance(x, fx.Node):
+            return False
+        val = x.meta.get("val", x.meta.get("example_value"))
+        if val is not None:
+            return isinstance(val, (int, float, torch.SymInt, torch.SymFloat))
+        if x.op == "call_method" and x.target == "size":
+            return len(x.args) > 1
+        if x.op == "call_function":
+            if getattr(x.target, "__module__", None) == "math" or x.target in (
+                operator.getitem, operator.mul, operator.truediv, operator.pow, operator.floordiv,
+                operator.add, operator.sub, operator.neg,
+            ):
+                if x.target is operator.getitem:
+                    src = x.args[0]
+                    return isinstance(src, fx.Node) and (
+                        (src.op == "call_function" and src.target is getattr and src.args[1] == "shape")
+                        or (src.op == "call_method" and src.target == "size")
+                    )
+                return all(self.is_scalar(a) for a in x.args if isinstance(a, fx.Node))
+        return False
+
+    def module_path(self, node: fx.Node) -> str:
+        """Qualified name of the module whose forward computes `node` (leaf modules excluded)."""
+        stack = node.meta.get("nn_module_stack") or {}
+        paths = [_dotted(v[0] if isinstance(v, tuple) else v) for v in stack.values()]
+        if node.op == "call_module" and paths and paths[-1] == node.target:
+            paths = paths[:-1]
+        return paths[-1] if paths else ""
+
+
+def node_shape(x) -> Optional[tuple]:
+    """Shape of a node's value from its metadata (fake tensors or ShapeProp), else None."""
+    if not isinstance(x, fx.Node):
+        return None
+    val = x.meta.get("val", x.meta.get("example_value"))
+    if isinstance(val, torch.Tensor):
+        return tuple(val.shape)
+    tm = x.meta.get("tensor_meta")
+    if tm is not None and hasattr(tm, "shape"):
+        return tuple(tm.shape)
+    return None
+
+
+def _is_param_placeholder(node: fx.Node) -> bool:
+    return "_parameters_" in node.name or "_buffers_" in node.name
+
+
+def _dotted(path: str) -> str:
+    """Dynamo's `L['self'].blocks[0].attn` and export's `blocks.0.attn` to `blocks.0.attn`."""
+    path = re.sub(r"^L\['self'\]\.?", "", path)
+    path = re.sub(r"^L__self___?", "", path)
+    path = re.sub(r"\[(\d+)\]", r".\1", path)
+    path = re.sub(r"\['([^']+)'\]", r".\1", path)
+    return path.strip(".")
+
+
+# ------------------------------------------------------------------------------ small predicates
+def _softmax_parts(n: fx.Node, facts: GraphFacts):
+    """(input, dim) of a softmax node."""
+    if n.op == "call_module":
+        return n.args[0], facts.modules[n.target].dim
+    return n.args[0], _arg(n, 1, "dim")
+
+
+def _is_last_axis(dim, x, facts: GraphFacts) -> bool:
+    if dim == -1:
+        return True
+    rank = facts.rank(x)
+    return isinstance(dim, int) and rank is not None and dim == rank - 1
+
+
+def _is_last_two_transpose(n, facts: GraphFacts) -> bool:
+    """`x.transpose(-2, -1)`, `x.transpose(2, 3)` on 4-D, `x.permute(0, 1, 3, 2)`, `x.mT`."""
+    c = facts.canon(n)
+    if c == "transpose":
+        dims = sorted(_normalise_dims(n.args[1:3], facts.rank(n.args[0])))
+        rank = facts.rank(n.args[0])
+        return dims == [-2, -1] or (rank is not None and dims == [rank - 2, rank - 1]) or (
+            rank is None and dims in ([2, 3],)
+        )
+    if c == "permute":
+        perm = n.args[1:] if len(n.args) > 2 else n.args[1]
+        perm = list(perm)
+        ident = list(range(len(perm)))
+        return perm[:-2] == ident[:-2] and perm[-2:] == [len(perm) - 1, len(perm) - 2]
+    if n.op == "call_function" and n.target is getattr and n.args[1] == "mT":
+        return True
+    return False
+
+
+def _normalise_dims(dims, rank):
+    out = []
+    for d in dims:
+        if isinstance(d, int) and d >= 0 and rank is not None:
+            d -= rank
+        out.append(d)
+    return out
+
+
+def _is_very_negative(value) -> bool:
+    """-inf, finfo.min or a large negative constant: a masked-out score."""
+    if isinstance(value, fx.Node):
+        return True  # computed fill values (`torch.finfo(dtype).min`) are masks in practice
+    return isinstance(value, (int, float)) and value <= -1e4
+
+
+def _single_user(n: fx.Node) -> Optional[fx.Node]:
+    users = list(n.users)
+    return users[0] if len(users) == 1 else None
+
+
+def _dropout_p(n: fx.Node, facts: GraphFacts) -> tuple:
+    """(p as configured, whether it drops now) of a dropout node; p is nan when computed."""
+    if n.op == "call_module":
+        mod = facts.modules[n.target]
+        return mod.p, mod.training and mod.p > 0
+    p = _arg(n, 1, "p", 0.5)
+    train = _arg(n, 2, "train" if n.target is aten.dropout.default else "training", True)
+    if isinstance(p, fx.Node) or isinstance(train, fx.Node):
+        return float("nan"), True
+    # a functional dropout traced in eval mode is baked off in this graph
+    return (float(p), p > 0) if train else (0.0, False)
+
+
+# ------------------------------------------------------------------------------ products
+@dataclass
+class _Product:
+    """A product over the last two axes: q @ kᵀ for scores, p @ v for the output."""
+
+    node: fx.Node
+    left: Any
+    right: Any
+    einsum: Optional[tuple] = None  # (left letters, right letters, out letters)
+
+
+def _product(n, facts: GraphFacts) -> Optional[_Product]:
+    c = facts.canon(n)
+    if c == "matmul":
+        return _Product(n, n.args[0], n.args[1])
+    if c == "einsum":
+        eq, *ops = n.args
+        if len(ops) == 1 and isinstance(ops[0], (list, tuple)):
+            ops = list(ops[0])
+        if not isinstance(eq, str) or len(ops) != 2 or "..." in eq:
+            return None
+        lhs, out = eq.replace(" ", "").split("->") if "->" in eq else (eq.replace(" ", ""), None)
+        a, b = lhs.split(",")
+        if out is None:
+            return None
+        return _Product(n, ops[0], ops[1], (a, b, out))
+    return None
+
+
+def _score_einsum(p: _Product):
+    """For scores `einsum("bhid,bhjd->bhij", q, k)`: the single-operand einsums that bring q and
+    k to [batch..., seq, d] and the letters of the scores, or None if it is not attention-shaped."""
+    a, b, out = p.einsum
+    if len(out) < 2 or len(set(a)) != len(a) or len(set(b)) != len(b):
+        return None
+    *batch, i, j = out
+    contracted = (set(a) & set(b)) - set(out)
+    if len(contracted) != 1 or i not in a or i in b or j not in b or j in a:
+        return None
+    (d,) = contracted
+    if set(a) != set(batch) | {i, d} or set(b) != set(batch) | {j, d}:
+        return None
+    batch = "".join(batch)
+    return f"{a}->{batch}{i}{d}", f"{b}->{batch}{j}{d}", out
+
+
+def _value_einsum(p: _Product, probs: fx.Node):
+    """For the output `einsum("bhij,bhjd->bhid", p, v)`: (v's einsum to [batch..., seq, d], the
+    einsum from [batch..., q, d] to the output), or None if it does not contract over the keys."""
+    a, b, out = p.einsum
+    if p.right is probs:
+        a, b = b, a
+    elif p.left is not probs:
+        return None
+    if len(a) < 2:
+        return None
+    *batch, i, j = a
+    batch = "".join(batch)
+    extra = set(b) - set(a)
+    if len(extra) != 1 or set(b) != set(batch) | {j} | extra or j in out:
+        return None
+    (e,) = extra
+    if set(out) != set(batch) | {i, e} or len(out) != len(batch) + 2:
+        return None
+    return f"{b}->{batch}{j}{e}", f"{batch}{i}{e}->{out}"
+
+
+# ------------------------------------------------------------------------------ the walk
+def find(gm: fx.GraphModule, constants: Optional[dict] = None) -> list[Match]:
+    """Every attention in the graph, in graph order."""
+    facts = GraphFacts(gm, constants)
+    matches = []
+    claimed = set()
+    for node in list(gm.graph.nodes):
+        if node in claimed:
+            continue
+        c = facts.canon(node)
+        m = None
+        if c == "softmax":
+            m = _match_softmax(node, facts)
+        elif c == "sdpa":
+            m = _match_sdpa(node, facts)
+        elif c == "mha":
+            m = _match_mha(node, facts)
+        if m is not None:
+            m.site.index = len(matches)
+            if m.q is not None:
+                m.site.projection = _projection(m.q, m.k, m.v, facts)
+            _fill_shapes(m, facts)
+            claimed |= m.nodes
+            matches.append(m)
+    return matches
+
+
+def _match_softmax(sm: fx.Node, facts: GraphFacts) -> Optional[Match]:
+    x, dim = _softmax_parts(sm, facts)
+    if not _is_last_axis(dim, x, facts):
+        return None  # e.g. a softmax over the query axis: not an attention over keys
+    back = _walk_to_scores(x, facts)
+    if back is None:
+        return None
+    scores, steps, nodes = back
+    fwd = _walk_to_output(sm, facts)
+    if fwd is None:
+        return None
+    out_product, dropout_p, fwd_nodes = fwd
+    kind = "einsum" if scores.einsum else "matmul-softmax"
+    site = AttentionSite(index=-1, name=facts.module_path(scores.node), kind=kind)
+    m = Match(site=site, out=out_product.node)
+    m.nodes = {sm, scores.node, out_product.node} | nodes | fwd_nodes
+    m.q = scores.left
+    if scores.einsum:
+        eqs = _score_einsum(scores)
+        veqs = _value_einsum(out_product, fwd_nodes_probs(out_product, m.nodes))
+        if eqs is None or veqs is None:
+            return None
+        m.k = scores.right
+        m.v = out_product.right if out_product.left in m.nodes else out_product.left
+        m.einsum = (eqs[0], eqs[1], veqs[0], veqs[1])
+    else:
+        right = scores.right
+        if _is_last_two_transpose(right, facts) and len(right.users) == 1:
+            m.k = right.args[0]
+            m.nodes.add(right)
+        else:
+            m.k, m.k_transposed = right, True
+        m.v = out_product.right
+    _apply_steps(m, steps, facts)
+    _unrepeat_kv(m, facts)
+    p, active = dropout_p
+    site.dropout = p
+    _check_scores_users(m, scores.node)
+    if active and m.skip is None:
+        m.skip = (
+            f"attention dropout p={p} is active (training mode): kept as it was"
+            if p == p else "attention dropout with a computed p: kept as it was"
+        )
+    return m
+
+
+def fwd_nodes_probs(out_product: _Product, nodes: set):
+    """The probabilities operand of the output product."""
+    return out_product.left if out_product.left in nodes else out_product.right
+
+
+def _walk_to_scores(x, facts: GraphFacts):
+    """Back from the softmax input to the score product. Returns (product, steps, nodes) where
+    steps (innermost first) say how the scores were scaled, biased and masked."""
+    steps, nodes = [], set()
+    cur = x
+    for _ in range(64):
+        if not isinstance(cur, fx.Node):
+            return None
+        prod = _product(cur, facts)
+        if prod is not None:
+            if not (facts.is_activation(prod.left) and facts.is_activation(prod.right)):
+                return None  # a product with a parameter: a gate or a classifier, not q kᵀ
+            if prod.einsum is not None and _score_einsum(prod) is None:
+                return None
+            steps.reverse()
+            return prod, steps, nodes
+        c = facts.canon(cur)
+        nodes.add(cur)
+        if c in ("cast", "identity"):
+            cur = _first_arg(cur)
+        elif c in ("mul", "div"):
+            a, b = cur.args[0], cur.args[1]
+            if c == "mul" and not _leads_to_scores(a, facts):
+                a, b = b, a
+            if facts.is_activation(b) and not facts.is_scalar(b):
+                return None  # multiplied by another activation: a gate, not a scale
+            steps.append(("scale", b, c == "div"))
+            cur = a
+        elif c == "add":
+            a, b = cur.args[0], cur.args[1]
+            if not _leads_to_scores(a, facts):
+                a, b = b, a
+            steps.append(("add", b))
+            cur = a
+        elif c == "masked_fill":
+            fill_mask, value = _arg(cur, 1, "mask"), _arg(cur, 2, "value")
+            steps.append(("fill", fill_mask, value, False))
+            cur = cur.args[0]
+        elif c == "where":
+            cond, a, b = cur.args[0], cur.args[1], cur.args[2]
+            if _leads_to_scores(a, facts):
+                steps.append(("fill", cond, b, True))
+                cur = a
+            else:
+                steps.append(("fill", cond, a, False))
+                cur = b
+        else:
+            return None
+    return None
+
+
+def _leads_to_scores(x, facts: GraphFacts, depth: int = 16) -> bool:
+    """Whether walking back through score-side ops from x reaches a product of two activations."""
+    for _ in range(depth):
+        if not isinstance(x, fx.Node):
+            return False
+        prod = _product(x, facts)
+        if prod is not None:
+            return facts.is_activation(prod.left) and facts.is_activation(prod.right)
+        c = facts.canon(x)
+        if c in ("cast", "identity", "mul", "div", "masked_fill"):
+            x = x.args[0]
+        elif c == "add":
+            return _leads_to_scores(x.args[0], facts, depth - 1) or _leads_to_scores(x.args[1], facts, depth - 1)
+        elif c == "where":
+            return _leads_to_scores(x.args[1], facts, depth - 1) or _leads_to_scores(x.args[2], facts, depth - 1)
+        else:
+            return False
+    return False
+
+
+def _walk_to_output(sm: fx.Node, facts: GraphFacts):
+    """Forward from the softmax through casts and dropout to `probs @ v`.
+    Returns (product, (dropout p, active), nodes) or None."""
+    nodes, p = set(), (0.0, False)
+    cur = sm
+    for _ in range(16):
+        user = _single_user(cur)
+        if user is None:
+            return None  # the probabilities are used twice (returned as weights, ...)
+        prod = _product(user, facts)
+        if prod is not None:
+            if prod.einsum is None and prod.left is not cur:
+                return None  # v @ p or pᵀ: not an attention over keys
+            other = prod.right if prod.left is cur else prod.left
+            if not facts.is_activation(other):
+                return None  # probabilities times a parameter: a gate (mixture of experts)
+            if prod.einsum is not None and _value_einsum(prod, cur) is None:
+                return None
+            return prod, p, nodes
+        c = facts.canon(user)
+        if c in ("cast", "identity"):
+            pass
+        elif c == "dropout":
+            p = _dropout_p(user, facts)
+        else:
+            return None
+        nodes.add(user)
+        cur = user
+    return None
+
+
+def _apply_steps(m: Match, steps: list, facts: GraphFacts):
+    """Turn the score steps (innermost first) into the op's scale, bias and causal arguments:
+    scores = scale * (q kᵀ) + bias, where a scale applied after a bias scales the bias too."""
+    for step in steps:
+        if step[0] == "scale":
+            _, s, divide = step
+            if facts.is_scalar(s):
+                m.scale_terms.append((s, divide))
+            else:
+                m.q_scales.append((s, divide))  # a tensor (learned temperature): folded into q
+            if m.bias_steps:
+                m.bias_steps.append(step)
+        elif step[0] == "add":
+            m.bias_steps.append(step)
+            m.site.has_bias = True
+            fn_name = getattr(step[1].target, "__name__", "") if isinstance(step[1], fx.Node) else ""
+            if fn_name in _READS_SCORES_DTYPE_ONLY:
+                m.retarget.append((step[1], _READS_SCORES_DTYPE_ONLY[fn_name]))
+        elif step[0] == "fill":
+            _, fill_mask, value, keep = step
+            if not _is_very_negative(value):
+                m.skip = m.skip or f"scores filled with {value!r}, which is not a mask value"
+            elif not keep and _is_causal_tril_mask(fill_mask, facts):
+                m.causal = m.site.causal = True
+                m.extra_nodes |= _mask_expression_nodes(fill_mask)
+            else:
+                m.bias_steps.append(step)
+                m.site.has_bias = True
+
+
+def _is_causal_tril_mask(mask, facts: GraphFacts) -> bool:
+    """`buf[:, :, :T, :T] == 0` (or `~buf.bool()`) where buf holds a lower-triangular block of ones:
+    nanoGPT's causal mask, which the op's `causal=True` replaces."""
+    if not isinstance(mask, fx.Node):
+        return False
+    c = mask.target
+    if mask.op == "call_function" and c in (operator.eq, torch.eq, aten.eq.Scalar) or (
+        mask.op == "call_method" and c == "eq"
+    ):
+        if mask.args[1] != 0:
+            return False
+        src = mask.args[0]
+    elif (mask.op == "call_function" and c in (operator.invert, torch.logical_not, aten.logical_not.default)) or (
+        mask.op == "call_method" and c in ("logical_not", "__invert__")
+    ):
+        src = mask.args[0]
+        if isinstance(src, fx.Node) and src.op == "call_method" and src.target == "bool":
+            src = src.args[0]
+    else:
+        return False
+    index = ()
+    if isinstance(src, fx.Node) and (
+        (src.op == "call_function" and src.target is operator.getitem)
+    ):
+        src, index = src.args
+        index = index if isinstance(index, tuple) else (index,)
+    buf = facts.value(src)
+    if buf is None or buf.dim() < 2:
+        return False
+    if not all(isinstance(s, slice) and s.start in (None, 0) and s.step in (None, 1) for s in index):
+        return False
+    if len(index) > buf.dim() or any(s != slice(None) for s in index[: max(0, len(index) - 2)]):
+        return False
+    tail = index[-2:] if len(index) >= 2 else (slice(None),) * 2
+    if len(index) >= 2 and (tail[0].stop is None) != (tail[1].stop is None):
+        return False
+    mat = buf.reshape(-1, *buf.shape[-2:])
+    ones = torch.ones_like(mat[0], dtype=torch.bool).tril()
+    return bool(((mat != 0) == ones).all())
+
+
+def _mask_expression_nodes(mask: fx.Node) -> set:
+    nodes, todo = set(), [mask]
+    while todo:
+        n = todo.pop()
+        if isinstance(n, fx.Node) and n.op != "get_attr" and n.op != "placeholder" and n not in nodes:
+            nodes.add(n)
+            todo.extend(a for a in n.args if isinstance(a, fx.Node))
+    return {n for n in nodes if n.op in ("call_function", "call_method") and n.target not in ("size",)}
+
+
+def _check_scores_users(m: Match, scores: fx.Node):
+    """The scores and probabilities may feed only the walk itself (and helpers that read just
+    the scores' dtype): otherwise removing them would change the model."""
+    retarget = {n for n, _ in m.retarget}
+    for n in m.nodes - {m.out}:
+        for user in n.users:
+            if user not in m.nodes and user not in retarget:
+                m.skip = m.skip or f"an intermediate of the attention (`{n.name}`) is also used by `{user.name}`"
+
+
+def _unrepeat_kv(m: Match, facts: GraphFacts):
+    """Pass GQA's un-repeated k and v: the op shares kv heads itself."""
+    if m.einsum is not None:
+        return
+    k0, k_nodes = _unrepeat(m.k, facts)
+    v0, v_nodes = _unrepeat(m.v, facts)
+    if k0 is not None and v0 is not None and not m.k_transposed:
+        m.k, m.v = k0, v0
+        m.nodes |= k_nodes | v_nodes
+
+
+def _unrepeat(x, facts: GraphFacts):
+    """`x[:, :, None].expand(B, Hkv, n, N, D).reshape(B, Hkv * n, N, D)` or
+    `x.repeat_interleave(n, dim=1)` -> (x, nodes); else (None, None)."""
+    if not isinstance(x, fx.Node) or len(x.users) != 1:
+        return None, None
+    c = facts.canon(x)
+    if c == "repeat_interleave":
+        dim = _arg(x, 2, "dim")
+        if dim in (1, -3):
+            return x.args[0], {x}
+        return None, None
+    if c != "reshape":
+        return None, None
+    shape = x.args[1:] if len(x.args) > 2 or not isinstance(x.args[1], (list, tuple)) else x.args[1]
+    if len(shape) != 4:
+        return None, None
+    ex = x.args[0]
+    if facts.canon(ex) != "expand" or len(ex.users) != 1:
+        return None, None
+    src = ex.args[0]
+    if isinstance(src, fx.Node) and facts.canon(src) == "getitem" and len(src.users) == 1:
+        idx = src.args[1]
+        if isinstance(idx, tuple) and len(idx) >= 3 and idx[0] == slice(None) and idx[1] == slice(None) and idx[2] is None:
+            return src.args[0], {x, ex, src}
+    if isinstance(src, fx.Node) and facts.canon(src) == "unsqueeze" and len(src.users) == 1 and _arg(src, 1, "dim") == 2:
+        return src.args[0], {x, ex, src}
+    return None, None
+
+
+def _match_sdpa(n: fx.Node, facts: GraphFacts) -> Match:
+    q, k, v = n.args[0], _arg(n, 1, "key"), _arg(n, 2, "value")
+    attn_mask = _arg(n, 3, "attn_mask")
+    dropout_p = _arg(n, 4, "dropout_p", 0.0)
+    is_causal = _arg(n, 5, "is_causal", False)
+    scale = n.kwargs.get("scale", n.args[6] if len(n.args) > 6 else None)
+    site = AttentionSite(index=-1, name=facts.module_path(n), kind="sdpa")
+    m = Match(site=site, out=n, q=q, k=k, v=v, causal=is_causal, sdpa_mask=attn_mask)
+    if scale is None:
+        m.default_scale = True
+    else:
+        m.scale_terms.append((scale, False))
+    m.nodes = {n}
+    site.causal = is_causal is True
+    site.has_bias = attn_mask is not None
+    if isinstance(dropout_p, fx.Node):
+        m.skip = "attention dropout with a computed p: kept as it was"
+    elif dropout_p > 0:
+        site.dropout = float(dropout_p)
+        m.skip = f"attention dropout p={dropout_p} is active (training mode): kept as it was"
+    _unrepeat_kv(m, facts)
+    return m
+
+
+def _match_mha(n: fx.Node, facts: GraphFacts) -> Match:
+    mod = facts.modules[n.target]
+    site = AttentionSite(index=-1, name=n.target, kind="mha", num_heads=mod.num_heads,
+                         num_kv_heads=mod.num_heads, head_dim=mod.head_dim)
+    site.projection = "fused qkv" if mod._qkv_same_embed_dim else "separate linears"
+    m = Match(site=site, out=n, mha=mod, default_scale=True)
+    m.nodes = {n}
+    key_padding_mask = _arg(n, 3, "key_padding_mask")
+    attn_mask = _arg(n, 5, "attn_mask")
+    site.has_bias = key_padding_mask is not None or attn_mask is not None
+    site.causal = _arg(n, 7, "is_causal", False) is True and attn_mask is None
+    for user in n.users:
+        if not (user.op == "call_function" and user.target is operator.getitem and user.args[1] == 0):
+            if user.op == "call_function" and user.target is operator.getitem and not user.users:
+                continue
+            m.skip = "the attention weights it returns are used"
+    if mod.bias_k is not None or mod.add_zero_attn:
+        m.skip = m.skip or "add_bias_kv / add_zero_attn is not supported"
+    site.dropout = mod.dropout
+    if mod.training and mod.dropout > 0:
+        m.skip = m.skip or f"attention dropout p={mod.dropout} is active (training mode): kept as it was"
+    return m
+
+
+# ------------------------------------------------------------------------------ report facts
+def _projection(q, k, v, facts: GraphFacts) -> str:
+    """Where q, k and v come from, for the report."""
+    srcs = [_source_linear(x, facts) for x in (q, k, v)]
+    if any(s is None for s in srcs):
+        return "?"
+    kinds = {facts.canon(s) for s in srcs}
+    if srcs[0] is srcs[1] is srcs[2]:
+        return "fused qkv"
+    if srcs[1] is srcs[2]:
+        return "q + fused kv"
+    return "functional linears" if kinds == {"linear"} and srcs[0].op == "call_function" else "separate linears"
+
+
+_VIEWS = {"reshape", "permute", "transpose", "getitem", "cast", "identity", "expand", "unsqueeze", "repeat_interleave"}
+
+
+def _source_linear(x, facts: GraphFacts, depth: int = 40):
+    """Walk back from q/k/v through views, splits, norms and RoPE to the projection."""
+    for _ in range(depth):
+        if not isinstance(x, fx.Node):
+            return None
+        c = facts.canon(x)
+        if c == "linear":
+            return x
+        if x.op == "call_method" and x.target in ("unbind", "split", "chunk", "tensor_split", "flatten", "squeeze"):
+            x = x.args[0]
+        elif x.op == "call_function" and getattr(x.target, "__name__", "") in ("unbind", "split", "chunk"):
+            x = x.args[0]
+        elif c in _VIEWS or c in ("mul", "div", "add") or x.op == "call_module":
+            acts = [a for a in x.all_input_nodes if facts.is_activation(a)]
+            if not acts:
+                return None
+            x = acts[0]
+        else:
+            return None
+    return None
+
+
+def _fill_shapes(m: Match, facts: GraphFacts):
+    """Heads, head_dim and lengths from shape metadata, when the graph has it."""
+    site = m.site
+    if m.mha is not None:
+        return
+    q_shape, k_shape = facts.shape(m.q), facts.shape(m.k)
+    if q_shape is None or k_shape is None:
+        return
+    if m.einsum is not None:
+        q_shape = _einsum_shape(m.einsum[0], q_shape)
+        k_shape = _einsum_shape(m.einsum[1], k_shape)
+    elif m.k_transposed:
+        k_shape = k_shape[:-2] + (k_shape[-1], k_shape[-2])
+    if not all(isinstance(s, int) for s in q_shape + k_shape):
+        return
+    site.q_len, site.head_dim = q_shape[-2], q_shape[-1]
+    site.kv_len = k_shape[-2]
+    site.num_heads = q_shape[-3] if len(q_shape) >= 4 else 1
+    site.num_kv_heads = k_shape[-3] if len(k_shape) >= 4 else 1
+
+
+def _einsum_shape(eq: str, shape: tuple) -> tuple:
+    src, dst = eq.split("->")
+    sizes = dict(zip(src, shape))
+    return tuple(sizes[c] for c in dst)
+
+
+def flops(site: AttentionSite) -> Optional[float]:
+    """Dense attention FLOPs of one sample: q kᵀ and p v, 2 * 2 * H * Nq * Nk * D."""
+    if None in (site.num_heads, site.q_len, site.kv_len, site.head_dim):
+        return None
+    return 4.0 * site.num_heads * site.q_len * site.kv_len * site.head_dim
+
+
+__all__ = ["AttentionSite", "Match", "find", "canon", "flops"]

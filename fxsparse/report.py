@@ -1,0 +1,115 @@
+"""What the rewrite did, site by site: ``fxsparse.report(sparse)``."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from tabulate import tabulate
+
+from .match import AttentionSite, flops
+
+COLUMNS = ["#", "site", "pattern", "heads×dim", "q×kv", "block", "density", "attention FLOPs saved", "status", "reason"]
+
+
+@dataclass
+class SiteReport:
+    index: int
+    name: str
+    status: str  # "rewritten", "dense" (mask_fn returned None) or "skipped"
+    reason: str
+    pattern: str
+    site: AttentionSite
+    block: Optional[int] = None
+    density: Optional[float] = None  # fraction of (q, kv) pairs the layout visits, per sample
+
+    @property
+    def heads(self) -> str:
+        s = self.site
+        if s.num_heads is None:
+            return "?"
+        heads = f"{s.num_heads}" if s.num_kv_heads in (None, s.num_heads) else f"{s.num_heads}/{s.num_kv_heads}kv"
+        return f"{heads}×{s.head_dim}"
+
+    @property
+    def lengths(self) -> str:
+        s = self.site
+        return "?" if s.q_len is None else f"{s.q_len}×{s.kv_len}"
+
+    @property
+    def flops_saved(self) -> Optional[float]:
+        """Attention FLOPs per sample the sparse layout does not compute (q kᵀ and p v)."""
+        total = flops(self.site)
+        if total is None or self.density is None:
+            return None
+        return total * (1.0 - self.density)
+
+    def cells(self) -> list:
+        saved = self.flops_saved
+        total = flops(self.site)
+        saved_cell = "" if saved is None else f"{_si(saved)} ({1 - self.density:.0%} of {_si(total)})"
+        return [
+            self.index, self.name or "(root)", self.pattern, self.heads, self.lengths,
+            "" if self.block is None else self.block,
+            "" if self.density is None else f"{self.density:.1%}",
+            saved_cell, self.status, self.reason,
+        ]
+
+
+@dataclass
+class Report:
+    rows: list
+
+    def __str__(self) -> str:
+        if not self.rows:
+            return "fxsparse: no attention found"
+        return tabulate([r.cells() for r in self.rows], headers=COLUMNS, tablefmt="simple")
+
+    def __repr__(self) -> str:
+        return str(self)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __iter__(self):
+        return iter(self.rows)
+
+    def __getitem__(self, i):
+        return self.rows[i]
+
+
+def report(obj) -> Report:
+    """The report of a module returned by ``fxsparse.transform`` (or of a ``fxsparse.backend``)."""
+    from .rewrite import site_modules
+
+    rows = []
+    for site, reason in getattr(obj, "fxsparse_skipped", []):
+        rows.append(SiteReport(site.index, site.name, "skipped", reason, site.pattern, site))
+    modules = site_modules(obj) if hasattr(obj, "modules") else list(getattr(obj, "site_modules", lambda: [])())
+    for mod in modules:
+        site, layout = mod.site, _current_layout(mod)
+        status = mod.status
+        reason = "mask_fn returned None" if status == "dense" else ""
+        if status == "rewritten" and layout is None:
+            reason = "lengths not known yet: mask_fn is called at the first forward"
+        row = SiteReport(site.index, site.name, status, reason, site.pattern, site)
+        if layout is not None:
+            row.block, row.density = layout.block_size, layout.density
+        elif status == "dense":
+            row.density = 1.0
+        rows.append(row)
+    for site, reason in getattr(obj, "fxsparse_backend_skipped", lambda: [])():
+        rows.append(SiteReport(site.index, site.name, "skipped", reason, site.pattern, site))
+    rows.sort(key=lambda r: r.index)
+    return Report(rows)
+
+
+def _current_layout(mod):
+    key = (mod.site.q_len, mod.site.kv_len)
+    return mod._masks.get(key) if key in mod._masks else None
+
+
+def _si(x: float) -> str:
+    for unit, div in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if x >= div:
+            return f"{x / div:.3g}{unit}"
+    return f"{x:.3g}"

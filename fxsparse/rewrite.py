@@ -1,0 +1,381 @@
+"""Rewrite matched attentions into calls of the sparse op; ``transform``, the public entry point.
+
+Each rewritten site becomes a call of a small ``SiteAttention`` module stored on the GraphModule
+as ``fxsparse_site_<index>``. It holds the site, the user's mask_fn and the Layouts it built, one
+per (q_len, kv_len) and device, and calls ``fxsparse.sparse_attention``. The site's own scale,
+bias, masks and causality are computed in the graph by the small functions below, so
+``sparse.code`` reads like the model.
+"""
+from __future__ import annotations
+
+import dataclasses
+import operator
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from . import capture, match
+from .layout import Layout
+from .match import AttentionSite, Match
+
+_MISSING = object()
+
+
+class SiteError(ValueError):
+    pass
+
+
+# ------------------------------------------------------------------------------ the site module
+class SiteAttention(nn.Module):
+    """One rewritten attention: mask_fn(site) -> Layout, cached per (q_len, kv_len, device)."""
+
+    def __init__(self, site: AttentionSite, mask_fn: Callable):
+        super().__init__()
+        self.site = site
+        self.mask_fn = mask_fn
+        self.layout: Optional[Layout] = None  # the latest one used, for the report
+        self._masks: dict = {}  # (q_len, kv_len) -> Layout | None, what mask_fn gave
+        self._layouts: dict = {}  # (q_len, kv_len, device) -> Layout | None, on that device
+
+    @property
+    def status(self) -> str:
+        if (self.site.q_len, self.site.kv_len) not in self._masks:
+            return "rewritten"
+        return "dense" if self._masks[(self.site.q_len, self.site.kv_len)] is None else "rewritten"
+
+    def extra_repr(self) -> str:
+        return f"{self.site.name!r}, kind={self.site.kind!r}"
+
+    def forward(self, q, k, v, bias=None, scale=None, causal=False):
+        if self.training and self.site.dropout > 0:
+            raise RuntimeError(
+                f"{self.site.name}: attention dropout p={self.site.dropout} is active in training mode, but this "
+                "site was rewritten in eval mode; transform the model in training mode (the site is then kept "
+                "as it was) or set the dropout to 0"
+            )
+        unbatched = q.dim() == 3  # [B*H, N, D] from bmm-style attention
+        if unbatched:
+            q, k, v = q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)
+            if bias is not None and bias.dim() == 3:
+                bias = bias.unsqueeze(1)
+        key = (q.shape[-2], k.shape[-2], str(q.device))
+        layout = self._layouts.get(key, _MISSING)
+        if layout is _MISSING:
+            layout = self._prepare(q, k, v)
+        self.layout = layout
+        out = _sparse_attention(q, k, v, layout, scale=scale, bias=bias, causal=causal)
+        return out.squeeze(1) if unbatched else out
+
+    @torch.compiler.disable
+    def _prepare(self, q, k, v):
+        """First call at these lengths on this device: ask mask_fn, check it, build the Layout."""
+        return self.prepare(q.shape[1], k.shape[1], q.shape[2], k.shape[2], q.shape[3], q.device, v.shape[3])
+
+    def prepare(self, num_heads, num_kv_heads, q_len, kv_len, head_dim, device, v_dim=None):
+        site = dataclasses.replace(self.site, num_heads=num_heads, num_kv_heads=num_kv_heads, q_len=q_len,
+                                   kv_len=kv_len, head_dim=head_dim)
+        self.site = site
+        if not 16 <= head_dim <= 256 or (v_dim is not None and v_dim != head_dim):
+            raise SiteError(
+                f"{site.name}: the sparse op needs a head_dim from 16 to 256 and v's head_dim equal to q's; "
+                f"this site has {head_dim} and {v_dim}. Return None from mask_fn for it, or leave it out."
+            )
+        if (q_len, kv_len) not in self._masks:
+            self._masks[(q_len, kv_len)] = _layout_from(self.mask_fn, site)
+        layout = self._masks[(q_len, kv_len)]
+        if layout is not None and layout.device != torch.device(device):
+            layout = layout.to(device)
+        self._layouts[(q_len, kv_len, str(device))] = layout
+        return layout
+
+
+def _sparse_attention(*args, **kwargs):
+    from .op import sparse_attention
+
+    return sparse_attention(*args, **kwargs)
+
+
+def _layout_from(mask_fn, site: AttentionSite) -> Optional[Layout]:
+    """mask_fn(site), checked, as a Layout (or None for dense)."""
+    try:
+        mask = mask_fn(site)
+    except Exception as err:
+        raise SiteError(f"{site.name}: mask_fn raised {type(err).__name__}: {err}") from err
+    H, nq, nk = site.num_heads, site.q_len, site.kv_len
+    expected = f"expected broadcastable to (H|1, {nq}, {nk}) with H={H}"
+    if mask is None:
+        return None
+    if isinstance(mask, Layout):
+        if tuple(mask.shape) != (nq, nk) or mask.num_heads not in (1, H) or mask.batch != 1:
+            raise SiteError(
+                f"{site.name}: mask_fn returned a Layout for (q_len, kv_len) = {tuple(mask.shape)} with "
+                f"{mask.num_heads} heads; expected ({nq}, {nk}) with 1 or {H} heads"
+            )
+        return mask
+    if not isinstance(mask, torch.Tensor):
+        raise SiteError(f"{site.name}: mask_fn returned {type(mask).__name__}; expected None, a bool tensor or a Layout")
+    if mask.dtype != torch.bool:
+        raise SiteError(f"{site.name}: mask_fn returned a mask of dtype {mask.dtype}; expected torch.bool (True = may attend)")
+    shape = tuple(mask.shape)
+    if mask.dim() > 3 or mask.dim() < 1:
+        raise SiteError(f"{site.name}: mask_fn returned shape {shape}, {expected}")
+    mask3 = mask.reshape((1,) * (3 - mask.dim()) + shape)
+    if mask3.shape[0] not in (1, H) or mask3.shape[1] not in (1, nq) or mask3.shape[2] not in (1, nk):
+        raise SiteError(f"{site.name}: mask_fn returned shape {shape}, {expected}")
+    return Layout.from_mask(mask3.expand(mask3.shape[0], nq, nk))
+
+
+# ------------------------------------------------------------------------------ graph helpers
+# Small functions the rewritten graph calls; each keeps `None` meaning "no bias yet".
+def add_bias(bias, term):
+    """bias + term (timm's `maybe_add_mask` may hand None)."""
+    if term is None:
+        return bias
+    return term if bias is None else bias + term
+
+
+def fill_bias(bias, mask, value, keep, like):
+    """The additive form of `scores.masked_fill(mask, value)` (keep=False) or
+    `torch.where(mask, scores, value)` (keep=True)."""
+    masked = ~mask if keep else mask
+    base = like.new_zeros(()) if bias is None else bias
+    return torch.where(masked, torch.as_tensor(value, dtype=base.dtype, device=base.device), base)
+
+
+def scale_bias(bias, s, divide):
+    if bias is None:
+        return None
+    return bias / s if divide else bias * s
+
+
+def sdpa_bias(attn_mask, like):
+    """SDPA's attn_mask (bool True = may attend, or additive) as an additive bias."""
+    if attn_mask is None or attn_mask.dtype != torch.bool:
+        return attn_mask
+    return like.new_zeros(()).expand(attn_mask.shape).masked_fill(~attn_mask, float("-inf"))
+
+
+def mha_heads(query, key, value, num_heads, batch_first, in_proj_weight, in_proj_bias,
+              q_proj_weight=None, k_proj_weight=None, v_proj_weight=None):
+    """nn.MultiheadAttention's input projections, as q, k, v of shape [B, H, N, D]."""
+    if query.dim() != 3:
+        raise ValueError("fxsparse: unbatched nn.MultiheadAttention inputs are not supported")
+    if not batch_first:
+        query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+    if q_proj_weight is None:
+        wq, wk, wv = in_proj_weight.chunk(3)
+    else:
+        wq, wk, wv = q_proj_weight, k_proj_weight, v_proj_weight
+    bq, bk, bv = in_proj_bias.chunk(3) if in_proj_bias is not None else (None, None, None)
+
+    def heads(x, w, b):
+        y = F.linear(x, w, b)
+        return y.unflatten(-1, (num_heads, -1)).transpose(1, 2)
+
+    return heads(query, wq, bq), heads(key, wk, bk), heads(value, wv, bv)
+
+
+def mha_bias(key_padding_mask, attn_mask, like):
+    """nn.MultiheadAttention's masks (bool True = may NOT attend, or additive) as one bias."""
+    B, H, nq, _ = like.shape
+    bias = None
+    if attn_mask is not None:
+        am = attn_mask.reshape(B, H, nq, -1) if attn_mask.dim() == 3 else attn_mask
+        bias = _not_attend_to_bias(am, like)
+    if key_padding_mask is not None:
+        kpm = _not_attend_to_bias(key_padding_mask, like)[:, None, None, :]
+        bias = kpm if bias is None else bias + kpm
+    return bias
+
+
+def _not_attend_to_bias(mask, like):
+    if mask.dtype != torch.bool:
+        return mask.to(like.dtype)
+    return like.new_zeros(()).expand(mask.shape).masked_fill(mask, float("-inf"))
+
+
+def mha_output(out, batch_first, out_proj_weight, out_proj_bias):
+    """[B, H, N, D] -> nn.MultiheadAttention's (output, None)."""
+    y = F.linear(out.transpose(1, 2).flatten(-2), out_proj_weight, out_proj_bias)
+    return (y if batch_first else y.transpose(0, 1)), None
+
+
+# ------------------------------------------------------------------------------ the rewrite
+def rewrite(gm: fx.GraphModule, matches: list[Match], mask_fn: Callable) -> list[Match]:
+    """Replace every rewritable match by its site module; returns the skipped matches."""
+    skipped = []
+    for m in matches:
+        if m.skip is not None:
+            skipped.append(m)
+            continue
+        module = SiteAttention(m.site, mask_fn)
+        name = f"fxsparse_site_{m.site.index}"
+        gm.add_submodule(name, module)
+        with gm.graph.inserting_before(m.out):
+            if m.mha is not None:
+                new = _emit_mha(gm, m, name)
+            else:
+                new = _emit_attention(gm, m, name)
+        m.out.replace_all_uses_with(new)
+        _erase(gm.graph, m)
+    gm.graph.lint()
+    gm.recompile()
+    return skipped
+
+
+def _emit_attention(gm: fx.GraphModule, m: Match, name: str) -> fx.Node:
+    g = gm.graph
+    q, k, v = m.q, m.k, m.v
+    if m.einsum is not None:
+        q_eq, k_eq, v_eq, out_eq = m.einsum
+        q = g.call_function(torch.einsum, (q_eq, q))
+        k = g.call_function(torch.einsum, (k_eq, k))
+        v = g.call_function(torch.einsum, (v_eq, v))
+    elif m.k_transposed:
+        k = g.call_method("transpose", (k, -2, -1))
+    for s, divide in m.q_scales:
+        q = g.call_function(operator.truediv if divide else operator.mul, (q, s))
+    for helper, index in m.retarget:
+        args = list(helper.args)
+        args[index] = m.q
+        helper.args = tuple(args)
+    bias = None
+    for step in m.bias_steps:
+        if step[0] == "add":
+            bias = g.call_function(add_bias, (bias, step[1]))
+        elif step[0] == "fill":
+            _, fill_mask, value, keep = step
+            bias = g.call_function(fill_bias, (bias, fill_mask, value, keep, q))
+        else:
+            bias = g.call_function(scale_bias, (bias, step[1], step[2]))
+    if m.sdpa_mask is not None:
+        bias = g.call_function(sdpa_bias, (m.sdpa_mask, q))
+    scale = _emit_scale(g, m)
+    out = g.call_module(name, (q, k, v), {"bias": bias, "scale": scale, "causal": m.causal})
+    if m.einsum is not None:
+        out = g.call_function(torch.einsum, (out_eq, out))
+    return out
+
+
+def _emit_scale(g: fx.Graph, m: Match):
+    if m.default_scale:
+        return None
+    scale = 1.0
+    for s, divide in m.scale_terms:
+        if isinstance(s, (int, float)) and isinstance(scale, float):
+            scale = scale / s if divide else scale * s
+        else:
+            scale = g.call_function(operator.truediv if divide else operator.mul, (scale, s))
+    return scale
+
+
+def _emit_mha(gm: fx.GraphModule, m: Match, name: str) -> fx.Node:
+    g, n, mod = gm.graph, m.out, m.mha
+    query, key, value = n.args[0], match._arg(n, 1, "key"), match._arg(n, 2, "value")
+    key_padding_mask = match._arg(n, 3, "key_padding_mask")
+    attn_mask = match._arg(n, 5, "attn_mask")
+
+    def attr(field):
+        return g.get_attr(f"{n.target}.{field}") if getattr(mod, field, None) is not None else None
+
+    if mod._qkv_same_embed_dim:
+        proj = (attr("in_proj_weight"), attr("in_proj_bias"))
+    else:
+        proj = (None, attr("in_proj_bias"), attr("q_proj_weight"), attr("k_proj_weight"), attr("v_proj_weight"))
+    heads = g.call_function(mha_heads, (query, key, value, mod.num_heads, mod.batch_first) + proj)
+    q, k, v = (g.call_function(operator.getitem, (heads, i)) for i in range(3))
+    bias = None
+    if key_padding_mask is not None or attn_mask is not None:
+        bias = g.call_function(mha_bias, (key_padding_mask, attn_mask, q))
+    out = g.call_module(name, (q, k, v), {"bias": bias})
+    out_w, out_b = g.get_attr(f"{n.target}.out_proj.weight"), None
+    if mod.out_proj.bias is not None:
+        out_b = g.get_attr(f"{n.target}.out_proj.bias")
+    return g.call_function(mha_output, (out, mod.batch_first, out_w, out_b))
+
+
+def _erase(graph: fx.Graph, m: Match):
+    """Erase the attention's own nodes, and any of their inputs left unused."""
+    todo = list(m.nodes | m.extra_nodes)
+    candidates = set(todo)
+    while todo:
+        changed = False
+        for node in list(todo):
+            if not node.users:
+                inputs = node.all_input_nodes
+                graph.erase_node(node)
+                todo.remove(node)
+                changed = True
+                for i in inputs:
+                    if i not in candidates and _is_pure_view(i) and not i.users:
+                        candidates.add(i)
+                        todo.append(i)
+        if not changed:
+            break
+
+
+def _is_pure_view(node: fx.Node) -> bool:
+    return node.op in ("call_method", "call_function") and match.canon(node, {}) in (
+        "transpose", "permute", "cast", "identity", "getitem", "expand", "reshape", "unsqueeze",
+    )
+
+
+# ------------------------------------------------------------------------------ the entry point
+def transform(model: nn.Module, mask_fn: Callable, *, example_inputs=None, concrete_args=None,
+              verbose: bool = False) -> fx.GraphModule:
+    """Rewrite every attention of ``model`` to fxsparse's block-sparse op; ``model`` is untouched.
+
+    ``mask_fn(site)`` returns None (keep the site dense), a bool token mask broadcastable to
+    ``[H|1, site.q_len, site.kv_len]`` (True = may attend) or a ``fxsparse.Layout``. It is called
+    once per site and per sequence length: at transform time when ``example_inputs`` are given,
+    else at the first forward. The result shares the model's parameters and keeps their names.
+    """
+    if is_transformed(model):
+        raise ValueError("this module was already transformed by fxsparse; transform the original model instead")
+    if not callable(mask_fn):
+        raise TypeError(f"mask_fn must be callable (site -> None | bool mask | Layout), got {type(mask_fn).__name__}")
+    gm = capture.capture(model, example_inputs, concrete_args)
+    matches = match.find(gm)
+    skipped = rewrite(gm, matches, mask_fn)
+    gm.fxsparse_skipped = [(m.site, m.skip) for m in skipped]
+    if example_inputs is not None:
+        _prepare_sites(gm, matches, capture.example_device(example_inputs))
+    if verbose:
+        from .report import report
+
+        print(report(gm))
+    return gm
+
+
+def _prepare_sites(gm: fx.GraphModule, matches: list[Match], device):
+    """Lengths are known from the example inputs: call mask_fn now and build the Layouts."""
+    for m in matches:
+        s = m.site
+        if m.skip is not None or device is None:
+            continue
+        if m.mha is not None:
+            _mha_shapes(m)
+        if None in (s.num_heads, s.num_kv_heads, s.q_len, s.kv_len, s.head_dim):
+            continue
+        gm.get_submodule(f"fxsparse_site_{s.index}").prepare(
+            s.num_heads, s.num_kv_heads, s.q_len, s.kv_len, s.head_dim, device)
+
+
+def _mha_shapes(m: Match):
+    n, mod = m.out, m.mha
+    qs = match.node_shape(n.args[0])
+    ks = match.node_shape(match._arg(n, 1, "key"))
+    if qs is None or ks is None or len(qs) != 3:
+        return
+    seq = 1 if mod.batch_first else 0
+    m.site.q_len, m.site.kv_len = qs[seq], ks[seq]
+
+
+def is_transformed(module: nn.Module) -> bool:
+    return hasattr(module, "fxsparse_skipped") or any(isinstance(x, SiteAttention) for x in module.modules())
+
+
+def site_modules(module: nn.Module) -> list[SiteAttention]:
+    return [x for x in module.modules() if isinstance(x, SiteAttention)]
