@@ -4,3 +4,6 @@ from .op import sparse_attention
 
 __all__ = ["Layout", "sparse_attention"]
 from . import patterns
+from .match import AttentionSite
+from .report import Report, SiteReport, report
+from .rewrite import transform
