@@ -67,6 +67,7 @@ class Match:
 
     site: AttentionSite
     out: fx.Node  # the node whose value the sparse op replaces
+    scores: Optional[fx.Node] = None  # q kᵀ, for the walk from a softmax
     q: Any = None  # graph values, each [..., seq, head_dim]
     k: Any = None
     v: Any = None
@@ -81,6 +82,7 @@ class Match:
     mha: Optional[nn.Module] = None
     nodes: set = field(default_factory=set)  # nodes of the attention itself, erased after the rewrite
     extra_nodes: set = field(default_factory=set)  # erased too when nothing else uses them (a causal mask)
+    replay: Optional[list] = None  # score-side nodes, innermost first, to recompute on zero scores
     retarget: list = field(default_factory=list)  # (node, arg index): bias helpers that read the scores' dtype
     skip: Optional[str] = None
 
@@ -440,7 +442,7 @@ def _match_softmax(sm: fx.Node, facts: GraphFacts) -> Optional[Match]:
     out_product, dropout_p, fwd_nodes = fwd
     kind = "einsum" if scores.einsum else "matmul-softmax"
     site = AttentionSite(index=-1, name=facts.module_path(scores.node), kind=kind)
-    m = Match(site=site, out=out_product.node)
+    m = Match(site=site, out=out_product.node, scores=scores.node)
     m.nodes = {sm, scores.node, out_product.node} | nodes | fwd_nodes
     m.q = scores.left
     if scores.einsum:
@@ -480,7 +482,7 @@ def fwd_nodes_probs(out_product: _Product, nodes: set):
 def _walk_to_scores(x, facts: GraphFacts):
     """Back from the softmax input to the score product. Returns (product, steps, nodes) where
     steps (innermost first) say how the scores were scaled, biased and masked."""
-    steps, nodes = [], set()
+    steps, chain = [], []
     cur = x
     for _ in range(64):
         if not isinstance(cur, fx.Node):
@@ -492,9 +494,12 @@ def _walk_to_scores(x, facts: GraphFacts):
             if prod.einsum is not None and _score_einsum(prod) is None:
                 return None
             steps.reverse()
-            return prod, steps, nodes
+            chain.reverse()
+            if any(step[0] == "reshape" for step in steps):
+                steps.append(("replay", chain))
+            return prod, steps, set(chain)
         c = facts.canon(cur)
-        nodes.add(cur)
+        chain.append(cur)
         if c in ("cast", "identity"):
             cur = _first_arg(cur)
         elif c in ("mul", "div"):
@@ -523,9 +528,21 @@ def _walk_to_scores(x, facts: GraphFacts):
             else:
                 steps.append(("fill", cond, a, False))
                 cur = b
+        elif c == "reshape" and _regroups_leading_axes(cur, facts):
+            steps.append(("reshape",))  # Swin's shifted windows: `attn.view(-1, nW, H, N, N) + mask`
+            cur = cur.args[0]
         else:
             return None
     return None
+
+
+def _regroups_leading_axes(n: fx.Node, facts: GraphFacts) -> bool:
+    """A reshape of the scores that keeps the (query, key) axes and regroups the ones before."""
+    shape = n.args[1:] if len(n.args) > 2 or not isinstance(n.args[1], (list, tuple)) else n.args[1]
+    if len(shape) < 3 or any(isinstance(d, int) and d == -1 for d in shape[-2:]):
+        return False
+    src, out = node_shape(n.args[0]), node_shape(n)
+    return src is None or out is None or src[-2:] == out[-2:]
 
 
 def _leads_to_scores(x, facts: GraphFacts, depth: int = 16) -> bool:
@@ -537,7 +554,7 @@ def _leads_to_scores(x, facts: GraphFacts, depth: int = 16) -> bool:
         if prod is not None:
             return facts.is_activation(prod.left) and facts.is_activation(prod.right)
         c = facts.canon(x)
-        if c in ("cast", "identity", "mul", "div", "masked_fill"):
+        if c in ("cast", "identity", "mul", "div", "masked_fill", "reshape"):
             x = x.args[0]
         elif c == "add":
             return _leads_to_scores(x.args[0], facts, depth - 1) or _leads_to_scores(x.args[1], facts, depth - 1)
@@ -597,6 +614,11 @@ def _apply_steps(m: Match, steps: list, facts: GraphFacts):
             fn_name = getattr(step[1].target, "__name__", "") if isinstance(step[1], fx.Node) else ""
             if fn_name in _READS_SCORES_DTYPE_ONLY:
                 m.retarget.append((step[1], _READS_SCORES_DTYPE_ONLY[fn_name]))
+        elif step[0] == "replay":
+            # reshapes among the steps: rewrite.py recomputes the steps on zero scores instead
+            m.replay = step[1]
+            m.bias_steps = []
+            m.causal = m.site.causal = False
         elif step[0] == "fill":
             _, fill_mask, value, keep = step
             if not _is_very_negative(value):

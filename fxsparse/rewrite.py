@@ -65,23 +65,21 @@ class SiteAttention(nn.Module):
         if layout is _MISSING:
             layout = self._prepare(q, k, v)
         self.layout = layout
-        out = _sparse_attention(q, k, v, layout, scale=scale, bias=bias, causal=causal)
+        try:
+            out = _sparse_attention(q, k, v, layout, scale=scale, bias=bias, causal=causal)
+        except (ValueError, TypeError) as err:
+            raise SiteError(f"{self.site.name}: {err}") from err
         return out.squeeze(1) if unbatched else out
 
     @torch.compiler.disable
     def _prepare(self, q, k, v):
         """First call at these lengths on this device: ask mask_fn, check it, build the Layout."""
-        return self.prepare(q.shape[1], k.shape[1], q.shape[2], k.shape[2], q.shape[3], q.device, v.shape[3])
+        return self.prepare(q.shape[1], k.shape[1], q.shape[2], k.shape[2], q.shape[3], q.device)
 
-    def prepare(self, num_heads, num_kv_heads, q_len, kv_len, head_dim, device, v_dim=None):
+    def prepare(self, num_heads, num_kv_heads, q_len, kv_len, head_dim, device):
         site = dataclasses.replace(self.site, num_heads=num_heads, num_kv_heads=num_kv_heads, q_len=q_len,
                                    kv_len=kv_len, head_dim=head_dim)
         self.site = site
-        if not 16 <= head_dim <= 256 or (v_dim is not None and v_dim != head_dim):
-            raise SiteError(
-                f"{site.name}: the sparse op needs a head_dim from 16 to 256 and v's head_dim equal to q's; "
-                f"this site has {head_dim} and {v_dim}. Return None from mask_fn for it, or leave it out."
-            )
         if (q_len, kv_len) not in self._masks:
             self._masks[(q_len, kv_len)] = _layout_from(self.mask_fn, site)
         layout = self._masks[(q_len, kv_len)]
@@ -142,6 +140,11 @@ def fill_bias(bias, mask, value, keep, like):
     masked = ~mask if keep else mask
     base = like.new_zeros(()) if bias is None else bias
     return torch.where(masked, torch.as_tensor(value, dtype=base.dtype, device=base.device), base)
+
+
+def zero_scores(q, k):
+    """Zeros shaped like the scores q kᵀ, with no memory behind them."""
+    return q.new_zeros(()).expand(*q.shape[:-1], k.shape[-2])
 
 
 def scale_bias(bias, s, divide):
@@ -250,6 +253,8 @@ def _emit_attention(gm: fx.GraphModule, m: Match, name: str) -> fx.Node:
             bias = g.call_function(fill_bias, (bias, fill_mask, value, keep, q))
         else:
             bias = g.call_function(scale_bias, (bias, step[1], step[2]))
+    if m.replay is not None:
+        bias = _emit_replay(g, m, q, k)
     if m.sdpa_mask is not None:
         bias = g.call_function(sdpa_bias, (m.sdpa_mask, q))
     scale = _emit_scale(g, m)
@@ -257,6 +262,15 @@ def _emit_attention(gm: fx.GraphModule, m: Match, name: str) -> fx.Node:
     if m.einsum is not None:
         out = g.call_function(torch.einsum, (out_eq, out))
     return out
+
+
+def _emit_replay(g: fx.Graph, m: Match, q, k):
+    """The score steps recomputed on zero scores: their result is the additive bias."""
+    env = {m.scores: g.call_function(zero_scores, (q, k))}
+    for node in m.replay:
+        env[node] = g.node_copy(node, lambda n: env.get(n, n))
+    m.site.has_bias = True
+    return env[m.replay[-1]]
 
 
 def _emit_scale(g: fx.Graph, m: Match):
