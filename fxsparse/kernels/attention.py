@@ -38,15 +38,13 @@ def _load_bits(BITS, mid, rows, cols, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _fwd_block(
-    acc, m_i, l_i, q, K, V, Bias, BITS, kb, mid,
-    offs_m, row_in_block, offs_n, offs_d, skn, skd, svn, svd, sbm, sbn,
+def _fwd_tile(
+    acc, m_i, l_i, q, K, V, Bias, BITS, cols, cols_in_block, mid,
+    offs_m, rows_in_block, offs_d, skn, skd, svn, svd, sbm, sbn,
     NQ, NK, scale_log2,
-    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr,
     PARTIAL: tl.constexpr, HAS_BIAS: tl.constexpr, IS_CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    start_n = kb * BLOCK_N
-    cols = start_n + offs_n
     k_ptrs = K + cols[None, :] * skn + offs_d[:, None] * skd
     v_ptrs = V + cols[:, None] * svn + offs_d[None, :] * svd
     if PARTIAL:
@@ -64,7 +62,7 @@ def _fwd_block(
         bias = tl.load(Bias + offs_m[:, None] * sbm + cols[None, :] * sbn, mask=bmask, other=0.0)
         s += bias.to(tl.float32) * 1.4426950408889634
     if PARTIAL:
-        keep = _load_bits(BITS, mid, row_in_block + tl.arange(0, BLOCK_M)[:, None], offs_n[None, :], BLOCK_N)
+        keep = _load_bits(BITS, mid, rows_in_block[:, None], cols_in_block[None, :], BLOCK)
         s = tl.where(keep, s, float("-inf"))
     if IS_CAUSAL:
         s = tl.where(offs_m[:, None] >= cols[None, :], s, float("-inf"))
@@ -83,18 +81,18 @@ def _fwd_kernel(
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
     sbb, sbh, sbm, sbn, SLOT_B, SLOT_H,
     H, G, NQ, NK, NQB, NKB, scale_log2,
-    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_BIAS: tl.constexpr, IS_CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, IS_CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
 ):
+    """One program: BLOCK_M query rows (inside one layout block) of one (batch, head)."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
     start_m = pid_m * BLOCK_M
-    qb = start_m // BLOCK_N
-    row_in_block = start_m - qb * BLOCK_N
+    qb = start_m // BLOCK
+    rows_in_block = start_m - qb * BLOCK + tl.arange(0, BLOCK_M)
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)
     q = tl.load(
         Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
@@ -110,21 +108,25 @@ def _fwd_kernel(
     last_row = start_m + BLOCK_M - 1
     for i in range(tl.load(PART_NUM + row)):
         kb = tl.load(PART_IDX + row * NKB + i)
-        if (not IS_CAUSAL) or (kb * BLOCK_N <= last_row):
-            mid = tl.load(MASK_ID + row * NKB + kb)
-            acc, m_i, l_i = _fwd_block(
-                acc, m_i, l_i, q, K, V, Bias, BITS, kb, mid, offs_m, row_in_block, offs_n, offs_d,
-                skn, skd, svn, svd, sbm, sbn, NQ, NK, scale_log2,
-                HEAD_DIM, D_PAD, BLOCK_M, BLOCK_N, True, HAS_BIAS, IS_CAUSAL, PRECISION,
-            )
+        mid = tl.load(MASK_ID + row * NKB + kb)
+        for j in range(0, BLOCK, BLOCK_N):
+            cols = kb * BLOCK + j + tl.arange(0, BLOCK_N)
+            if (not IS_CAUSAL) or (kb * BLOCK + j <= last_row):
+                acc, m_i, l_i = _fwd_tile(
+                    acc, m_i, l_i, q, K, V, Bias, BITS, cols, j + tl.arange(0, BLOCK_N), mid,
+                    offs_m, rows_in_block, offs_d, skn, skd, svn, svd, sbm, sbn, NQ, NK, scale_log2,
+                    HEAD_DIM, D_PAD, BLOCK, True, HAS_BIAS, IS_CAUSAL, PRECISION,
+                )
     for i in range(tl.load(FULL_NUM + row)):
         kb = tl.load(FULL_IDX + row * NKB + i)
-        if (not IS_CAUSAL) or (kb * BLOCK_N <= last_row):
-            acc, m_i, l_i = _fwd_block(
-                acc, m_i, l_i, q, K, V, Bias, BITS, kb, 0, offs_m, row_in_block, offs_n, offs_d,
-                skn, skd, svn, svd, sbm, sbn, NQ, NK, scale_log2,
-                HEAD_DIM, D_PAD, BLOCK_M, BLOCK_N, False, HAS_BIAS, IS_CAUSAL, PRECISION,
-            )
+        for j in range(0, BLOCK, BLOCK_N):
+            cols = kb * BLOCK + j + tl.arange(0, BLOCK_N)
+            if (not IS_CAUSAL) or (kb * BLOCK + j <= last_row):
+                acc, m_i, l_i = _fwd_tile(
+                    acc, m_i, l_i, q, K, V, Bias, BITS, cols, j + tl.arange(0, BLOCK_N), 0,
+                    offs_m, rows_in_block, offs_d, skn, skd, svn, svd, sbm, sbn, NQ, NK, scale_log2,
+                    HEAD_DIM, D_PAD, BLOCK, False, HAS_BIAS, IS_CAUSAL, PRECISION,
+                )
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
@@ -135,27 +137,26 @@ def _fwd_kernel(
 
 
 @triton.jit
-def _dkdv_block(
-    dk, dv, k, v, Q, DO, Lse, Delta, Bias, BITS, qb, mid,
-    offs_n, offs_d, sqm, sqd, sdm, sdd, sbm, sbn,
+def _dkdv_tile(
+    dk, dv, k, v, Q, DO, Lse, Delta, Bias, BITS, rows, rows_in_block, mid,
+    offs_n, cols_in_block, offs_d, sqm, sqd, sdm, sdd, sbm, sbn,
     NQ, NK, scale_log2,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr,
     PARTIAL: tl.constexpr, HAS_BIAS: tl.constexpr, IS_CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    rows = qb * BLOCK + tl.arange(0, BLOCK)
     rmask = rows < NQ
     dmask = offs_d < HEAD_DIM
     qt = tl.load(Q + rows[None, :] * sqm + offs_d[:, None] * sqd, mask=rmask[None, :] & dmask[:, None], other=0.0)
     do = tl.load(DO + rows[:, None] * sdm + offs_d[None, :] * sdd, mask=rmask[:, None] & dmask[None, :], other=0.0)
     lse2 = tl.load(Lse + rows, mask=rmask, other=float("inf")) * 1.4426950408889634
     delta = tl.load(Delta + rows, mask=rmask, other=0.0)
-    st = _dot(k, qt, PRECISION) * scale_log2  # [BLOCK_N, BLOCK_M]
+    st = _dot(k, qt, PRECISION) * scale_log2  # [kv rows, q rows]
     if HAS_BIAS:
         bias = tl.load(Bias + rows[None, :] * sbm + offs_n[:, None] * sbn,
                        mask=rmask[None, :] & (offs_n[:, None] < NK), other=0.0)
         st += bias.to(tl.float32) * 1.4426950408889634
     if PARTIAL:
-        keep = _load_bits(BITS, mid, tl.arange(0, BLOCK)[None, :], (offs_n % BLOCK)[:, None], BLOCK)
+        keep = _load_bits(BITS, mid, rows_in_block[None, :], cols_in_block[:, None], BLOCK)
         st = tl.where(keep, st, float("-inf"))
     if IS_CAUSAL:
         st = tl.where(rows[None, :] >= offs_n[:, None], st, float("-inf"))
@@ -173,21 +174,24 @@ def _dkdv_kernel(
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdm, sdd,
     sbb, sbh, sbm, sbn, SLOT_B, SLOT_H,
     H, HKV, G, NQ, NK, NQB, NKB, scale, scale_log2,
-    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr,
-    HAS_BIAS: tl.constexpr, IS_CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, IS_CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    kb = tl.program_id(0)
+    """One program: BLOCK_N kv rows (inside one layout block) of one (batch, kv head), over its query heads."""
+    pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // HKV
     hk = pid_bh % HKV
-    offs_n = kb * BLOCK + tl.arange(0, BLOCK)
+    start_n = pid_n * BLOCK_N
+    kb = start_n // BLOCK
+    cols_in_block = start_n - kb * BLOCK + tl.arange(0, BLOCK_N)
+    offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)
     nmask = (offs_n[:, None] < NK) & (offs_d[None, :] < HEAD_DIM)
     k = tl.load(K + b * skb + hk * skh + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=nmask, other=0.0)
     v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=nmask, other=0.0)
-    dk = tl.zeros([BLOCK, D_PAD], tl.float32)
-    dv = tl.zeros([BLOCK, D_PAD], tl.float32)
-    first_row_needed = kb * BLOCK
+    dk = tl.zeros([BLOCK_N, D_PAD], tl.float32)
+    dv = tl.zeros([BLOCK_N, D_PAD], tl.float32)
     for g in range(G):
         h = hk * G + g
         slot = b * SLOT_B + h * SLOT_H
@@ -199,38 +203,40 @@ def _dkdv_kernel(
         Bh = Bias + b * sbb + h * sbh
         for i in range(tl.load(T_PART_NUM + trow)):
             qb = tl.load(T_PART_IDX + trow * NQB + i)
-            if (not IS_CAUSAL) or (qb * BLOCK + BLOCK - 1 >= first_row_needed):
-                mid = tl.load(MASK_ID + (slot * NQB + qb) * NKB + kb)
-                dk, dv = _dkdv_block(
-                    dk, dv, k, v, Qh, DOh, Lh, Dh, Bh, BITS, qb, mid, offs_n, offs_d,
-                    sqm, sqd, sdm, sdd, sbm, sbn, NQ, NK, scale_log2,
-                    HEAD_DIM, D_PAD, BLOCK, True, HAS_BIAS, IS_CAUSAL, PRECISION,
-                )
+            mid = tl.load(MASK_ID + (slot * NQB + qb) * NKB + kb)
+            for j in range(0, BLOCK, BLOCK_M):
+                if (not IS_CAUSAL) or (qb * BLOCK + j + BLOCK_M - 1 >= start_n):
+                    dk, dv = _dkdv_tile(
+                        dk, dv, k, v, Qh, DOh, Lh, Dh, Bh, BITS, qb * BLOCK + j + tl.arange(0, BLOCK_M),
+                        j + tl.arange(0, BLOCK_M), mid, offs_n, cols_in_block, offs_d,
+                        sqm, sqd, sdm, sdd, sbm, sbn, NQ, NK, scale_log2,
+                        HEAD_DIM, D_PAD, BLOCK, True, HAS_BIAS, IS_CAUSAL, PRECISION,
+                    )
         for i in range(tl.load(T_FULL_NUM + trow)):
             qb = tl.load(T_FULL_IDX + trow * NQB + i)
-            if (not IS_CAUSAL) or (qb * BLOCK + BLOCK - 1 >= first_row_needed):
-                dk, dv = _dkdv_block(
-                    dk, dv, k, v, Qh, DOh, Lh, Dh, Bh, BITS, qb, 0, offs_n, offs_d,
-                    sqm, sqd, sdm, sdd, sbm, sbn, NQ, NK, scale_log2,
-                    HEAD_DIM, D_PAD, BLOCK, False, HAS_BIAS, IS_CAUSAL, PRECISION,
-                )
-    out_mask = nmask
+            for j in range(0, BLOCK, BLOCK_M):
+                if (not IS_CAUSAL) or (qb * BLOCK + j + BLOCK_M - 1 >= start_n):
+                    dk, dv = _dkdv_tile(
+                        dk, dv, k, v, Qh, DOh, Lh, Dh, Bh, BITS, qb * BLOCK + j + tl.arange(0, BLOCK_M),
+                        j + tl.arange(0, BLOCK_M), 0, offs_n, cols_in_block, offs_d,
+                        sqm, sqd, sdm, sdd, sbm, sbn, NQ, NK, scale_log2,
+                        HEAD_DIM, D_PAD, BLOCK, False, HAS_BIAS, IS_CAUSAL, PRECISION,
+                    )
     tl.store(DK + pid_bh * NK * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :],
-             (dk * scale).to(DK.dtype.element_ty), mask=out_mask)
+             (dk * scale).to(DK.dtype.element_ty), mask=nmask)
     tl.store(DV + pid_bh * NK * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :],
-             dv.to(DV.dtype.element_ty), mask=out_mask)
+             dv.to(DV.dtype.element_ty), mask=nmask)
 
 
 @triton.jit
-def _dq_block(
-    dq, q, do, lse2, delta, K, V, Bias, DBias, BITS, kb, mid,
-    offs_m, offs_n, offs_d, skn, skd, svn, svd, sbm, sbn,
+def _dq_tile(
+    dq, q, do, lse2, delta, K, V, Bias, DBias, BITS, cols, cols_in_block, mid,
+    offs_m, rows_in_block, offs_d, skn, skd, svn, svd, sbm, sbn,
     NQ, NK, scale_log2,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr,
     PARTIAL: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, IS_CAUSAL: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    cols = kb * BLOCK + offs_n
     kmask = (cols[None, :] < NK) & (offs_d[:, None] < HEAD_DIM)
     kt = tl.load(K + cols[None, :] * skn + offs_d[:, None] * skd, mask=kmask, other=0.0)
     vt = tl.load(V + cols[None, :] * svn + offs_d[:, None] * svd, mask=kmask, other=0.0)
@@ -240,7 +246,7 @@ def _dq_block(
                        mask=(offs_m[:, None] < NQ) & (cols[None, :] < NK), other=0.0)
         s += bias.to(tl.float32) * 1.4426950408889634
     if PARTIAL:
-        keep = _load_bits(BITS, mid, tl.arange(0, BLOCK)[:, None], offs_n[None, :], BLOCK)
+        keep = _load_bits(BITS, mid, rows_in_block[:, None], cols_in_block[None, :], BLOCK)
         s = tl.where(keep, s, float("-inf"))
     if IS_CAUSAL:
         s = tl.where(offs_m[:, None] >= cols[None, :], s, float("-inf"))
@@ -260,15 +266,19 @@ def _dq_kernel(
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdm, sdd,
     sbb, sbh, sbm, sbn, SLOT_B, SLOT_H,
     H, G, NQ, NK, NQB, NKB, scale, scale_log2,
-    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr,
-    HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, IS_CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
-    qb = tl.program_id(0)
+    """One program: BLOCK_M query rows (inside one layout block) of one (batch, head)."""
+    pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
-    offs_m = qb * BLOCK + tl.arange(0, BLOCK)
-    offs_n = tl.arange(0, BLOCK)
+    start_m = pid_m * BLOCK_M
+    qb = start_m // BLOCK
+    rows_in_block = start_m - qb * BLOCK + tl.arange(0, BLOCK_M)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D_PAD)
     mmask = (offs_m[:, None] < NQ) & (offs_d[None, :] < HEAD_DIM)
     q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd, mask=mmask, other=0.0)
@@ -280,25 +290,29 @@ def _dq_kernel(
     Bias += b * sbb + h * sbh
     DBias += pid_bh * NQ * NK
     row = (b * SLOT_B + h * SLOT_H) * NQB + qb
-    dq = tl.zeros([BLOCK, D_PAD], tl.float32)
-    last_row = qb * BLOCK + BLOCK - 1
+    dq = tl.zeros([BLOCK_M, D_PAD], tl.float32)
+    last_row = start_m + BLOCK_M - 1
     for i in range(tl.load(PART_NUM + row)):
         kb = tl.load(PART_IDX + row * NKB + i)
-        if (not IS_CAUSAL) or (kb * BLOCK <= last_row):
-            mid = tl.load(MASK_ID + row * NKB + kb)
-            dq = _dq_block(
-                dq, q, do, lse2, delta, K, V, Bias, DBias, BITS, kb, mid, offs_m, offs_n, offs_d,
-                skn, skd, svn, svd, sbm, sbn, NQ, NK, scale_log2,
-                HEAD_DIM, D_PAD, BLOCK, True, HAS_BIAS, BIAS_GRAD, IS_CAUSAL, PRECISION,
-            )
+        mid = tl.load(MASK_ID + row * NKB + kb)
+        for j in range(0, BLOCK, BLOCK_N):
+            if (not IS_CAUSAL) or (kb * BLOCK + j <= last_row):
+                dq = _dq_tile(
+                    dq, q, do, lse2, delta, K, V, Bias, DBias, BITS, kb * BLOCK + j + tl.arange(0, BLOCK_N),
+                    j + tl.arange(0, BLOCK_N), mid, offs_m, rows_in_block, offs_d,
+                    skn, skd, svn, svd, sbm, sbn, NQ, NK, scale_log2,
+                    HEAD_DIM, D_PAD, BLOCK, True, HAS_BIAS, BIAS_GRAD, IS_CAUSAL, PRECISION,
+                )
     for i in range(tl.load(FULL_NUM + row)):
         kb = tl.load(FULL_IDX + row * NKB + i)
-        if (not IS_CAUSAL) or (kb * BLOCK <= last_row):
-            dq = _dq_block(
-                dq, q, do, lse2, delta, K, V, Bias, DBias, BITS, kb, 0, offs_m, offs_n, offs_d,
-                skn, skd, svn, svd, sbm, sbn, NQ, NK, scale_log2,
-                HEAD_DIM, D_PAD, BLOCK, False, HAS_BIAS, BIAS_GRAD, IS_CAUSAL, PRECISION,
-            )
+        for j in range(0, BLOCK, BLOCK_N):
+            if (not IS_CAUSAL) or (kb * BLOCK + j <= last_row):
+                dq = _dq_tile(
+                    dq, q, do, lse2, delta, K, V, Bias, DBias, BITS, kb * BLOCK + j + tl.arange(0, BLOCK_N),
+                    j + tl.arange(0, BLOCK_N), 0, offs_m, rows_in_block, offs_d,
+                    skn, skd, svn, svd, sbm, sbn, NQ, NK, scale_log2,
+                    HEAD_DIM, D_PAD, BLOCK, False, HAS_BIAS, BIAS_GRAD, IS_CAUSAL, PRECISION,
+                )
     tl.store(DQ + pid_bh * NQ * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :],
              (dq * scale).to(DQ.dtype.element_ty), mask=mmask)
 
@@ -331,26 +345,32 @@ def _bias_args(bias, q, nk):
 
 
 def _fwd_config(block: int, d_pad: int, dtype):
-    """(BLOCK_M, num_warps, num_stages) for this GPU; FXSPARSE_FWD_CONFIG="m,w,s" overrides (benchmarks)."""
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages); FXSPARSE_FWD_CONFIG="m,n,w,s" overrides it (benchmarks)."""
     env = os.environ.get("FXSPARSE_FWD_CONFIG")
     if env:
-        m, w, s = (int(x) for x in env.split(","))
-        return min(m, block), w, s
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        return block, 4, 1
-    block_m = min(128, block)
-    warps = 8 if block_m * d_pad >= 128 * 128 or dtype == torch.float32 else 4
-    return block_m, warps, 3
+        m, n, w, s = (int(x) for x in env.split(","))
+    elif os.environ.get("TRITON_INTERPRET") == "1":
+        m, n, w, s = block, block, 4, 1
+    elif dtype == torch.float32 or d_pad > 128:
+        m, n, w, s = 64, 64, 4, 2
+    else:
+        m, n, w, s = 128, 64 if d_pad > 64 else 128, 8, 3
+    return min(m, block), min(n, block), w, s
 
 
-def _bwd_config(block: int, d_pad: int):
+def _bwd_config(block: int, d_pad: int, dtype):
+    """dk/dv tile (kv rows, q rows), dq tile (q rows, kv rows), num_warps, num_stages;
+    FXSPARSE_BWD_CONFIG="n1,m1,m2,n2,w,s" overrides it (benchmarks)."""
     env = os.environ.get("FXSPARSE_BWD_CONFIG")
     if env:
-        w, s = (int(x) for x in env.split(","))
-        return w, s
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        return 4, 1
-    return (8 if block * d_pad >= 128 * 64 else 4), 2
+        n1, m1, m2, n2, w, s = (int(x) for x in env.split(","))
+    elif os.environ.get("TRITON_INTERPRET") == "1":
+        n1, m1, m2, n2, w, s = block, block, block, block, 4, 1
+    elif dtype == torch.float32 or d_pad > 128:
+        n1, m1, m2, n2, w, s = 64, 32, 64, 32, 4, 1
+    else:
+        n1, m1, m2, n2, w, s = 128, 32, 128, 32, 4, 2
+    return min(n1, block), min(m1, block), min(m2, block), min(n2, block), w, s
 
 
 def forward(q, k, v, tables, bias, scale, block, causal, out):
@@ -362,14 +382,14 @@ def forward(q, k, v, tables, bias, scale, block, causal, out):
     lse = torch.empty(b, h, nq, dtype=torch.float32, device=q.device)
     bias_t, bstr, has_bias = _bias_args(bias, q, nk)
     slot_b, slot_h = _slots(tables)
-    block_m, warps, stages = _fwd_config(block, d_pad, q.dtype)
-    grid = (triton.cdiv(nq, block_m), b * h)
+    block_m, block_n, warps, stages = _fwd_config(block, d_pad, q.dtype)
+    grid = (nqb * (block // block_m), b * h)
     _fwd_kernel[grid](
         q, k, v, out, lse, bias_t, mask_id, bits, full_num, full_idx, part_num, part_idx,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *bstr, slot_b, slot_h,
         h, h // hkv, nq, nk, nqb, nkb, scale * LOG2E,
-        HEAD_DIM=d, D_PAD=d_pad, BLOCK_M=block_m, BLOCK_N=block, HAS_BIAS=has_bias, IS_CAUSAL=causal,
-        PRECISION=_precision(q.dtype), num_warps=warps, num_stages=stages,
+        HEAD_DIM=d, D_PAD=d_pad, BLOCK=block, BLOCK_M=block_m, BLOCK_N=block_n, HAS_BIAS=has_bias,
+        IS_CAUSAL=causal, PRECISION=_precision(q.dtype), num_warps=warps, num_stages=stages,
     )
     return lse
 
@@ -387,17 +407,18 @@ def backward(dout, q, k, v, out, lse, tables, bias, scale, block, causal, bias_g
     dbias = torch.zeros(b, h, nq, nk, dtype=torch.float32, device=q.device) if bias_grad else None
     bias_t, bstr, has_bias = _bias_args(bias, q, nk)
     slot_b, slot_h = _slots(tables)
-    warps, stages = _bwd_config(block, d_pad)
+    n1, m1, m2, n2, warps, stages = _bwd_config(block, d_pad, q.dtype)
     common = dict(HEAD_DIM=d, D_PAD=d_pad, BLOCK=block, HAS_BIAS=has_bias, IS_CAUSAL=causal,
                   PRECISION=_precision(q.dtype), num_warps=warps, num_stages=stages)
     strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride(), *bstr, slot_b, slot_h)
-    _dkdv_kernel[(nkb, b * hkv)](
+    _dkdv_kernel[(nkb * (block // n1), b * hkv)](
         q, k, v, dout, lse, delta, dk, dv, bias_t, mask_id, bits, t_full_num, t_full_idx, t_part_num, t_part_idx,
-        *strides, h, hkv, h // hkv, nq, nk, nqb, nkb, scale, scale * LOG2E, **common,
+        *strides, h, hkv, h // hkv, nq, nk, nqb, nkb, scale, scale * LOG2E, BLOCK_M=m1, BLOCK_N=n1, **common,
     )
-    _dq_kernel[(nqb, b * h)](
+    _dq_kernel[(nqb * (block // m2), b * h)](
         q, k, v, dout, lse, delta, dq, bias_t, dbias if bias_grad else q, mask_id, bits,
         full_num, full_idx, part_num, part_idx,
-        *strides, h, h // hkv, nq, nk, nqb, nkb, scale, scale * LOG2E, BIAS_GRAD=bias_grad, **common,
+        *strides, h, h // hkv, nq, nk, nqb, nkb, scale, scale * LOG2E,
+        BLOCK_M=m2, BLOCK_N=n2, BIAS_GRAD=bias_grad, **common,
     )
     return dq, dk, dv, dbias
