@@ -676,10 +676,10 @@ def _mask_expression_nodes(mask: fx.Node) -> set:
     nodes, todo = set(), [mask]
     while todo:
         n = todo.pop()
-        if isinstance(n, fx.Node) and n.op != "get_attr" and n.op != "placeholder" and n not in nodes:
+        if isinstance(n, fx.Node) and n.op != "placeholder" and n not in nodes:
             nodes.add(n)
             todo.extend(a for a in n.args if isinstance(a, fx.Node))
-    return {n for n in nodes if n.op in ("call_function", "call_method") and n.target not in ("size",)}
+    return {n for n in nodes if n.op in ("call_function", "call_method", "get_attr") and n.target != "size"}
 
 
 def _check_scores_users(m: Match, scores: fx.Node):

@@ -354,6 +354,9 @@ def transform(model: nn.Module, mask_fn: Callable, *, example_inputs=None, concr
     matches = match.find(gm)
     skipped = rewrite(gm, matches, mask_fn)
     gm.fxsparse_skipped = [(m.site, m.skip) for m in skipped]
+    gm.training = model.training
+    for mod in site_modules(gm):  # new modules: in the mode of the module they stand in for
+        mod.training = _owner_training(model, mod.site.name)
     if example_inputs is not None:
         _prepare_sites(gm, matches, capture.example_device(example_inputs))
     if verbose:
@@ -361,6 +364,13 @@ def transform(model: nn.Module, mask_fn: Callable, *, example_inputs=None, concr
 
         print(report(gm))
     return gm
+
+
+def _owner_training(model: nn.Module, name: str) -> bool:
+    try:
+        return model.get_submodule(name).training
+    except AttributeError:
+        return model.training
 
 
 def _prepare_sites(gm: fx.GraphModule, matches: list[Match], device):
