@@ -96,7 +96,8 @@ def backward(dout, q, k, v, out, lse, tables, bias, scale: float, block_size: in
     dq = torch.empty(b, h, nq, d, dtype=acc, device=q.device)
     dk = torch.zeros(b, hkv, nk, d, dtype=acc, device=q.device)
     dv = torch.zeros(b, hkv, nk, v.shape[-1], dtype=acc, device=q.device)
-    dbias = torch.zeros(b, h, nq, nk, dtype=acc, device=q.device) if bias_grad else None
+    # float32 like the kernels and the fake kernel (the op casts it to the bias dtype after reduction)
+    dbias = torch.zeros(b, h, nq, nk, dtype=torch.float32, device=q.device) if bias_grad else None
     dqg = _grouped(dq, hkv)
     for qb0, qb1, r0, r1 in _chunks(q, k, block_size):
         mask_c = _chunk_mask(tables, block_size, (nq, nk), qb0, qb1, r0, r1, causal, hkv, q.device)
