@@ -316,11 +316,6 @@ def _is_very_negative(value) -> bool:
     return isinstance(value, (int, float)) and value <= -1e4
 
 
-def _single_user(n: fx.Node) -> Optional[fx.Node]:
-    users = list(n.users)
-    return users[0] if len(users) == 1 else None
-
-
 def _dropout_p(n: fx.Node, facts: GraphFacts) -> tuple:
     """(p as configured, whether it drops now) of a dropout node; p is nan when computed."""
     if n.op == "call_module":
@@ -567,32 +562,29 @@ def _leads_to_scores(x, facts: GraphFacts, depth: int = 16) -> bool:
 
 def _walk_to_output(sm: fx.Node, facts: GraphFacts):
     """Forward from the softmax through casts and dropout to `probs @ v`.
-    Returns (product, (dropout p, active), nodes) or None."""
+    Returns (product, (dropout p, active), nodes) or None. Other uses of the probabilities
+    (returned as attention weights) do not stop the walk: the site is then reported skipped."""
     nodes, p = set(), (0.0, False)
     cur = sm
     for _ in range(16):
-        user = _single_user(cur)
-        if user is None:
-            return None  # the probabilities are used twice (returned as weights, ...)
-        prod = _product(user, facts)
-        if prod is not None:
-            if prod.einsum is None and prod.left is not cur:
-                return None  # v @ p or pᵀ: not an attention over keys
-            other = prod.right if prod.left is cur else prod.left
-            if not facts.is_activation(other):
-                return None  # probabilities times a parameter: a gate (mixture of experts)
-            if prod.einsum is not None and _value_einsum(prod, cur) is None:
-                return None
-            return prod, p, nodes
-        c = facts.canon(user)
-        if c in ("cast", "identity"):
-            pass
-        elif c == "dropout":
-            p = _dropout_p(user, facts)
-        else:
-            return None
-        nodes.add(user)
-        cur = user
+        step = None
+        for user in cur.users:
+            prod = _product(user, facts)
+            if prod is not None and (prod.einsum is not None or prod.left is cur):
+                other = prod.right if prod.left is cur else prod.left
+                if not facts.is_activation(other):
+                    return None  # probabilities times a parameter: a gate (mixture of experts)
+                if prod.einsum is not None and _value_einsum(prod, cur) is None:
+                    return None  # contracts over the queries: transposed probabilities
+                return prod, p, nodes
+            if facts.canon(user) in ("cast", "identity", "dropout") and step is None:
+                step = user
+        if step is None:
+            return None  # v @ p, pᵀ @ v, ...: not an attention over keys
+        if facts.canon(step) == "dropout":
+            p = _dropout_p(step, facts)
+        nodes.add(step)
+        cur = step
     return None
 
 

@@ -1,0 +1,239 @@
+"""Matching by graph shape: spellings that are attention, traps that are not, and the errors."""
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fxsparse
+from fxsparse import patterns
+
+from fxcheck import assert_close, check_model
+
+
+def sites(model, *args, mask_fn=patterns.dense()):
+    sparse = fxsparse.transform(model, mask_fn)
+    if args:
+        with torch.no_grad():
+            sparse(*args)
+    return [(r.name, r.pattern.split(" ")[0], r.status) for r in fxsparse.report(sparse).rows]
+
+
+class Heads(nn.Module):
+    """q, k, v as [B, H, N, D] from one fused Linear."""
+
+    def __init__(self, dim=64, heads=4):
+        super().__init__()
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.h = heads
+
+    def forward(self, x):
+        B, N, C = x.shape
+        return self.qkv(x).reshape(B, N, 3, self.h, C // self.h).permute(2, 0, 3, 1, 4).unbind(0)
+
+
+# ------------------------------------------------------------------------------ spellings
+class BmmAttention(nn.Module):
+    """3-D [B*H, N, D] attention with bmm, scale on q by division, nn.Softmax and casts."""
+
+    def __init__(self):
+        super().__init__()
+        self.heads = Heads()
+        self.softmax = nn.Softmax(dim=2)
+
+    def forward(self, x):
+        q, k, v = self.heads(x)
+        B, H, N, D = q.shape
+        q, k, v = (t.reshape(B * H, N, D) for t in (q, k, v))
+        w = torch.bmm(q / math.sqrt(D), k.transpose(1, 2)).float()
+        p = self.softmax(w).type_as(v)
+        return torch.bmm(p, v).reshape(B, H, N, D)
+
+
+class WhereMaskAttention(nn.Module):
+    """`torch.where(mask, scores, finfo.min)` then a scale after the mask (scales the bias too)."""
+
+    def __init__(self):
+        super().__init__()
+        self.heads = Heads()
+
+    def forward(self, x, keep):
+        q, k, v = self.heads(x)
+        s = torch.matmul(q, k.transpose(-2, -1))
+        s = torch.where(keep[:, None, None, :], s, -1e9) / 4.0
+        return torch.matmul(s.softmax(dim=-1), v)
+
+
+def test_bmm_nn_softmax_and_casts():
+    torch.manual_seed(0)
+    # nn.Softmax(dim=2) on 3-D scores is the last axis only once shapes are known
+    check_model(BmmAttention().eval(), (torch.randn(2, 19, 64),), patterns.sliding_window(2),
+                kinds=["matmul-softmax"], names=[""], example_inputs=True)
+
+
+def test_where_mask_then_scale():
+    torch.manual_seed(0)
+    keep = torch.ones(2, 15, dtype=torch.bool)
+    keep[0, -4:] = False
+    check_model(WhereMaskAttention().eval(), (torch.randn(2, 15, 64), keep), patterns.sliding_window(2),
+                kinds=["matmul-softmax"])
+
+
+def test_mask_fn_may_return_a_layout_or_per_head_masks():
+    torch.manual_seed(0)
+    model = WhereMaskAttention().eval()
+    args = (torch.randn(2, 15, 64), torch.ones(2, 15, dtype=torch.bool))
+    per_head = torch.rand(4, 15, 15, generator=torch.Generator().manual_seed(0)) > 0.5
+    per_head[:, torch.arange(15), torch.arange(15)] = True
+    a = fxsparse.transform(model, lambda s: per_head)
+    b = fxsparse.transform(model, lambda s: fxsparse.Layout.from_mask(per_head))
+    with torch.no_grad():
+        assert_close(a(*args), b(*args))
+
+
+# ------------------------------------------------------------------------------ traps
+class MoE(nn.Module):
+    """softmax between two matmuls against parameters: a gate, not attention."""
+
+    def __init__(self):
+        super().__init__()
+        self.router = nn.Parameter(torch.randn(64, 8))
+        self.experts = nn.Parameter(torch.randn(8, 64))
+
+    def forward(self, x):
+        gate = torch.softmax(x @ self.router, dim=-1)
+        return gate @ self.experts
+
+
+class QueryAxisSoftmax(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.heads = Heads()
+
+    def forward(self, x):
+        q, k, v = self.heads(x)
+        return (q @ k.transpose(-2, -1)).softmax(dim=-2) @ v
+
+
+class TransposedProbs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.heads = Heads()
+
+    def forward(self, x):
+        q, k, v = self.heads(x)
+        p = (q @ k.transpose(-2, -1)).softmax(dim=-1)
+        return p.transpose(-2, -1) @ v
+
+
+class ReturnsWeights(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.heads = Heads()
+
+    def forward(self, x):
+        q, k, v = self.heads(x)
+        p = (q @ k.transpose(-2, -1) * 0.25).softmax(dim=-1)
+        return p @ v, p
+
+
+@pytest.mark.parametrize("trap", [MoE, QueryAxisSoftmax, TransposedProbs], ids=lambda c: c.__name__)
+def test_traps_are_not_attention(trap):
+    torch.manual_seed(0)
+    model = trap().eval()
+    x = torch.randn(2, 10, 64)
+    sparse = fxsparse.transform(model, patterns.dense())
+    assert fxsparse.report(sparse).rows == []
+    assert "fxsparse_site" not in sparse.code
+    with torch.no_grad():
+        assert torch.equal(sparse(x), model(x))
+
+
+def test_attention_whose_weights_are_used_is_skipped():
+    model = ReturnsWeights().eval()
+    assert sites(model) == [("", "matmul-softmax", "skipped")]
+    row = fxsparse.report(fxsparse.transform(model, patterns.dense())).rows[0]
+    assert "also used" in row.reason
+
+
+def test_timm_attention_dropout_in_training_mode_is_skipped():
+    import timm
+
+    torch.manual_seed(0)
+    m = timm.models.vision_transformer.VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=1,
+                                                         num_heads=4, attn_drop_rate=0.1).train()
+    for fused in (False, True):
+        m.blocks[0].attn.fused_attn = fused
+        rows = fxsparse.report(fxsparse.transform(m, patterns.dense())).rows
+        assert [(r.name, r.status) for r in rows] == [("blocks.0.attn", "skipped")]
+        assert "p=0.1" in rows[0].reason
+
+
+# ------------------------------------------------------------------------------ errors
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = QueryAxisSoftmax()
+        self.heads = Heads()
+
+    def forward(self, x):
+        q, k, v = self.heads(x)
+        return F.scaled_dot_product_attention(q, k, v)
+
+
+@pytest.mark.parametrize("bad,message", [
+    (lambda s: torch.ones(1, 5, 5, dtype=torch.bool),
+     r"^: mask_fn returned shape \(1, 5, 5\), expected broadcastable to \(H\|1, 12, 12\)"),
+    (lambda s: torch.ones(12, 12), r"dtype torch.float32; expected torch.bool"),
+    (lambda s: torch.ones(3, 12, 12, dtype=torch.bool), r"shape \(3, 12, 12\)"),
+    (lambda s: 1 / 0, r"mask_fn raised ZeroDivisionError"),
+    (lambda s: "local", r"mask_fn returned str"),
+])
+def test_bad_mask_fn_names_the_site(bad, message):
+    sparse = fxsparse.transform(Block().eval(), bad)
+    with pytest.raises(ValueError, match=message):
+        sparse(torch.randn(2, 12, 64))
+
+
+def test_transform_twice_is_refused():
+    sparse = fxsparse.transform(Block().eval(), patterns.dense())
+    with pytest.raises(ValueError, match="already transformed"):
+        fxsparse.transform(sparse, patterns.dense())
+
+
+class Untraceable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.heads = Heads()
+
+    def forward(self, x):
+        if x.shape[1] > 8:   # Python control flow on a shape: torch.fx cannot trace it
+            x = x * 2
+        q, k, v = self.heads(x)
+        return F.scaled_dot_product_attention(q, k, v)
+
+
+def test_untraceable_model():
+    model = Untraceable().eval()
+    with pytest.raises(RuntimeError, match="example_inputs=.*fxsparse.backend"):
+        fxsparse.transform(model, patterns.dense())
+    x = torch.randn(2, 12, 64)
+    sparse = fxsparse.transform(model, patterns.sliding_window(2), example_inputs=(x,))   # torch.export
+    assert [r.pattern.split(" ")[0] for r in fxsparse.report(sparse).rows] == ["sdpa"]
+    sparse.load_state_dict(model.state_dict(), strict=True)
+
+
+# ------------------------------------------------------------------------------ the result
+def test_dtype_device_and_compile():
+    torch.manual_seed(0)
+    model = Block().eval()
+    x = torch.randn(2, 12, 64)
+    sparse = fxsparse.transform(model, patterns.sliding_window(2))
+    with torch.no_grad():
+        want = sparse(x)
+        compiled = torch.compile(sparse, backend="aot_eager", fullgraph=True)
+        assert_close(compiled(x), want, 1e-6, "compiled")
+        other = fxsparse.transform(Block().eval(), patterns.sliding_window(2)).to(torch.float64)
+        other.load_state_dict(model.state_dict())
+        assert_close(other(x.double()), want, 1e-5, "float64")
