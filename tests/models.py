@@ -25,6 +25,7 @@ class Case:
     use_example_inputs: bool = False             # transformers 5: no symbolic tracing
     concrete_args: dict | None = None
     transform_kwargs: dict = field(default_factory=dict)
+    other_inputs: Callable[[], tuple] | None = None   # inputs of another size, if the model takes them
 
     def __repr__(self):
         return self.name
@@ -51,7 +52,7 @@ def deit():
     from timm.models.deit import VisionTransformerDistilled
 
     def make():
-        m = VisionTransformerDistilled(img_size=32, patch_size=8, embed_dim=32, depth=2,
+        m = VisionTransformerDistilled(img_size=32, patch_size=8, embed_dim=64, depth=2,
                                        num_heads=4, mlp_ratio=2.0, num_classes=10)
         m.blocks[1].attn.fused_attn = False
         return m
@@ -61,16 +62,18 @@ def deit():
 
 
 def eva():
-    """EVA with 2-D rotary position embedding (rope applied to q and k inside the attention)."""
+    """EVA with 2-D rotary position embedding (rope applied to q and k inside the attention) and
+    dynamic image size (pos-embed and rope follow the grid): 32 px = 17 tokens, 48 px = 37."""
     from timm.models.eva import Eva
 
     def make():
-        return Eva(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4,
+        return Eva(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4,
                    mlp_ratio=2.0, num_classes=10, use_rot_pos_emb=True, ref_feat_shape=4,
-                   global_pool="token")
+                   global_pool="token", dynamic_img_size=True)
     return Case("timm_eva", _seeded(make), _images(),
                 [(f"blocks.{i}.attn", 17, 17) for i in range(2)],
-                patterns.local_2d(1, prefix_tokens=1), ["rewritten", "rewritten"])
+                patterns.local_2d(1, prefix_tokens=1), ["rewritten", "rewritten"],
+                other_inputs=_images(48))
 
 
 def swin():
@@ -81,7 +84,7 @@ def swin():
     from timm.models.swin_transformer import SwinTransformer
 
     def make():
-        m = SwinTransformer(img_size=64, patch_size=4, embed_dim=16, depths=(2, 2),
+        m = SwinTransformer(img_size=64, patch_size=4, embed_dim=32, depths=(2, 2),
                             num_heads=(2, 4), window_size=4, mlp_ratio=2.0, num_classes=10,
                             drop_path_rate=0.0)
         for (stage, block), fused in {(0, 0): True, (0, 1): False,
@@ -103,7 +106,7 @@ def torchvision_vit():
 
     def make():
         m = VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=4,
-                              hidden_dim=32, mlp_dim=64, num_classes=10)
+                              hidden_dim=64, mlp_dim=128, num_classes=10)
         torch.nn.init.normal_(m.heads.head.weight)   # torchvision zero-inits the head
         return m
     return Case("torchvision_vit", _seeded(make), _images(),
@@ -120,8 +123,8 @@ def hf_vit():
     from transformers import ViTConfig, ViTModel
 
     def make():
-        cfg = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=64, image_size=32, patch_size=8)
+        cfg = ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=128, image_size=32, patch_size=8)
         return ViTModel(cfg, add_pooling_layer=False)
     return Case("hf_vit", _seeded(make), _images(),
                 [(f"layers.{i}.attention", 17, 17) for i in range(2)],
@@ -138,34 +141,37 @@ def _text_inputs(vocab, batch=2, length=12, pad=4):
     return make
 
 
-def bert():
-    """BERT with a padding attention mask: the site's own additive mask must stay in force."""
+def bert(attn="sdpa"):
+    """BERT with a padding attention mask: the site's own additive mask must stay in force.
+    ``attn="eager"``: transformers' written-out attention (softmax in float32) instead of SDPA."""
     from transformers import BertConfig, BertModel
 
     def make():
-        cfg = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2,
-                         num_attention_heads=4, intermediate_size=64,
-                         max_position_embeddings=32)
+        cfg = BertConfig(vocab_size=64, hidden_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, intermediate_size=128,
+                         max_position_embeddings=32, attn_implementation=attn)
         return BertModel(cfg)
-    return Case("hf_bert", _seeded(make), _text_inputs(64),
+    return Case("hf_bert" + ("" if attn == "sdpa" else f"_{attn}"), _seeded(make),
+                _text_inputs(64),
                 [(f"encoder.layer.{i}.attention.self", 12, 12) for i in range(2)],
                 patterns.sliding_window(2), ["rewritten", "rewritten"],
-                use_example_inputs=True)
+                use_example_inputs=True, other_inputs=_text_inputs(64, length=20))
 
 
-def clip():
-    """CLIP: a vision tower (17 tokens) and a causal text tower with padding (12 tokens)."""
+def clip(attn="sdpa"):
+    """CLIP: a vision tower (17 tokens) and a causal text tower with padding (12 tokens).
+    ``attn="eager"``: transformers' written-out attention instead of SDPA."""
     from transformers import CLIPConfig, CLIPModel
 
     def make():
         cfg = CLIPConfig(
-            text_config=dict(vocab_size=64, hidden_size=32, intermediate_size=64,
+            text_config=dict(vocab_size=64, hidden_size=64, intermediate_size=128,
                              num_hidden_layers=2, num_attention_heads=4,
                              max_position_embeddings=16, bos_token_id=1,
                              eos_token_id=2),
-            vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                num_attention_heads=4, image_size=32, patch_size=8),
-            projection_dim=16)
+            projection_dim=16, attn_implementation=attn)
         return CLIPModel(cfg)
 
     def inputs():
@@ -179,8 +185,9 @@ def clip():
     towers.__name__ = "clip_towers"
     text = [(f"text_model.encoder.layers.{i}.self_attn", 12, 12) for i in range(2)]
     vision = [(f"vision_model.encoder.layers.{i}.self_attn", 17, 17) for i in range(2)]
-    return Case("hf_clip", _seeded(make), inputs, vision + text, towers, ["rewritten"] * 4,
-                use_example_inputs=True)
+    return Case("hf_clip" + ("" if attn == "sdpa" else f"_{attn}"), _seeded(make), inputs,
+                vision + text, towers, ["rewritten"] * 4, use_example_inputs=True)
 
 
-CASES = [deit, eva, swin, torchvision_vit, hf_vit, bert, clip]
+CASES = [deit, eva, swin, torchvision_vit, hf_vit, bert, clip,
+         lambda: bert("eager"), lambda: clip("eager")]

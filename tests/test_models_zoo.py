@@ -68,8 +68,26 @@ def statuses(sparse):
     return [(r.name, r.status) for r in fxsparse.report(sparse).rows]
 
 
+# Known failures of fxsparse on a family, by (case, test): each is xfail(strict=True), so the
+# test turns red the day it starts passing and the entry must go.
+CLIP_EAGER_SKIPPED = (
+    "matcher: transformers' eager attention `softmax(w, dim=-1, dtype=torch.float32)"
+    ".to(query.dtype)`, captured by torch.export, gets an `aten._assert_tensor_metadata(softmax, "
+    "...)` node; the walk counts it as another user of the probabilities and reports every "
+    "site 'skipped' (an intermediate of the attention (`softmax`) is also used by "
+    "`_assert_tensor_metadata_default_1`)")
+KNOWN_FAILURES = {
+    ("hf_clip_eager", "test_sites_found"): CLIP_EAGER_SKIPPED,
+    ("hf_clip_eager", "test_all_true_mask_is_exact"): CLIP_EAGER_SKIPPED,
+    ("hf_clip_eager", "test_sparse_mask_matches_oracle"): CLIP_EAGER_SKIPPED,
+}
+
+
 @pytest.fixture(params=CASES, ids=repr)
 def case(request):
+    reason = KNOWN_FAILURES.get((request.param.name, request.function.__name__))
+    if reason is not None:
+        request.applymarker(pytest.mark.xfail(strict=True, reason=reason))
     return request.param
 
 
@@ -97,16 +115,17 @@ def test_all_true_mask_is_exact(case):
     model, args = case.build(), case.inputs()
     want = run(model, args)
     sparse = transform(case, model, patterns.dense())
-    assert statuses(sparse) == [(n, "rewritten") for n, _, _ in case.sites]
     assert_close_to_scale(run(sparse, args), want, TOL, f"{case.name} with an all-True mask")
+    assert statuses(sparse) == [(n, "rewritten") for n, _, _ in case.sites]
 
 
 def test_sparse_mask_matches_oracle(case):
     model, args = case.build(), case.inputs()
     sparse = transform(case, model, case.sparse_fn)
-    assert statuses(sparse) == [(n, s) for (n, _, _), s in zip(case.sites, case.sparse_status)]
     want, _ = oracle_outputs(model, args, case.sparse_fn)
     assert_close_to_scale(run(sparse, args), want, TOL, f"{case.name} with {case.sparse_fn!r}")
+    # after the first forward every site's mask_fn has been called
+    assert statuses(sparse) == [(n, s) for (n, _, _), s in zip(case.sites, case.sparse_status)]
     # the mask matters: the masked original is far from the dense one
     dense, _ = oracle_outputs(model, args, None)
     gap = max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(want, dense))
@@ -147,3 +166,53 @@ def test_model_not_mutated(case):
     for k, v in before["state"].items():
         assert torch.equal(v, after["state"][k]), f"{case.name}: {k} changed"
     assert_close_to_scale(run(model, args), out_before, 0.0, f"{case.name} after transform")
+
+
+def _param_grads(model, args):
+    outs = [o for o in tensors(model(*args)) if o.is_floating_point()]
+    loss = sum((o * torch.randn(o.shape, generator=torch.Generator().manual_seed(i))).sum()
+               for i, o in enumerate(outs))
+    params = dict(model.named_parameters())
+    grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+    return {n: g for n, g in zip(params, grads) if g is not None}
+
+
+def test_backward_with_all_true_mask_is_exact(case):
+    model, args = case.build(), case.inputs()
+    want = _param_grads(model, args)
+    sparse = transform(case, model, patterns.dense())
+    got = _param_grads(sparse, args)
+    assert got.keys() == want.keys()
+    scale = max(g.abs().max() for g in want.values())
+    for name, g in want.items():
+        err = (got[name] - g).abs().max()
+        assert err <= TOL * scale, f"{case.name}: grad of {name} off by {err:.3g} (scale {scale:.3g})"
+
+
+NEW_LENGTH = [c for c in CASES if c.other_inputs is not None]
+EXPORT_SPECIALISES = (
+    "inputs given as example_inputs go through torch.export, which specialises the graph to "
+    "their shapes: a new length fails with 'Guard failed: input_ids.size()[1] == 12' instead "
+    "of calling mask_fn for the new lengths")
+
+
+@pytest.mark.parametrize("case", [
+    pytest.param(c, marks=pytest.mark.xfail(strict=True, reason=EXPORT_SPECIALISES))
+    if c.use_example_inputs else c for c in NEW_LENGTH], ids=repr)
+def test_new_input_size_calls_mask_fn_again(case):
+    model = case.build()
+    lengths = []
+
+    def fn(site):
+        lengths.append((site.index, site.q_len, site.kv_len))
+        return case.sparse_fn(site)
+
+    sparse = transform(case, model, fn)
+    for args in (case.inputs(), case.other_inputs(), case.inputs()):
+        want, sites = oracle_outputs(model, args, case.sparse_fn)
+        assert_close_to_scale(run(sparse, args), want, TOL, f"{case.name} at {sites[0].q_len}")
+    # once per site and length: the return to the first size reuses its layouts
+    _, first = oracle_outputs(model, case.inputs(), None)
+    _, other = oracle_outputs(model, case.other_inputs(), None)
+    assert sorted(lengths) == sorted([(i, s.q_len, s.kv_len) for i, s in enumerate(first)] +
+                                     [(i, s.q_len, s.kv_len) for i, s in enumerate(other)])
