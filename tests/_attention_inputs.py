@@ -1,4 +1,4 @@
-"""Inputs for the op tests: q, k, v (optionally views of one packed qkv) and masks with full, partial and empty blocks."""
+"""Inputs for the op tests: q, k, v (or views of one packed qkv) and masks with full, partial and empty blocks."""
 from __future__ import annotations
 
 import math

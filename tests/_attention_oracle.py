@@ -62,16 +62,19 @@ def assert_close(got, want, tol, what=""):
     assert err <= tol, f"{what}: relative error {err:.2e} > {tol:.1e}"
 
 
-def compare_with_oracle(fn, q, k, v, mask=None, *, op_mask=None, scale=None, bias=None, causal=False, seed=0):
+def compare_with_oracle(
+    fn, q, k, v, mask=None, *, op_mask=None, scale=None, bias=None, causal=False, seed=0, tols=None
+):
     """Run ``fn`` (the op) and the oracle on the same leaves; check the output and every gradient.
 
     ``mask`` is the bool token mask the oracle applies; the op gets ``op_mask`` when given (a
-    Layout built from that mask), else ``mask`` itself.
+    Layout built from that mask), else ``mask`` itself. ``tols`` = (forward, gradients) overrides
+    the dtype's tolerances.
     """
     leaves = [t for t in (q, k, v, bias) if t is not None and t.requires_grad]
     out = fn(q, k, v, mask if op_mask is None else op_mask, scale=scale, bias=bias, causal=causal)
     want = dense_attention(q, k, v, mask, scale=scale, bias=bias, causal=causal)
-    fwd_tol, grad_tol = TOLERANCES[q.dtype]
+    fwd_tol, grad_tol = tols or TOLERANCES[q.dtype]
     assert out.dtype == q.dtype
     assert_close(out, want, fwd_tol, "output")
     if not leaves:

@@ -1,0 +1,149 @@
+"""The Triton kernels against the float64 oracle: on CUDA, or on CPU through Triton's interpreter.
+
+Run as ``TRITON_INTERPRET=1 pytest tests -m interpret``: the variable must be set before triton is
+imported, so these tests live in their own pytest process. Shapes stay small for the interpreter.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import fxsparse
+from fxsparse import Layout
+from _attention_inputs import gen, mixed_mask, qkv, random_mask
+from _attention_oracle import TOLERANCES, compare_with_oracle
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+pytestmark = [
+    pytest.mark.interpret,
+    pytest.mark.skipif(not (INTERPRET or torch.cuda.is_available()), reason="needs CUDA or TRITON_INTERPRET=1"),
+]
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+op = fxsparse.sparse_attention
+
+
+def _tols(dtype):
+    # on a GPU, float32 matmuls run in tf32 unless the precision is "highest"
+    if dtype == torch.float32 and DEVICE == "cuda" and torch.get_float32_matmul_precision() != "highest":
+        return (5e-3, 1e-2)
+    return TOLERANCES[dtype]
+
+
+def _layout(mask, bs):
+    return Layout.from_mask(mask.to(DEVICE), block_size=bs)
+
+
+def test_the_kernels_run():
+    from fxsparse.kernels import attention as kernels
+
+    q, k, v = qkv(1, 2, 1, 40, 70, 16, device=DEVICE, grad=False)
+    assert fxsparse.op._use_triton(q)
+    mask = mixed_mask((), 40, 70, 32, seed=1)
+    layout = _layout(mask, 32)
+    got = op(q, k, v, layout, causal=True)
+    # the op's output is bit for bit what the Triton forward writes
+    direct = torch.empty_like(got)
+    kernels.forward(q, k, v, layout.tables(), None, q.shape[-1] ** -0.5, 32, True, direct)
+    assert torch.equal(got, direct)
+    if INTERPRET:
+        assert type(kernels._fwd_kernel).__name__ == "InterpretedFunction"
+
+
+# (B, H, Hkv, Nq, Nk, D, mask lead dims or None, block_size, packed qkv)
+CASES = {
+    "gqa_ragged_d24_per_head": (2, 2, 1, 97, 75, 24, (2,), 32, False),
+    "d80_block64_2d_mask": (1, 2, 2, 70, 130, 80, (), 64, False),
+    "batch_head_mask": (2, 2, 2, 96, 96, 16, (2, 2), 32, False),
+    "packed_qkv_views": (2, 2, 2, 100, 100, 32, (1, 1), 32, True),
+    "dense_none_mask": (1, 4, 2, 33, 100, 32, None, 32, False),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", CASES)
+def test_matches_oracle(name, dtype):
+    B, H, Hkv, Nq, Nk, D, lead, bs, packed = CASES[name]
+    q, k, v = qkv(B, H, Hkv, Nq, Nk, D, dtype=dtype, device=DEVICE, packed=packed, seed=2)
+    if packed:
+        assert not q.is_contiguous()
+    mask = None if lead is None else mixed_mask(lead, Nq, Nk, bs, seed=3, device=DEVICE)
+    layout = None if mask is None else _layout(mask, bs)
+    if layout is not None:  # both kinds of visited blocks are exercised
+        assert (layout.kinds == 1).any() and (layout.kinds == 2).any()
+    compare_with_oracle(op, q, k, v, mask, op_mask=layout, tols=_tols(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_bias_grad_and_causal(dtype):
+    B, H, Hkv, Nq, Nk, D = 1, 4, 2, 100, 64, 32
+    q, k, v = qkv(B, H, Hkv, Nq, Nk, D, dtype=dtype, device=DEVICE, seed=4)
+    bias = torch.randn(1, H, Nq, Nk, generator=gen(5)).to(DEVICE).requires_grad_()
+    mask = mixed_mask((H,), Nq, Nk, 32, seed=6, device=DEVICE)
+    compare_with_oracle(op, q, k, v, mask, op_mask=_layout(mask, 32), bias=bias, causal=True, tols=_tols(dtype))
+
+
+@pytest.mark.parametrize("nq,nk", [(40, 100), (100, 40)])
+def test_causal_nq_ne_nk(nq, nk):
+    q, k, v = qkv(1, 2, 1, nq, nk, 16, device=DEVICE, seed=nq)
+    compare_with_oracle(op, q, k, v, None, causal=True, tols=_tols(torch.float32))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_padding_bias_and_empty_rows(dtype):
+    B, H, N, D = 2, 2, 64, 32
+    q, k, v = qkv(B, H, H, N, N, D, dtype=dtype, device=DEVICE, seed=7)
+    bias = torch.zeros(B, 1, 1, N)
+    bias[0, ..., 50:] = float("-inf")
+    bias[1, ..., 20:] = float("-inf")
+    bias = bias.to(DEVICE).requires_grad_()
+    mask = random_mask((H,), N, N, 0.4, seed=8)
+    mask[:, 3] = False
+    mask[1, 33:64] = False  # a whole block row of head 1
+    mask = mask.to(DEVICE)
+    out = compare_with_oracle(op, q, k, v, mask, op_mask=_layout(mask, 32), bias=bias, tols=_tols(dtype))
+    assert torch.equal(out[:, :, 3], torch.zeros_like(out[:, :, 3]))
+    assert torch.equal(out[:, 1, 33:], torch.zeros_like(out[:, 1, 33:]))
+
+
+def test_fully_masked_rows_zero_output_and_gradient():
+    q, k, v = qkv(1, 2, 2, 70, 50, 16, device=DEVICE, seed=9)
+    mask = torch.ones(70, 50, dtype=torch.bool)
+    mask[5] = False
+    mask[64:] = False  # the ragged last block row
+    out = op(q, k, v, _layout(mask, 32))
+    assert torch.isfinite(out).all()
+    assert torch.equal(out[:, :, 5], torch.zeros_like(out[:, :, 5]))
+    assert torch.equal(out[:, :, 64:], torch.zeros_like(out[:, :, 64:]))
+    gq, gk, gv = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+    assert all(torch.isfinite(g).all() for g in (gq, gk, gv))
+    assert torch.equal(gq[:, :, 5], torch.zeros_like(gq[:, :, 5]))
+    assert torch.equal(gq[:, :, 64:], torch.zeros_like(gq[:, :, 64:]))
+    # nothing at all allowed
+    none = op(q, k, v, _layout(torch.zeros(70, 50, dtype=torch.bool), 32))
+    assert torch.equal(none, torch.zeros_like(none))
+    for g in torch.autograd.grad(none, (q, k, v), torch.ones_like(none)):
+        assert torch.equal(g, torch.zeros_like(g))
+
+
+def test_identical_partial_blocks_shared():
+    # causal-like tril mask: every diagonal block shares one packed mask
+    q, k, v = qkv(1, 2, 2, 128, 128, 16, device=DEVICE, seed=10)
+    mask = torch.ones(128, 128, dtype=torch.bool).tril()
+    layout = _layout(mask, 32)
+    assert layout.bits.shape[0] == 1
+    compare_with_oracle(op, q, k, v, mask.to(DEVICE), op_mask=layout, tols=_tols(torch.float32))
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="sub-tile configs are chosen per GPU there; this exercises them on CPU")
+@pytest.mark.parametrize("fwd,bwd", [("32,32,4,1", "32,32,32,32,4,1"), ("32,64,4,1", "64,32,32,64,4,1")])
+def test_sub_tiles_inside_a_block(fwd, bwd, monkeypatch):
+    # the GPU configs split a layout block into smaller tiles; the interpreter otherwise runs whole blocks
+    monkeypatch.setenv("FXSPARSE_FWD_CONFIG", fwd)
+    monkeypatch.setenv("FXSPARSE_BWD_CONFIG", bwd)
+    q, k, v = qkv(1, 2, 1, 100, 90, 24, seed=11)
+    bias = torch.randn(1, 2, 100, 90, generator=gen(12)).requires_grad_()
+    mask = mixed_mask((2,), 100, 90, 64, seed=13)
+    compare_with_oracle(op, q, k, v, mask, op_mask=_layout(mask, 64), bias=bias, causal=True)
