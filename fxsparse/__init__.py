@@ -7,3 +7,4 @@ from . import patterns
 from .match import AttentionSite
 from .report import Report, SiteReport, report
 from .rewrite import transform
+from .backend import backend

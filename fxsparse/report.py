@@ -84,28 +84,21 @@ def report(obj) -> Report:
     rows = []
     for site, reason in getattr(obj, "fxsparse_skipped", []):
         rows.append(SiteReport(site.index, site.name, "skipped", reason, site.pattern, site))
-    modules = site_modules(obj) if hasattr(obj, "modules") else list(getattr(obj, "site_modules", lambda: [])())
+    modules = obj.site_modules() if hasattr(obj, "site_modules") else site_modules(obj)
     for mod in modules:
-        site, layout = mod.site, _current_layout(mod)
+        site, built = mod.site, mod.built()
         status = mod.status
         reason = "mask_fn returned None" if status == "dense" else ""
-        if status == "rewritten" and layout is None:
+        if status == "rewritten" and built is None:
             reason = "lengths not known yet: mask_fn is called at the first forward"
         row = SiteReport(site.index, site.name, status, reason, site.pattern, site)
-        if layout is not None:
-            row.block, row.density = layout.block_size, layout.density
+        if built is not None:
+            row.block, row.density = built
         elif status == "dense":
             row.density = 1.0
         rows.append(row)
-    for site, reason in getattr(obj, "fxsparse_backend_skipped", lambda: [])():
-        rows.append(SiteReport(site.index, site.name, "skipped", reason, site.pattern, site))
     rows.sort(key=lambda r: r.index)
     return Report(rows)
-
-
-def _current_layout(mod):
-    key = (mod.site.q_len, mod.site.kv_len)
-    return mod._masks.get(key) if key in mod._masks else None
 
 
 def _si(x: float) -> str:

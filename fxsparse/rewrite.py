@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from . import capture, match
-from .layout import Layout
+from .layout import TABLE_NAMES, Layout
 from .match import AttentionSite, Match
 
 _MISSING = object()
@@ -29,21 +29,26 @@ class SiteError(ValueError):
 
 # ------------------------------------------------------------------------------ the site module
 class SiteAttention(nn.Module):
-    """One rewritten attention: mask_fn(site) -> Layout, cached per (q_len, kv_len, device)."""
+    """One rewritten attention: mask_fn(site) -> Layout, built once per (q_len, kv_len).
+
+    The layout's tables are non-persistent buffers (``layout_<q>x<kv>_<i>``), so ``.to(device)``
+    moves them with the model, compilers see them as module state, and the state_dict is unchanged.
+    """
 
     def __init__(self, site: AttentionSite, mask_fn: Callable):
         super().__init__()
         self.site = site
         self.mask_fn = mask_fn
-        self.layout: Optional[Layout] = None  # the latest one used, for the report
-        self._masks: dict = {}  # (q_len, kv_len) -> Layout | None, what mask_fn gave
-        self._layouts: dict = {}  # (q_len, kv_len, device) -> Layout | None, on that device
+        self._layouts: dict = {}  # (q_len, kv_len) -> None (dense) | (buffer prefix, block_size, density)
 
     @property
     def status(self) -> str:
-        if (self.site.q_len, self.site.kv_len) not in self._masks:
-            return "rewritten"
-        return "dense" if self._masks[(self.site.q_len, self.site.kv_len)] is None else "rewritten"
+        return "dense" if self._layouts.get((self.site.q_len, self.site.kv_len), _MISSING) is None else "rewritten"
+
+    def built(self):
+        """(block_size, density) of the layout at the site's latest lengths, or None."""
+        entry = self._layouts.get((self.site.q_len, self.site.kv_len))
+        return None if entry is None else entry[1:]
 
     def extra_repr(self) -> str:
         return f"{self.site.name!r}, kind={self.site.kind!r}"
@@ -60,11 +65,15 @@ class SiteAttention(nn.Module):
             q, k, v = q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)
             if bias is not None and bias.dim() == 3:
                 bias = bias.unsqueeze(1)
-        key = (q.shape[-2], k.shape[-2], str(q.device))
-        layout = self._layouts.get(key, _MISSING)
-        if layout is _MISSING:
-            layout = self._prepare(q, k, v)
-        self.layout = layout
+        shape = (q.shape[-2], k.shape[-2])
+        entry = self._layouts.get(shape, _MISSING)
+        if entry is _MISSING:
+            entry = self._prepare(q, k)
+        layout = None
+        if entry is not None:
+            prefix, block_size, _ = entry
+            tables = [getattr(self, f"{prefix}_{i}") for i in range(len(TABLE_NAMES))]
+            layout = Layout.from_tables(tables, block_size, shape)
         try:
             out = _sparse_attention(q, k, v, layout, scale=scale, bias=bias, causal=causal)
         except (ValueError, TypeError) as err:
@@ -72,21 +81,25 @@ class SiteAttention(nn.Module):
         return out.squeeze(1) if unbatched else out
 
     @torch.compiler.disable
-    def _prepare(self, q, k, v):
-        """First call at these lengths on this device: ask mask_fn, check it, build the Layout."""
+    def _prepare(self, q, k):
+        """First call at these lengths: ask mask_fn, check it, build the Layout."""
         return self.prepare(q.shape[1], k.shape[1], q.shape[2], k.shape[2], q.shape[3], q.device)
 
     def prepare(self, num_heads, num_kv_heads, q_len, kv_len, head_dim, device):
         site = dataclasses.replace(self.site, num_heads=num_heads, num_kv_heads=num_kv_heads, q_len=q_len,
                                    kv_len=kv_len, head_dim=head_dim)
         self.site = site
-        if (q_len, kv_len) not in self._masks:
-            self._masks[(q_len, kv_len)] = _layout_from(self.mask_fn, site)
-        layout = self._masks[(q_len, kv_len)]
-        if layout is not None and layout.device != torch.device(device):
-            layout = layout.to(device)
-        self._layouts[(q_len, kv_len, str(device))] = layout
-        return layout
+        if (q_len, kv_len) in self._layouts:
+            return self._layouts[(q_len, kv_len)]
+        layout = _layout_from(self.mask_fn, site)
+        entry = None
+        if layout is not None:
+            prefix = f"layout_{q_len}x{kv_len}"
+            for i, table in enumerate(layout.tables()):
+                self.register_buffer(f"{prefix}_{i}", table.to(device), persistent=False)
+            entry = (prefix, layout.block_size, layout.density)
+        self._layouts[(q_len, kv_len)] = entry
+        return entry
 
 
 def _sparse_attention(*args, **kwargs):

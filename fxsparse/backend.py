@@ -1,0 +1,110 @@
+"""``torch.compile(model, backend=fxsparse.backend(mask_fn))``: the same match and rewrite over
+the graphs Dynamo captures, then inductor (or eager).
+
+Dynamo hands over torch-level graphs whose parameters and buffers are placeholders; their real
+values come in ``example_inputs``, so constant masks (nanoGPT's tril buffer) are still seen.
+Shapes are static in these graphs, so mask_fn runs and Layouts are built here, before inductor
+traces the site modules.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import fx
+
+from . import match, rewrite
+from .match import node_shape
+
+
+class Backend:
+    """A torch.compile backend; ``fxsparse.report(backend)`` lists the sites of every graph it compiled."""
+
+    def __init__(self, mask_fn: Callable, compiler: str = "inductor"):
+        if compiler not in ("inductor", "eager"):
+            raise ValueError(f"compiler must be 'inductor' or 'eager', got {compiler!r}")
+        self.mask_fn = mask_fn
+        self.compiler = compiler
+        self.graphs: list[fx.GraphModule] = []
+        self._count = 0
+
+    def __call__(self, gm: fx.GraphModule, example_inputs):
+        constants = _parameter_values(gm, example_inputs)
+        matches = match.find(gm, constants)
+        for m in matches:  # number sites across the graphs of one model
+            m.site.index += self._count
+        self._count += len(matches)
+        skipped = rewrite.rewrite(gm, matches, self.mask_fn)
+        gm.fxsparse_skipped = [(m.site, m.skip) for m in skipped]
+        _prepare(gm, matches)
+        self.graphs.append(gm)
+        if self.compiler == "eager":
+            return gm.forward
+        from torch._inductor.compile_fx import compile_fx
+
+        # The layout tables are module buffers Dynamo never saw: without this map AOTAutograd
+        # treats every buffer as a static module input (as for graphs from torch.export).
+        if hasattr(gm, "_param_name_to_source"):
+            del gm._param_name_to_source
+        return compile_fx(gm, example_inputs)
+
+    def site_modules(self):
+        return [mod for gm in self.graphs for mod in rewrite.site_modules(gm)]
+
+    @property
+    def fxsparse_skipped(self):
+        return [pair for gm in self.graphs for pair in gm.fxsparse_skipped]
+
+    def __repr__(self):
+        return f"fxsparse.backend({getattr(self.mask_fn, '__name__', self.mask_fn)!r}, compiler={self.compiler!r})"
+
+
+def backend(mask_fn: Callable, *, compiler: str = "inductor") -> Backend:
+    """A torch.compile backend that rewrites every attention Dynamo captures to the sparse op.
+
+    ``compiler="inductor"`` compiles the rewritten graph with inductor; ``"eager"`` runs it as is.
+    """
+    if not callable(mask_fn):
+        raise TypeError(f"mask_fn must be callable (site -> None | bool mask | Layout), got {type(mask_fn).__name__}")
+    return Backend(mask_fn, compiler)
+
+
+def _parameter_values(gm: fx.GraphModule, example_inputs) -> dict:
+    """Placeholder name -> real tensor, for the model's parameters and buffers."""
+    values = {}
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for node, value in zip(placeholders, example_inputs):
+        if isinstance(value, torch.nn.Parameter) or "_parameters_" in node.name or "_buffers_" in node.name:
+            if isinstance(value, torch.Tensor) and not isinstance(value, torch._subclasses.FakeTensor):
+                values[node.name] = value
+    return values
+
+
+def _prepare(gm: fx.GraphModule, matches):
+    """Shapes are static here: ask mask_fn and build each Layout before the graph is compiled."""
+    for m in matches:
+        if m.skip is not None:
+            continue
+        site = m.site
+        if m.mha is not None:
+            shape = node_shape(m.out.args[0])
+            if shape is None:
+                continue
+            seq = 1 if m.mha.batch_first else 0
+            kv = node_shape(match._arg(m.out, 1, "key"))
+            site.q_len, site.kv_len = shape[seq], kv[seq]
+        values = (site.num_heads, site.num_kv_heads, site.q_len, site.kv_len, site.head_dim)
+        if None in values:
+            continue
+        if not all(isinstance(v, int) for v in values):
+            raise ValueError(
+                f"{site.name}: sequence lengths are dynamic in this graph; fxsparse builds one layout per "
+                "length, so compile with `dynamic=False`"
+            )
+        device = _device_of(m.q if m.q is not None else m.out.args[0])
+        gm.get_submodule(f"fxsparse_site_{site.index}").prepare(*values, device)
+
+
+def _device_of(node) -> torch.device:
+    val = node.meta.get("example_value", node.meta.get("val")) if isinstance(node, fx.Node) else None
+    return val.device if isinstance(val, torch.Tensor) else torch.device("cpu")
