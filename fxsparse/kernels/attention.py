@@ -31,20 +31,32 @@ def _dot(a, b, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _load_bits(BITS, mid, rows, cols, BLOCK: tl.constexpr):
-    """Element mask of partial block `mid` at (rows, cols) within the block (broadcast shapes)."""
-    words = tl.load(BITS + mid * (BLOCK * (BLOCK // 32)) + rows * (BLOCK // 32) + cols // 32)
-    return ((words >> (cols % 32)) & 1) != 0
+def _load_bits(BITS, mid, rows_in_block, j, BLOCK: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """Element mask [ROWS, COLS] of partial block `mid`: rows `rows_in_block`, columns j .. j + COLS."""
+    W: tl.constexpr = BLOCK // 32
+    words = tl.load(BITS + mid * (BLOCK * W) + rows_in_block[:, None] * W + (j // 32 + tl.arange(0, COLS // 32))[None, :])
+    bits = (words[:, :, None] >> tl.arange(0, 32)[None, None, :]) & 1
+    return tl.reshape(bits, [ROWS, COLS]) != 0
+
+
+@triton.jit
+def _count_below(IDX, num, limit, PAD: tl.constexpr):
+    """How many of the first `num` (ascending) block indices at IDX are below `limit`."""
+    offs = tl.arange(0, PAD)
+    idx = tl.load(IDX + offs, mask=offs < num, other=limit)
+    return tl.sum((idx < limit).to(tl.int32), 0)
 
 
 @triton.jit
 def _fwd_tile(
-    acc, m_i, l_i, q, K, V, Bias, BITS, cols, cols_in_block, mid,
+    acc, m_i, l_i, q, K, V, Bias, BITS, kb, j, mid,
     offs_m, rows_in_block, offs_d, skn, skd, svn, svd, sbm, sbn,
     NQ, NK, scale_log2,
-    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr,
-    PARTIAL: tl.constexpr, HAS_BIAS: tl.constexpr, IS_CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, PARTIAL: tl.constexpr, HAS_BIAS: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
+    cols = kb * BLOCK + j + tl.arange(0, BLOCK_N)
     k_ptrs = K + cols[None, :] * skn + offs_d[:, None] * skd
     v_ptrs = V + cols[:, None] * svn + offs_d[None, :] * svd
     if PARTIAL:
@@ -62,8 +74,7 @@ def _fwd_tile(
         bias = tl.load(Bias + offs_m[:, None] * sbm + cols[None, :] * sbn, mask=bmask, other=0.0)
         s += bias.to(tl.float32) * 1.4426950408889634
     if PARTIAL:
-        keep = _load_bits(BITS, mid, rows_in_block[:, None], cols_in_block[None, :], BLOCK)
-        s = tl.where(keep, s, float("-inf"))
+        s = tl.where(_load_bits(BITS, mid, rows_in_block, j, BLOCK, BLOCK_M, BLOCK_N), s, float("-inf"))
     if IS_CAUSAL:
         s = tl.where(offs_m[:, None] >= cols[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -83,8 +94,13 @@ def _fwd_kernel(
     H, G, NQ, NK, NQB, NKB, scale_log2,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, IS_CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+    PAD: tl.constexpr,
 ):
-    """One program: BLOCK_M query rows (inside one layout block) of one (batch, head)."""
+    """One program: BLOCK_M query rows (inside one layout block) of one (batch, head).
+
+    Each visited kv block is walked in BLOCK // BLOCK_N tiles, in one flat loop per block kind so
+    the compiler can prefetch the next tile while this one computes."""
+    SUB: tl.constexpr = BLOCK // BLOCK_N
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -105,28 +121,27 @@ def _fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
-    last_row = start_m + BLOCK_M - 1
-    for i in range(tl.load(PART_NUM + row)):
-        kb = tl.load(PART_IDX + row * NKB + i)
+    n_part = tl.load(PART_NUM + row)
+    n_full = tl.load(FULL_NUM + row)
+    if IS_CAUSAL:  # kv blocks that start after this tile's last row are skipped
+        limit = (start_m + BLOCK_M - 1) // BLOCK + 1
+        n_part = _count_below(PART_IDX + row * NKB, n_part, limit, PAD)
+        n_full = _count_below(FULL_IDX + row * NKB, n_full, limit, PAD)
+    for t in range(n_part * SUB):
+        kb = tl.load(PART_IDX + row * NKB + t // SUB)
         mid = tl.load(MASK_ID + row * NKB + kb)
-        for j in range(0, BLOCK, BLOCK_N):
-            cols = kb * BLOCK + j + tl.arange(0, BLOCK_N)
-            if (not IS_CAUSAL) or (kb * BLOCK + j <= last_row):
-                acc, m_i, l_i = _fwd_tile(
-                    acc, m_i, l_i, q, K, V, Bias, BITS, cols, j + tl.arange(0, BLOCK_N), mid,
-                    offs_m, rows_in_block, offs_d, skn, skd, svn, svd, sbm, sbn, NQ, NK, scale_log2,
-                    HEAD_DIM, D_PAD, BLOCK, True, HAS_BIAS, IS_CAUSAL, PRECISION,
-                )
-    for i in range(tl.load(FULL_NUM + row)):
-        kb = tl.load(FULL_IDX + row * NKB + i)
-        for j in range(0, BLOCK, BLOCK_N):
-            cols = kb * BLOCK + j + tl.arange(0, BLOCK_N)
-            if (not IS_CAUSAL) or (kb * BLOCK + j <= last_row):
-                acc, m_i, l_i = _fwd_tile(
-                    acc, m_i, l_i, q, K, V, Bias, BITS, cols, j + tl.arange(0, BLOCK_N), 0,
-                    offs_m, rows_in_block, offs_d, skn, skd, svn, svd, sbm, sbn, NQ, NK, scale_log2,
-                    HEAD_DIM, D_PAD, BLOCK, False, HAS_BIAS, IS_CAUSAL, PRECISION,
-                )
+        acc, m_i, l_i = _fwd_tile(
+            acc, m_i, l_i, q, K, V, Bias, BITS, kb, (t % SUB) * BLOCK_N, mid,
+            offs_m, rows_in_block, offs_d, skn, skd, svn, svd, sbm, sbn, NQ, NK, scale_log2,
+            HEAD_DIM, D_PAD, BLOCK, BLOCK_M, BLOCK_N, True, HAS_BIAS, IS_CAUSAL, PRECISION,
+        )
+    for t in range(n_full * SUB):
+        kb = tl.load(FULL_IDX + row * NKB + t // SUB)
+        acc, m_i, l_i = _fwd_tile(
+            acc, m_i, l_i, q, K, V, Bias, BITS, kb, (t % SUB) * BLOCK_N, 0,
+            offs_m, rows_in_block, offs_d, skn, skd, svn, svd, sbm, sbn, NQ, NK, scale_log2,
+            HEAD_DIM, D_PAD, BLOCK, BLOCK_M, BLOCK_N, False, HAS_BIAS, IS_CAUSAL, PRECISION,
+        )
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
@@ -138,12 +153,14 @@ def _fwd_kernel(
 
 @triton.jit
 def _dkdv_tile(
-    dk, dv, k, v, Q, DO, Lse, Delta, Bias, BITS, rows, rows_in_block, mid,
-    offs_n, cols_in_block, offs_d, sqm, sqd, sdm, sdd, sbm, sbn,
+    dk, dv, k, v, Q, DO, Lse, Delta, Bias, BITS, qb, j, mid,
+    offs_n, col0, offs_d, sqm, sqd, sdm, sdd, sbm, sbn,
     NQ, NK, scale_log2,
-    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr,
-    PARTIAL: tl.constexpr, HAS_BIAS: tl.constexpr, IS_CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, PARTIAL: tl.constexpr, HAS_BIAS: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
+    rows = qb * BLOCK + j + tl.arange(0, BLOCK_M)
     rmask = rows < NQ
     dmask = offs_d < HEAD_DIM
     qt = tl.load(Q + rows[None, :] * sqm + offs_d[:, None] * sqd, mask=rmask[None, :] & dmask[:, None], other=0.0)
@@ -156,8 +173,8 @@ def _dkdv_tile(
                        mask=rmask[None, :] & (offs_n[:, None] < NK), other=0.0)
         st += bias.to(tl.float32) * 1.4426950408889634
     if PARTIAL:
-        keep = _load_bits(BITS, mid, rows_in_block[None, :], cols_in_block[:, None], BLOCK)
-        st = tl.where(keep, st, float("-inf"))
+        keep = _load_bits(BITS, mid, j + tl.arange(0, BLOCK_M), col0, BLOCK, BLOCK_M, BLOCK_N)
+        st = tl.where(tl.trans(keep), st, float("-inf"))
     if IS_CAUSAL:
         st = tl.where(rows[None, :] >= offs_n[:, None], st, float("-inf"))
     pt = tl.math.exp2(st - lse2[None, :])
@@ -176,15 +193,17 @@ def _dkdv_kernel(
     H, HKV, G, NQ, NK, NQB, NKB, scale, scale_log2,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, IS_CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+    PAD: tl.constexpr,
 ):
     """One program: BLOCK_N kv rows (inside one layout block) of one (batch, kv head), over its query heads."""
+    SUB: tl.constexpr = BLOCK // BLOCK_M
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // HKV
     hk = pid_bh % HKV
     start_n = pid_n * BLOCK_N
     kb = start_n // BLOCK
-    cols_in_block = start_n - kb * BLOCK + tl.arange(0, BLOCK_N)
+    col0 = start_n - kb * BLOCK
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)
     nmask = (offs_n[:, None] < NK) & (offs_d[None, :] < HEAD_DIM)
@@ -201,27 +220,28 @@ def _dkdv_kernel(
         Lh = Lse + (b * H + h) * NQ
         Dh = Delta + (b * H + h) * NQ
         Bh = Bias + b * sbb + h * sbh
-        for i in range(tl.load(T_PART_NUM + trow)):
-            qb = tl.load(T_PART_IDX + trow * NQB + i)
+        n_part = tl.load(T_PART_NUM + trow)
+        n_full = tl.load(T_FULL_NUM + trow)
+        first_part = 0
+        first_full = 0
+        if IS_CAUSAL:  # query blocks that end before this kv block are skipped
+            first_part = _count_below(T_PART_IDX + trow * NQB, n_part, kb, PAD)
+            first_full = _count_below(T_FULL_IDX + trow * NQB, n_full, kb, PAD)
+        for t in range(first_part * SUB, n_part * SUB):
+            qb = tl.load(T_PART_IDX + trow * NQB + t // SUB)
             mid = tl.load(MASK_ID + (slot * NQB + qb) * NKB + kb)
-            for j in range(0, BLOCK, BLOCK_M):
-                if (not IS_CAUSAL) or (qb * BLOCK + j + BLOCK_M - 1 >= start_n):
-                    dk, dv = _dkdv_tile(
-                        dk, dv, k, v, Qh, DOh, Lh, Dh, Bh, BITS, qb * BLOCK + j + tl.arange(0, BLOCK_M),
-                        j + tl.arange(0, BLOCK_M), mid, offs_n, cols_in_block, offs_d,
-                        sqm, sqd, sdm, sdd, sbm, sbn, NQ, NK, scale_log2,
-                        HEAD_DIM, D_PAD, BLOCK, True, HAS_BIAS, IS_CAUSAL, PRECISION,
-                    )
-        for i in range(tl.load(T_FULL_NUM + trow)):
-            qb = tl.load(T_FULL_IDX + trow * NQB + i)
-            for j in range(0, BLOCK, BLOCK_M):
-                if (not IS_CAUSAL) or (qb * BLOCK + j + BLOCK_M - 1 >= start_n):
-                    dk, dv = _dkdv_tile(
-                        dk, dv, k, v, Qh, DOh, Lh, Dh, Bh, BITS, qb * BLOCK + j + tl.arange(0, BLOCK_M),
-                        j + tl.arange(0, BLOCK_M), 0, offs_n, cols_in_block, offs_d,
-                        sqm, sqd, sdm, sdd, sbm, sbn, NQ, NK, scale_log2,
-                        HEAD_DIM, D_PAD, BLOCK, False, HAS_BIAS, IS_CAUSAL, PRECISION,
-                    )
+            dk, dv = _dkdv_tile(
+                dk, dv, k, v, Qh, DOh, Lh, Dh, Bh, BITS, qb, (t % SUB) * BLOCK_M, mid,
+                offs_n, col0, offs_d, sqm, sqd, sdm, sdd, sbm, sbn, NQ, NK, scale_log2,
+                HEAD_DIM, D_PAD, BLOCK, BLOCK_M, BLOCK_N, True, HAS_BIAS, IS_CAUSAL, PRECISION,
+            )
+        for t in range(first_full * SUB, n_full * SUB):
+            qb = tl.load(T_FULL_IDX + trow * NQB + t // SUB)
+            dk, dv = _dkdv_tile(
+                dk, dv, k, v, Qh, DOh, Lh, Dh, Bh, BITS, qb, (t % SUB) * BLOCK_M, 0,
+                offs_n, col0, offs_d, sqm, sqd, sdm, sdd, sbm, sbn, NQ, NK, scale_log2,
+                HEAD_DIM, D_PAD, BLOCK, BLOCK_M, BLOCK_N, False, HAS_BIAS, IS_CAUSAL, PRECISION,
+            )
     tl.store(DK + pid_bh * NK * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :],
              (dk * scale).to(DK.dtype.element_ty), mask=nmask)
     tl.store(DV + pid_bh * NK * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :],
@@ -230,13 +250,14 @@ def _dkdv_kernel(
 
 @triton.jit
 def _dq_tile(
-    dq, q, do, lse2, delta, K, V, Bias, DBias, BITS, cols, cols_in_block, mid,
+    dq, q, do, lse2, delta, K, V, Bias, DBias, BITS, kb, j, mid,
     offs_m, rows_in_block, offs_d, skn, skd, svn, svd, sbm, sbn,
     NQ, NK, scale_log2,
-    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr,
-    PARTIAL: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, IS_CAUSAL: tl.constexpr,
-    PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, PARTIAL: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
 ):
+    cols = kb * BLOCK + j + tl.arange(0, BLOCK_N)
     kmask = (cols[None, :] < NK) & (offs_d[:, None] < HEAD_DIM)
     kt = tl.load(K + cols[None, :] * skn + offs_d[:, None] * skd, mask=kmask, other=0.0)
     vt = tl.load(V + cols[None, :] * svn + offs_d[:, None] * svd, mask=kmask, other=0.0)
@@ -246,8 +267,7 @@ def _dq_tile(
                        mask=(offs_m[:, None] < NQ) & (cols[None, :] < NK), other=0.0)
         s += bias.to(tl.float32) * 1.4426950408889634
     if PARTIAL:
-        keep = _load_bits(BITS, mid, rows_in_block[:, None], cols_in_block[None, :], BLOCK)
-        s = tl.where(keep, s, float("-inf"))
+        s = tl.where(_load_bits(BITS, mid, rows_in_block, j, BLOCK, BLOCK_M, BLOCK_N), s, float("-inf"))
     if IS_CAUSAL:
         s = tl.where(offs_m[:, None] >= cols[None, :], s, float("-inf"))
     p = tl.math.exp2(s - lse2[:, None])
@@ -268,9 +288,10 @@ def _dq_kernel(
     H, G, NQ, NK, NQB, NKB, scale, scale_log2,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, IS_CAUSAL: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, PAD: tl.constexpr,
 ):
     """One program: BLOCK_M query rows (inside one layout block) of one (batch, head)."""
+    SUB: tl.constexpr = BLOCK // BLOCK_N
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -291,28 +312,27 @@ def _dq_kernel(
     DBias += pid_bh * NQ * NK
     row = (b * SLOT_B + h * SLOT_H) * NQB + qb
     dq = tl.zeros([BLOCK_M, D_PAD], tl.float32)
-    last_row = start_m + BLOCK_M - 1
-    for i in range(tl.load(PART_NUM + row)):
-        kb = tl.load(PART_IDX + row * NKB + i)
+    n_part = tl.load(PART_NUM + row)
+    n_full = tl.load(FULL_NUM + row)
+    if IS_CAUSAL:
+        limit = (start_m + BLOCK_M - 1) // BLOCK + 1
+        n_part = _count_below(PART_IDX + row * NKB, n_part, limit, PAD)
+        n_full = _count_below(FULL_IDX + row * NKB, n_full, limit, PAD)
+    for t in range(n_part * SUB):
+        kb = tl.load(PART_IDX + row * NKB + t // SUB)
         mid = tl.load(MASK_ID + row * NKB + kb)
-        for j in range(0, BLOCK, BLOCK_N):
-            if (not IS_CAUSAL) or (kb * BLOCK + j <= last_row):
-                dq = _dq_tile(
-                    dq, q, do, lse2, delta, K, V, Bias, DBias, BITS, kb * BLOCK + j + tl.arange(0, BLOCK_N),
-                    j + tl.arange(0, BLOCK_N), mid, offs_m, rows_in_block, offs_d,
-                    skn, skd, svn, svd, sbm, sbn, NQ, NK, scale_log2,
-                    HEAD_DIM, D_PAD, BLOCK, True, HAS_BIAS, BIAS_GRAD, IS_CAUSAL, PRECISION,
-                )
-    for i in range(tl.load(FULL_NUM + row)):
-        kb = tl.load(FULL_IDX + row * NKB + i)
-        for j in range(0, BLOCK, BLOCK_N):
-            if (not IS_CAUSAL) or (kb * BLOCK + j <= last_row):
-                dq = _dq_tile(
-                    dq, q, do, lse2, delta, K, V, Bias, DBias, BITS, kb * BLOCK + j + tl.arange(0, BLOCK_N),
-                    j + tl.arange(0, BLOCK_N), 0, offs_m, rows_in_block, offs_d,
-                    skn, skd, svn, svd, sbm, sbn, NQ, NK, scale_log2,
-                    HEAD_DIM, D_PAD, BLOCK, False, HAS_BIAS, BIAS_GRAD, IS_CAUSAL, PRECISION,
-                )
+        dq = _dq_tile(
+            dq, q, do, lse2, delta, K, V, Bias, DBias, BITS, kb, (t % SUB) * BLOCK_N, mid,
+            offs_m, rows_in_block, offs_d, skn, skd, svn, svd, sbm, sbn, NQ, NK, scale_log2,
+            HEAD_DIM, D_PAD, BLOCK, BLOCK_M, BLOCK_N, True, HAS_BIAS, BIAS_GRAD, IS_CAUSAL, PRECISION,
+        )
+    for t in range(n_full * SUB):
+        kb = tl.load(FULL_IDX + row * NKB + t // SUB)
+        dq = _dq_tile(
+            dq, q, do, lse2, delta, K, V, Bias, DBias, BITS, kb, (t % SUB) * BLOCK_N, 0,
+            offs_m, rows_in_block, offs_d, skn, skd, svn, svd, sbm, sbn, NQ, NK, scale_log2,
+            HEAD_DIM, D_PAD, BLOCK, BLOCK_M, BLOCK_N, False, HAS_BIAS, BIAS_GRAD, IS_CAUSAL, PRECISION,
+        )
     tl.store(DQ + pid_bh * NQ * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :],
              (dq * scale).to(DQ.dtype.element_ty), mask=mmask)
 
@@ -328,6 +348,10 @@ def _precision(dtype) -> str:
 
 def _pad_dim(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
+
+
+def _pad_blocks(nqb: int, nkb: int) -> int:
+    return triton.next_power_of_2(max(nqb, nkb))
 
 
 def _slots(tables):
@@ -389,7 +413,8 @@ def forward(q, k, v, tables, bias, scale, block, causal, out):
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *bstr, slot_b, slot_h,
         h, h // hkv, nq, nk, nqb, nkb, scale * LOG2E,
         HEAD_DIM=d, D_PAD=d_pad, BLOCK=block, BLOCK_M=block_m, BLOCK_N=block_n, HAS_BIAS=has_bias,
-        IS_CAUSAL=causal, PRECISION=_precision(q.dtype), num_warps=warps, num_stages=stages,
+        IS_CAUSAL=causal, PRECISION=_precision(q.dtype), PAD=_pad_blocks(nqb, nkb),
+        num_warps=warps, num_stages=stages,
     )
     return lse
 
@@ -409,7 +434,8 @@ def backward(dout, q, k, v, out, lse, tables, bias, scale, block, causal, bias_g
     slot_b, slot_h = _slots(tables)
     n1, m1, m2, n2, warps, stages = _bwd_config(block, d_pad, q.dtype)
     common = dict(HEAD_DIM=d, D_PAD=d_pad, BLOCK=block, HAS_BIAS=has_bias, IS_CAUSAL=causal,
-                  PRECISION=_precision(q.dtype), num_warps=warps, num_stages=stages)
+                  PRECISION=_precision(q.dtype), PAD=_pad_blocks(nqb, nkb),
+                  num_warps=warps, num_stages=stages)
     strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride(), *bstr, slot_b, slot_h)
     _dkdv_kernel[(nkb * (block // n1), b * hkv)](
         q, k, v, dout, lse, delta, dk, dv, bias_t, mask_id, bits, t_full_num, t_full_idx, t_part_num, t_part_idx,
