@@ -13,7 +13,7 @@ import torch
 import fxsparse
 from fxsparse import Layout
 from _attention_inputs import gen, mixed_mask, qkv, random_mask
-from _attention_oracle import TOLERANCES, compare_with_oracle
+from _attention_oracle import TOLERANCES, assert_close, compare_with_oracle, dense_attention
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 pytestmark = [
@@ -106,6 +106,28 @@ def test_padding_bias_and_empty_rows(dtype):
     out = compare_with_oracle(op, q, k, v, mask, op_mask=_layout(mask, 32), bias=bias, tols=_tols(dtype))
     assert torch.equal(out[:, :, 3], torch.zeros_like(out[:, :, 3]))
     assert torch.equal(out[:, 1, 33:], torch.zeros_like(out[:, 1, 33:]))
+
+
+def test_backward_with_non_contiguous_output_gradients():
+    # out.sum() hands back a stride-0 gradient; merging heads hands back one in [B, Nq, H, D] order
+    B, H, N, D = 1, 2, 70, 16
+    q, k, v = qkv(B, H, 1, N, N, D, device=DEVICE, seed=14)
+    mask = mixed_mask((), N, N, 32, seed=15, device=DEVICE)
+    layout = _layout(mask, 32)
+    weight = torch.arange(H * D, device=DEVICE, dtype=torch.float32)
+    for loss in (lambda o: o.sum(), lambda o: (o.transpose(1, 2).reshape(B, N, H * D) * weight).sum()):
+        got = torch.autograd.grad(loss(op(q, k, v, layout)), (q, k, v))
+        want = torch.autograd.grad(loss(dense_attention(q, k, v, mask)), (q, k, v))
+        for name, a, b in zip("qkv", got, want):
+            assert_close(a, b, _tols(torch.float32)[1], f"grad {name}")
+
+
+@pytest.mark.parametrize("nq,d", [(1, 32), (40, 256)])
+def test_single_query_and_largest_head_dim(nq, d):
+    q, k, v = qkv(1, 2, 2, nq, 50, d, device=DEVICE, seed=d)
+    mask = random_mask((), nq, 50, 0.5, seed=16, device=DEVICE)
+    mask[:, 0] = True
+    compare_with_oracle(op, q, k, v, mask, op_mask=_layout(mask, 32), tols=_tols(torch.float32))
 
 
 def test_fully_masked_rows_zero_output_and_gradient():
