@@ -57,6 +57,7 @@ CASES = {
     "gqa_ragged_d24_per_head": (2, 2, 1, 97, 75, 24, (2,), 32, False),
     "d80_block64_2d_mask": (1, 2, 2, 70, 130, 80, (), 64, False),
     "batch_head_mask": (2, 2, 2, 96, 96, 16, (2, 2), 32, False),
+    "gqa_batch_only_mask": (2, 2, 1, 64, 96, 16, (2, 1), 32, False),
     "packed_qkv_views": (2, 2, 2, 100, 100, 32, (1, 1), 32, True),
     "dense_none_mask": (1, 4, 2, 33, 100, 32, None, 32, False),
 }
@@ -165,6 +166,9 @@ def test_sub_tiles_inside_a_block(fwd, bwd, monkeypatch):
     # the GPU configs split a layout block into smaller tiles; the interpreter otherwise runs whole blocks
     monkeypatch.setenv("FXSPARSE_FWD_CONFIG", fwd)
     monkeypatch.setenv("FXSPARSE_BWD_CONFIG", bwd)
+    from fxsparse.kernels import attention as kernels
+
+    assert kernels._fwd_config(64, 32, torch.float32)[:2] == tuple(int(x) for x in fwd.split(",")[:2])
     q, k, v = qkv(1, 2, 1, 100, 90, 24, seed=11)
     bias = torch.randn(1, 2, 100, 90, generator=gen(12)).requires_grad_()
     mask = mixed_mask((2,), 100, 90, 64, seed=13)

@@ -58,6 +58,7 @@ SHAPES = {
     "mqa_nq_lt_nk_2d_mask": (1, 4, 1, 70, 260, 32, (), 64, False),
     "packed_qkv_views": (2, 4, 4, 197, 197, 64, (1, 1), 64, True),
     "block_256": (1, 2, 1, 300, 270, 16, (2,), 256, False),
+    "batch_only_mask": (2, 4, 2, 100, 90, 32, (2, 1), 32, False),
     "dense_none_mask": (2, 2, 1, 130, 61, 24, None, 128, False),
 }
 
