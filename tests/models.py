@@ -63,7 +63,8 @@ def deit():
 
 def eva():
     """EVA with 2-D rotary position embedding (rope applied to q and k inside the attention) and
-    dynamic image size (pos-embed and rope follow the grid): 32 px = 17 tokens, 48 px = 37."""
+    dynamic image size (pos-embed and rope follow the grid): 32 px = 17 tokens, 48 px = 37.
+    With timm 1.0.31 it traces with plain torch.fx: no concrete_args needed."""
     from timm.models.eva import Eva
 
     def make():
