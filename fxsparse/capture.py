@@ -82,8 +82,13 @@ def _symbolic(model: nn.Module, concrete_args) -> fx.GraphModule:
 
 
 def _exported(model: nn.Module, args, kwargs, trace_err) -> fx.GraphModule:
+    """torch.export, non-strict; sizes left dynamic where the model allows (a new sequence length
+    must not hit a shape guard), else specialised to the example."""
     try:
-        ep = torch.export.export(model, args, kwargs, strict=False)
+        try:
+            ep = torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=_auto_dynamic(args, kwargs))
+        except Exception:
+            ep = torch.export.export(model, args, kwargs, strict=False)
     except Exception as err:
         raise CaptureError(
             f"neither torch.fx ({type(trace_err).__name__}: {trace_err}) nor torch.export "
@@ -93,6 +98,16 @@ def _exported(model: nn.Module, args, kwargs, trace_err) -> fx.GraphModule:
     gm = ep.module()
     gm.meta["fxsparse_exported"] = True
     return gm
+
+
+def _auto_dynamic(args, kwargs):
+    def spec(x):
+        if isinstance(x, torch.Tensor):
+            return {i: torch.export.Dim.AUTO for i in range(x.dim())}
+        return None
+
+    return (tuple(spec(a) for a in args), {k: spec(v) for k, v in kwargs.items()}) if kwargs else \
+        tuple(spec(a) for a in args)
 
 
 def _propagate_shapes(gm: fx.GraphModule, args, kwargs):

@@ -126,6 +126,14 @@ _MODULES = {
     nn.Softmax: "softmax", nn.Dropout: "dropout", nn.Identity: "identity",
     nn.MultiheadAttention: "mha", nn.Linear: "linear",
 }
+# Checks torch.export leaves on intermediates (`_assert_tensor_metadata`): not real uses.
+_ASSERTIONS = {aten._assert_tensor_metadata.default, aten._assert_scalar.default, torch._assert}
+
+
+def _is_assertion(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target in _ASSERTIONS
+
+
 # Functions that read only the dtype / device of the scores they are given (timm builds its
 # causal bias with `attn.new_full(...)`): the rewrite hands them q instead. name -> argument index.
 _READS_SCORES_DTYPE_ONLY = {"resolve_self_attn_mask": 1}
@@ -678,9 +686,11 @@ def _check_scores_users(m: Match, scores: fx.Node):
     """The scores and probabilities may feed only the walk itself (and helpers that read just
     the scores' dtype): otherwise removing them would change the model."""
     retarget = {n for n, _ in m.retarget}
-    for n in m.nodes - {m.out}:
+    for n in list(m.nodes - {m.out}):
         for user in n.users:
-            if user not in m.nodes and user not in retarget:
+            if _is_assertion(user):
+                m.nodes.add(user)  # erased with the attention
+            elif user not in m.nodes and user not in retarget:
                 m.skip = m.skip or f"an intermediate of the attention (`{n.name}`) is also used by `{user.name}`"
 
 
@@ -824,12 +834,24 @@ def _fill_shapes(m: Match, facts: GraphFacts):
         k_shape = _einsum_shape(m.einsum[1], k_shape)
     elif m.k_transposed:
         k_shape = k_shape[:-2] + (k_shape[-1], k_shape[-2])
+    q_shape, k_shape = _hinted(q_shape), _hinted(k_shape)
     if not all(isinstance(s, int) for s in q_shape + k_shape):
         return
     site.q_len, site.head_dim = q_shape[-2], q_shape[-1]
     site.kv_len = k_shape[-2]
     site.num_heads = q_shape[-3] if len(q_shape) >= 4 else 1
     site.num_kv_heads = k_shape[-3] if len(k_shape) >= 4 else 1
+
+
+def _hinted(shape: tuple) -> tuple:
+    """Dynamic sizes (torch.export with automatic dynamic shapes) as the example's values."""
+    out = []
+    for s in shape:
+        if isinstance(s, torch.SymInt):
+            hint = getattr(s.node, "hint", None)
+            s = int(hint) if hint is not None else s
+        out.append(s)
+    return tuple(out)
 
 
 def _einsum_shape(eq: str, shape: tuple) -> tuple:
