@@ -70,19 +70,7 @@ def statuses(sparse):
 
 # Known failures of fxsparse on a family, by (case, test): each is xfail(strict=True), so the
 # test turns red the day it starts passing and the entry must go.
-CLIP_EAGER_SKIPPED = (
-    "matcher: transformers' eager attention `softmax(w, dim=-1, dtype=torch.float32)"
-    ".to(query.dtype)`, captured by torch.export, gets an `aten._assert_tensor_metadata(softmax, "
-    "...)` node; the walk counts it as another user of the probabilities and reports every "
-    "site 'skipped' (an intermediate of the attention (`softmax`) is also used by "
-    "`_assert_tensor_metadata_default_1`)")
-KNOWN_FAILURES = {
-    ("hf_clip_eager", "test_sites_found"): CLIP_EAGER_SKIPPED,
-    ("hf_clip_eager", "test_all_true_mask_is_exact"): CLIP_EAGER_SKIPPED,
-    ("hf_clip_eager", "test_sparse_mask_matches_oracle"): CLIP_EAGER_SKIPPED,
-    ("hf_clip_eager", "test_per_head_mask_matches_oracle"): CLIP_EAGER_SKIPPED,
-    ("hf_clip_eager", "test_mask_fn_may_return_a_layout"): CLIP_EAGER_SKIPPED,
-}
+KNOWN_FAILURES: dict[tuple[str, str], str] = {}
 
 
 @pytest.fixture(params=CASES, ids=repr)
@@ -191,16 +179,7 @@ def test_backward_with_all_true_mask_is_exact(case):
         assert err <= TOL * scale, f"{case.name}: grad of {name} off by {err:.3g} (scale {scale:.3g})"
 
 
-NEW_LENGTH = [c for c in CASES if c.other_inputs is not None]
-EXPORT_SPECIALISES = (
-    "inputs given as example_inputs go through torch.export, which specialises the graph to "
-    "their shapes: a new length fails with 'Guard failed: input_ids.size()[1] == 12' instead "
-    "of calling mask_fn for the new lengths")
-
-
-@pytest.mark.parametrize("case", [
-    pytest.param(c, marks=pytest.mark.xfail(strict=True, reason=EXPORT_SPECIALISES))
-    if c.use_example_inputs else c for c in NEW_LENGTH], ids=repr)
+@pytest.mark.parametrize("case", [c for c in CASES if c.other_inputs is not None], ids=repr)
 def test_new_input_size_calls_mask_fn_again(case):
     model = case.build()
     lengths = []
