@@ -38,6 +38,10 @@ def _seeded(fn):
     return build
 
 
+def _suffix(value, default, unit=""):
+    return "" if value == default else f"_{value}{unit}"
+
+
 def _images(size=32, batch=2):
     return lambda: (torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(1)),)
 
@@ -46,18 +50,19 @@ def _images(size=32, batch=2):
 # timm
 
 
-def deit():
-    """Distilled DeiT: CLS + distillation token + 4x4 patches = 18 tokens. Block 0 uses
-    F.scaled_dot_product_attention, block 1 the written-out softmax (fused_attn off)."""
+def deit(img=32):
+    """Distilled DeiT: CLS + distillation token + (img/8)^2 patches (18 tokens at 32 px). Block 0
+    uses F.scaled_dot_product_attention, block 1 the written-out softmax (fused_attn off)."""
     from timm.models.deit import VisionTransformerDistilled
 
     def make():
-        m = VisionTransformerDistilled(img_size=32, patch_size=8, embed_dim=64, depth=2,
+        m = VisionTransformerDistilled(img_size=img, patch_size=8, embed_dim=64, depth=2,
                                        num_heads=4, mlp_ratio=2.0, num_classes=10)
         m.blocks[1].attn.fused_attn = False
         return m
-    return Case("timm_deit", _seeded(make), _images(),
-                [(f"blocks.{i}.attn", 18, 18) for i in range(2)],
+    n = 2 + (img // 8) ** 2
+    return Case("timm_deit" + _suffix(img, 32, "px"), _seeded(make), _images(img),
+                [(f"blocks.{i}.attn", n, n) for i in range(2)],
                 patterns.only(patterns.local_2d(1), layers=[0]), ["rewritten", "dense"])
 
 
@@ -101,17 +106,18 @@ def swin():
 # torchvision
 
 
-def torchvision_vit():
+def torchvision_vit(img=32):
     """torchvision's VisionTransformer (vit_b_16's class, small dims): nn.MultiheadAttention."""
     from torchvision.models import VisionTransformer
 
     def make():
-        m = VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=4,
+        m = VisionTransformer(image_size=img, patch_size=8, num_layers=2, num_heads=4,
                               hidden_dim=64, mlp_dim=128, num_classes=10)
         torch.nn.init.normal_(m.heads.head.weight)   # torchvision zero-inits the head
         return m
-    return Case("torchvision_vit", _seeded(make), _images(),
-                [(f"encoder.layers.encoder_layer_{i}.self_attention", 17, 17) for i in range(2)],
+    n = 1 + (img // 8) ** 2
+    return Case("torchvision_vit" + _suffix(img, 32, "px"), _seeded(make), _images(img),
+                [(f"encoder.layers.encoder_layer_{i}.self_attention", n, n) for i in range(2)],
                 patterns.only(patterns.local_2d(1), names="*.encoder_layer_0.*"),
                 ["rewritten", "dense"])
 
@@ -120,15 +126,16 @@ def torchvision_vit():
 # HuggingFace transformers (version 5: through example_inputs)
 
 
-def hf_vit():
+def hf_vit(img=32):
     from transformers import ViTConfig, ViTModel
 
     def make():
         cfg = ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=128, image_size=32, patch_size=8)
+                        intermediate_size=128, image_size=img, patch_size=8)
         return ViTModel(cfg, add_pooling_layer=False)
-    return Case("hf_vit", _seeded(make), _images(),
-                [(f"layers.{i}.attention", 17, 17) for i in range(2)],
+    n = 1 + (img // 8) ** 2
+    return Case("hf_vit" + _suffix(img, 32, "px"), _seeded(make), _images(img),
+                [(f"layers.{i}.attention", n, n) for i in range(2)],
                 patterns.local_2d(1, prefix_tokens=1), ["rewritten", "rewritten"],
                 use_example_inputs=True)
 
@@ -142,7 +149,7 @@ def _text_inputs(vocab, batch=2, length=12, pad=4):
     return make
 
 
-def bert(attn="sdpa"):
+def bert(attn="sdpa", length=12):
     """BERT with a padding attention mask: the site's own additive mask must stay in force.
     ``attn="eager"``: transformers' written-out attention (softmax in float32) instead of SDPA."""
     from transformers import BertConfig, BertModel
@@ -150,11 +157,11 @@ def bert(attn="sdpa"):
     def make():
         cfg = BertConfig(vocab_size=64, hidden_size=64, num_hidden_layers=2,
                          num_attention_heads=4, intermediate_size=128,
-                         max_position_embeddings=32, attn_implementation=attn)
+                         max_position_embeddings=256, attn_implementation=attn)
         return BertModel(cfg)
-    return Case("hf_bert" + ("" if attn == "sdpa" else f"_{attn}"), _seeded(make),
-                _text_inputs(64),
-                [(f"encoder.layer.{i}.attention.self", 12, 12) for i in range(2)],
+    return Case("hf_bert" + _suffix(attn, "sdpa") + _suffix(length, 12), _seeded(make),
+                _text_inputs(64, length=length, pad=length // 3),
+                [(f"encoder.layer.{i}.attention.self", length, length) for i in range(2)],
                 patterns.sliding_window(2), ["rewritten", "rewritten"],
                 use_example_inputs=True, other_inputs=_text_inputs(64, length=20))
 
@@ -186,9 +193,13 @@ def clip(attn="sdpa"):
     towers.__name__ = "clip_towers"
     text = [(f"text_model.encoder.layers.{i}.self_attn", 12, 12) for i in range(2)]
     vision = [(f"vision_model.encoder.layers.{i}.self_attn", 17, 17) for i in range(2)]
-    return Case("hf_clip" + ("" if attn == "sdpa" else f"_{attn}"), _seeded(make), inputs,
+    return Case("hf_clip" + _suffix(attn, "sdpa"), _seeded(make), inputs,
                 vision + text, towers, ["rewritten"] * 4, use_example_inputs=True)
 
 
 CASES = [deit, eva, swin, torchvision_vit, hf_vit, bert, clip,
          lambda: bert("eager"), lambda: clip("eager")]
+
+# Sequences longer than a few blocks, so that layouts hold full, partial and empty blocks.
+LONG_CASES = [lambda: deit(img=128), lambda: torchvision_vit(img=128),
+              lambda: hf_vit(img=128), lambda: bert(length=200)]

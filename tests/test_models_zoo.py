@@ -226,3 +226,35 @@ def test_mask_fn_may_return_a_layout(case):
     assert_close_to_scale(run(sparse, args), want, TOL, f"{case.name} with a Layout")
     table = str(fxsparse.report(sparse))
     assert all(name in table for name, _, _ in case.sites)
+
+
+def visited_fraction(mask, block):
+    """Brute force: the fraction of the [q, kv] scores lying in blocks that hold a True."""
+    q_len, kv_len = mask.shape
+    area = 0
+    for a in range(0, q_len, block):
+        for b in range(0, kv_len, block):
+            tile = mask[a:a + block, b:b + block]
+            if tile.any():
+                area += tile.numel()
+    return area / (q_len * kv_len)
+
+
+@pytest.mark.parametrize("case", [make() for make in models.LONG_CASES], ids=repr)
+def test_long_sequences_skip_empty_blocks(case):
+    """Sequences of 200-258 tokens cut into 32-token blocks: full, partial and empty blocks."""
+    model, args = case.build(), case.inputs()
+    if case.name.startswith("hf_bert"):
+        token_mask = lambda s: patterns.sliding_window_mask(s.q_len, s.kv_len, window=8)
+    else:
+        token_mask = lambda s: patterns.local_2d_mask(s.q_len, s.kv_len, window=1)
+    sparse = transform(case, model, lambda s: fxsparse.Layout.from_mask(token_mask(s), 32))
+    want, _ = oracle_outputs(model, args, token_mask)
+    assert_close_to_scale(run(sparse, args), want, TOL, f"{case.name} in 32-token blocks")
+    rows = fxsparse.report(sparse).rows
+    assert [(r.name, r.status, r.block) for r in rows] == \
+        [(n, "rewritten", 32) for n, _, _ in case.sites]
+    for row in rows:
+        expected = visited_fraction(token_mask(row.site), 32)
+        assert expected < 0.6
+        assert row.density == pytest.approx(expected), row.name
