@@ -26,6 +26,7 @@ class Case:
     concrete_args: dict | None = None
     transform_kwargs: dict = field(default_factory=dict)
     other_inputs: Callable[[], tuple] | None = None   # inputs of another size, if the model takes them
+    attn_dropout: float = 0.0                    # attention dropout p (active in train mode)
 
     def __repr__(self):
         return self.name
@@ -150,6 +151,7 @@ def _text_inputs(vocab, batch=2, length=12, pad=4):
 
 
 def bert(attn="sdpa", length=12):
+    cfg_dropout = 0.1        # BertConfig's attention_probs_dropout_prob
     """BERT with a padding attention mask: the site's own additive mask must stay in force.
     ``attn="eager"``: transformers' written-out attention (softmax in float32) instead of SDPA."""
     from transformers import BertConfig, BertModel
@@ -163,7 +165,8 @@ def bert(attn="sdpa", length=12):
                 _text_inputs(64, length=length, pad=length // 3),
                 [(f"encoder.layer.{i}.attention.self", length, length) for i in range(2)],
                 patterns.sliding_window(2), ["rewritten", "rewritten"],
-                use_example_inputs=True, other_inputs=_text_inputs(64, length=20))
+                use_example_inputs=True, other_inputs=_text_inputs(64, length=20),
+                attn_dropout=cfg_dropout)
 
 
 def clip(attn="sdpa"):

@@ -258,3 +258,21 @@ def test_long_sequences_skip_empty_blocks(case):
         expected = visited_fraction(token_mask(row.site), 32)
         assert expected < 0.6
         assert row.density == pytest.approx(expected), row.name
+
+
+def test_train_mode(case):
+    """In train mode a site with active attention dropout is kept as it was and reported
+    skipped; the others are rewritten. With the same seed the output is the original's."""
+    model, args = case.build().train(), case.inputs()
+    sparse = transform(case, model, patterns.dense())
+    torch.manual_seed(7)
+    got = tensors(sparse(*args))
+    torch.manual_seed(7)
+    want = tensors(model(*args))
+    assert_close_to_scale(got, want, TOL, f"{case.name} in train mode")
+    rows = fxsparse.report(sparse).rows
+    expected = "skipped" if case.attn_dropout > 0 else "rewritten"
+    assert [(r.name, r.status) for r in rows] == [(n, expected) for n, _, _ in case.sites]
+    if case.attn_dropout > 0:
+        assert all("dropout" in r.reason for r in rows)
+    assert model.training and all(m.training for m in model.modules())
