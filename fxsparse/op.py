@@ -23,7 +23,8 @@ _dense_layouts: dict = {}
 
 
 def _use_triton(q: Tensor) -> bool:
-    return q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    interpret = os.environ.get("TRITON_INTERPRET") == "1" and q.dtype != torch.float64
+    return q.is_cuda or interpret
 
 
 def _impl(name):
@@ -32,6 +33,10 @@ def _impl(name):
 
         return kernels
     return reference
+
+
+def _lse_dtype(q: Tensor) -> torch.dtype:
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
 def _new_out(q: Tensor, dv: int) -> Tensor:
@@ -55,7 +60,7 @@ def _sparse_attention_op(
 @_sparse_attention_op.register_fake
 def _(q, k, v, tables, bias, scale, block_size, causal):
     b, h, nq, _ = q.shape
-    return _new_out(q, v.shape[-1]), q.new_empty(b, h, nq, dtype=torch.float32)
+    return _new_out(q, v.shape[-1]), q.new_empty(b, h, nq, dtype=_lse_dtype(q))
 
 
 @torch.library.custom_op("fxsparse::sparse_attention_backward", mutates_args=())
@@ -87,7 +92,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dout, dlse):
     q, k, v, out, lse, bias, *tables = ctx.saved_tensors
     dq, dk, dv, dbias = _sparse_attention_backward_op(
-        dout.contiguous(), q, k, v, out, lse, tables, bias, ctx.scale, ctx.block_size, ctx.causal, ctx.bias_grad
+        dout, q, k, v, out, lse, tables, bias, ctx.scale, ctx.block_size, ctx.causal, ctx.bias_grad
     )
     dbias_out = _reduce_to(dbias, ctx.bias_shape).to(bias.dtype) if ctx.bias_grad else None
     return dq, dk, dv, [None] * len(tables), dbias_out, None, None, None
@@ -191,9 +196,18 @@ def _as_layout(mask, q: Tensor, nq: int, nk: int) -> Layout:
             )
         if mask.dtype != torch.bool:
             raise TypeError(f"mask must be bool (True = may attend) or a Layout, got a tensor of dtype {mask.dtype}")
-        if mask.dim() > 4 or tuple(mask.shape[-2:]) != (nq, nk):
-            raise ValueError(f"mask of shape {tuple(mask.shape)} does not broadcast to [B|1, H|1, {nq}, {nk}]")
-        return Layout.from_mask(mask.to(q.device))
+        b, h = q.shape[:2]
+        try:
+            ok = mask.dim() <= 4 and torch.broadcast_shapes(mask.shape, (b, h, nq, nk)) == (b, h, nq, nk)
+        except RuntimeError:
+            ok = False
+        if not ok:
+            raise ValueError(
+                f"mask of shape {tuple(mask.shape)} does not broadcast to [batch 1 or {b}, heads 1 or {h}, {nq}, {nk}]"
+            )
+        while mask.dim() < 2:
+            mask = mask.unsqueeze(0)
+        return Layout.from_mask(mask.expand(*mask.shape[:-2], nq, nk).to(q.device))
     raise TypeError(f"mask must be a fxsparse.Layout, a bool tensor or None, got {type(mask).__name__}")
 
 

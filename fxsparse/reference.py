@@ -62,11 +62,11 @@ def _scores(qc, kg, scale, bias_c, mask_c):
 
 
 def forward(q, k, v, tables, bias, scale: float, block_size: int, causal: bool, out):
-    """Writes out [B,H,Nq,D] (q's dtype); returns lse [B,H,Nq] float32, natural log, +inf for empty rows."""
+    """Writes out [B,H,Nq,D] (q's dtype); returns lse [B,H,Nq] (float32, float64 for float64 inputs), natural log, +inf for empty rows."""
     b, h, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
     acc = _acc_dtype(q)
-    lse = torch.empty(b, h, nq, dtype=torch.float32, device=q.device)
+    lse = torch.empty(b, h, nq, dtype=acc, device=q.device)
     kg, vg = k.to(acc).unsqueeze(2), v.to(acc).unsqueeze(2)
     qg = _grouped(q, hkv)
     og, lg = _grouped(out, hkv), _grouped(lse, hkv)
@@ -80,7 +80,7 @@ def forward(q, k, v, tables, bias, scale: float, block_size: int, causal: bool, 
         empty = l == 0
         o = torch.matmul(p, vg) / torch.where(empty, torch.ones_like(l), l)
         og[:, :, :, r0:r1] = o.to(q.dtype)
-        lg[:, :, :, r0:r1] = torch.where(empty, torch.full_like(l, float("inf")), m_safe + torch.log(l)).squeeze(-1).float()
+        lg[:, :, :, r0:r1] = torch.where(empty, torch.full_like(l, float("inf")), m_safe + torch.log(l)).squeeze(-1)
     return lse
 
 
