@@ -122,10 +122,19 @@ def test_sparse_mask_matches_oracle(case):
     assert gap > 20 * TOL
 
 
-def test_state_dict_loads_by_name(case):
-    model = case.build()
+def test_checkpoint_loads_by_name(case):
+    """Another model's weights (a "pretrained checkpoint") load into the transformed model by
+    the original names, and it then computes what that model computes."""
+    model, args = case.build(), case.inputs()
     sparse = transform(case, model, patterns.dense())
-    sparse.load_state_dict(model.state_dict(), strict=True)
+    other = case.build()
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    sparse.load_state_dict(other.state_dict(), strict=True)
+    assert_close_to_scale(run(sparse, args), run(other, args), TOL,
+                          f"{case.name} after load_state_dict")
 
 
 def _snapshot(model):
