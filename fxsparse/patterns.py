@@ -71,16 +71,21 @@ def _check_self_attention(site, factory: str):
 # local_2d: windows on a grid of image patches
 
 
-def _infer_grid(n_tokens: int, prefix_tokens: int | None, max_prefix: int = 16):
-    """(prefix_tokens, (h, w)) for a square grid; the smallest prefix count that leaves a square."""
-    candidates = [prefix_tokens] if prefix_tokens is not None else range(0, max_prefix + 1)
+def _infer_grid(n_tokens: int, prefix_tokens: int | None):
+    """(prefix_tokens, (h, w)) for a square grid. Without prefix_tokens: the smallest prefix
+    count, fewer than a grid row, that leaves a square (so that 12 text tokens are not read as
+    3 prefix tokens and a 3x3 grid)."""
+    candidates = [prefix_tokens] if prefix_tokens is not None else range(n_tokens)
     for p in candidates:
         side = math.isqrt(max(n_tokens - p, 0))
+        if prefix_tokens is None and p >= side:
+            break
         if side > 0 and side * side == n_tokens - p:
             return p, (side, side)
     what = (f"{n_tokens} tokens minus {prefix_tokens} prefix tokens" if prefix_tokens is not None
-            else f"{n_tokens} tokens minus 0..{max_prefix} prefix tokens")
-    raise ValueError(f"local_2d: {what} is not a square grid of patches; pass grid=(h, w)")
+            else f"{n_tokens} tokens minus fewer prefix tokens than a grid row")
+    raise ValueError(f"local_2d: {what} is not a square grid of patches; pass prefix_tokens= "
+                     f"or grid=(h, w)")
 
 
 def local_2d_mask(q_len: int, kv_len: int | None = None, *, window: int,
@@ -95,8 +100,9 @@ def local_2d_mask(q_len: int, kv_len: int | None = None, *, window: int,
     attends to them.
 
     ``grid=None`` takes a square grid: with ``prefix_tokens`` given, of ``q_len - prefix_tokens``
-    patches; with neither given, the prefix is the smallest count in 0..16 that leaves a square
-    (197 → 1 + 14x14). With ``grid`` given, the prefix is ``q_len - h * w``.
+    patches; with neither given, the prefix is the smallest count that leaves a square and is
+    smaller than the grid's side (197 → 1 + 14x14, 18 → 2 + 4x4; 12 is an error, not 3 + 3x3).
+    Pass ``prefix_tokens`` when you know it. With ``grid`` given, the prefix is ``q_len - h * w``.
     """
     kv_len = q_len if kv_len is None else kv_len
     if q_len != kv_len:

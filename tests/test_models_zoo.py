@@ -285,3 +285,11 @@ def test_train_mode(case):
     if case.attn_dropout > 0:
         assert all("dropout" in r.reason for r in rows)
     assert model.training and all(m.training for m in model.modules())
+
+
+def test_pattern_that_does_not_fit_names_the_site():
+    """local_2d on CLIP's text tower (12 tokens: no grid of patches) is an error naming it."""
+    case = models.clip()
+    with pytest.raises(Exception, match=r"text_model\.encoder\.layers\.0\.self_attn.*square grid"):
+        sparse = transform(case, case.build(), patterns.local_2d(1))
+        run(sparse, case.inputs())

@@ -50,7 +50,8 @@ def test_local_2d_matches_loops(prefix, h, w, window):
 
 
 @pytest.mark.parametrize("n,prefix,side", [(197, 1, 14), (196, 0, 14), (50, 1, 7),
-                                           (201, 5, 14), (66, 2, 8)])
+                                           (201, 5, 14), (66, 2, 8), (18, 2, 4), (16, 0, 4),
+                                           (1029, 5, 32)])
 def test_local_2d_infers_square_grid(n, prefix, side):
     got = P.local_2d(1)(site(n))
     assert torch.equal(got, local_2d_loops(prefix, side, side, 1))
@@ -68,6 +69,10 @@ def test_local_2d_window_1_is_3x3_neighbourhood():
 def test_local_2d_errors_name_the_site():
     with pytest.raises(ValueError, match="blocks.3.attn.*not a square grid"):
         P.local_2d(1)(site(99, name="blocks.3.attn"))
+    for n in (12, 20, 7):       # 3 + 3x3, 4 + 4x4, 3 + 2x2: as many prefix tokens as a row
+        with pytest.raises(ValueError, match="not a square grid"):
+            P.local_2d(1)(site(n))
+    assert P.local_2d(1, prefix_tokens=3)(site(12)).shape == (12, 12)
     with pytest.raises(ValueError, match="cross.attn.*q_len == kv_len"):
         P.local_2d(1)(site(16, 32, name="cross.attn"))
     with pytest.raises(ValueError, match="grid 4x4"):
