@@ -145,30 +145,49 @@ def _placeholder_values(gm: fx.GraphModule, args, kwargs) -> Optional[list]:
 
 
 def _clone_module_objects(gm: fx.GraphModule, model: nn.Module):
-    """GraphModule installs the model's own submodule objects; give it shallow copies that share
-    parameters and buffers, so `sparse.eval()` or a hook on `sparse` never reaches `model`."""
+    """GraphModule installs the model's own submodule objects; give it shallow copies whose
+    parameters are new Parameter objects over the same storage (tied weights stay tied), so
+    `sparse.eval()`, `sparse.half()` or a hook on `sparse` never reaches `model`. The weights'
+    memory is shared, as with torch.compile: training `sparse` updates the values `model` sees."""
     originals = {id(m) for m in model.modules()}
+    aliases: dict = {}
     for name, child in list(gm.named_children()):
         if id(child) in originals:
-            setattr(gm, name, _shallow_copy(child))
+            setattr(gm, name, _shallow_copy(child, aliases))
         else:
-            _clone_below(child, originals)
+            _clone_below(child, originals, aliases)
+    # parameters the graph reads directly (get_attr) were installed as the model's own objects
+    own = {id(p) for p in model.parameters()}
+    for mod in gm.modules():
+        for k, p in mod._parameters.items():
+            if p is not None and id(p) in own:
+                mod._parameters[k] = _alias(p, aliases)
 
 
-def _clone_below(mod: nn.Module, originals: set):
+def _clone_below(mod: nn.Module, originals: set, aliases: dict):
     for name, child in list(mod.named_children()):
         if id(child) in originals:
-            setattr(mod, name, _shallow_copy(child))
+            setattr(mod, name, _shallow_copy(child, aliases))
         else:
-            _clone_below(child, originals)
+            _clone_below(child, originals, aliases)
 
 
-def _shallow_copy(mod: nn.Module) -> nn.Module:
+def _alias(p, aliases: dict):
+    if p is None:
+        return None
+    if id(p) not in aliases:
+        aliases[id(p)] = nn.Parameter(p.detach(), requires_grad=p.requires_grad)
+    return aliases[id(p)]
+
+
+def _shallow_copy(mod: nn.Module, aliases: dict) -> nn.Module:
     new = copy.copy(mod)
-    new._parameters = type(mod._parameters)(mod._parameters)
+    new._parameters = type(mod._parameters)((k, _alias(p, aliases)) for k, p in mod._parameters.items())
     new._buffers = type(mod._buffers)(mod._buffers)
     new._non_persistent_buffers_set = set(mod._non_persistent_buffers_set)
-    new._modules = type(mod._modules)((k, None if v is None else _shallow_copy(v)) for k, v in mod._modules.items())
+    new._modules = type(mod._modules)(
+        (k, None if v is None else _shallow_copy(v, aliases)) for k, v in mod._modules.items()
+    )
     for hooks in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
                   "_state_dict_hooks", "_load_state_dict_pre_hooks", "_forward_hooks_with_kwargs",
                   "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called"):
@@ -194,7 +213,7 @@ def _keep_unused_state(gm: fx.GraphModule, model: nn.Module):
                 owner.add_module(part, nxt)
             owner = nxt
         if isinstance(value, nn.Parameter):
-            owner.register_parameter(field, value)
+            owner.register_parameter(field, nn.Parameter(value.detach(), requires_grad=value.requires_grad))
         else:
             owner.register_buffer(field, value)
     # a buffer the model keeps out of its state_dict stays out of ours
