@@ -54,17 +54,14 @@ def _call_name(factory: str, *args, **kwargs) -> str:
     return f"{factory}({', '.join(parts)})"
 
 
-def _site_label(site) -> str:
-    name = getattr(site, "name", None)
-    return name if name else f"site {getattr(site, 'index', '?')}"
+# Errors say what does not fit; fxsparse.transform adds the name of the site.
 
 
 def _check_self_attention(site, factory: str):
     if site.q_len != site.kv_len:
         raise ValueError(
-            f"{_site_label(site)}: {factory} needs self-attention (q_len == kv_len), got "
-            f"q_len={site.q_len}, kv_len={site.kv_len}; select the sites it fits with "
-            f"patterns.only(...)")
+            f"{factory} needs self-attention (q_len == kv_len), got q_len={site.q_len}, "
+            f"kv_len={site.kv_len}; select the sites it fits with patterns.only(...)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -82,10 +79,12 @@ def _infer_grid(n_tokens: int, prefix_tokens: int | None):
             break
         if side > 0 and side * side == n_tokens - p:
             return p, (side, side)
-    what = (f"{n_tokens} tokens minus {prefix_tokens} prefix tokens" if prefix_tokens is not None
-            else f"{n_tokens} tokens minus fewer prefix tokens than a grid row")
-    raise ValueError(f"local_2d: {what} is not a square grid of patches; pass prefix_tokens= "
-                     f"or grid=(h, w)")
+    if prefix_tokens is not None:
+        what = f"{n_tokens} tokens minus {prefix_tokens} prefix tokens are not a square grid"
+    else:
+        what = (f"{n_tokens} tokens are not a square grid of patches after fewer prefix tokens "
+                f"than a grid row")
+    raise ValueError(f"local_2d: {what}; pass prefix_tokens= or grid=(h, w)")
 
 
 def local_2d_mask(q_len: int, kv_len: int | None = None, *, window: int,
@@ -131,11 +130,8 @@ def local_2d(window: int, grid: tuple[int, int] | None = None,
     """mask_fn: :func:`local_2d_mask` at each site's length (self-attention sites only)."""
     def fn(site):
         _check_self_attention(site, "local_2d")
-        try:
-            return local_2d_mask(site.q_len, site.kv_len, window=window, grid=grid,
-                                 prefix_tokens=prefix_tokens)
-        except ValueError as e:
-            raise ValueError(f"{_site_label(site)}: {e}") from None
+        return local_2d_mask(site.q_len, site.kv_len, window=window, grid=grid,
+                             prefix_tokens=prefix_tokens)
     fn.__doc__ = local_2d_mask.__doc__
     return MaskFn(fn, _call_name("local_2d", window=window, grid=grid,
                                  prefix_tokens=prefix_tokens))
@@ -239,11 +235,11 @@ def bigbird(block: int, num_random: int, num_window: int, num_global: int,
 # combinators
 
 
-def _as_bool_mask(out, fn, site) -> torch.Tensor:
+def _as_bool_mask(out, fn) -> torch.Tensor:
     if not isinstance(out, torch.Tensor) or out.dtype != torch.bool:
-        raise TypeError(f"{_site_label(site)}: {fn!r} returned {type(out).__name__}"
-                        f"{'' if not isinstance(out, torch.Tensor) else ' of ' + str(out.dtype)}; "
-                        f"union/intersect combine bool token masks only")
+        got = f"a tensor of {out.dtype}" if isinstance(out, torch.Tensor) else type(out).__name__
+        raise TypeError(f"{_fn_name(fn)} returned {got}; union/intersect combine bool token "
+                        f"masks only")
     return out
 
 
@@ -259,7 +255,7 @@ def union(*fns) -> MaskFn:
             out = f(site)
             if out is None:
                 return None
-            masks.append(_as_bool_mask(out, f, site))
+            masks.append(_as_bool_mask(out, f))
         result = masks[0]
         for m in masks[1:]:
             result = result | m
@@ -279,7 +275,7 @@ def intersect(*fns) -> MaskFn:
             out = f(site)
             if out is None:
                 continue
-            out = _as_bool_mask(out, f, site)
+            out = _as_bool_mask(out, f)
             result = out if result is None else result & out
         return result
     return MaskFn(fn, f"intersect({', '.join(_fn_name(f) for f in fns)})")

@@ -66,15 +66,15 @@ def test_local_2d_window_1_is_3x3_neighbourhood():
     assert row[0] and m[0].all() and m[:, 0].all()
 
 
-def test_local_2d_errors_name_the_site():
-    with pytest.raises(ValueError, match="blocks.3.attn.*not a square grid"):
-        P.local_2d(1)(site(99, name="blocks.3.attn"))
+def test_local_2d_errors():
+    with pytest.raises(ValueError, match="local_2d: 99 tokens are not a square grid"):
+        P.local_2d(1)(site(99))
     for n in (12, 20, 7):       # 3 + 3x3, 4 + 4x4, 3 + 2x2: as many prefix tokens as a row
         with pytest.raises(ValueError, match="not a square grid"):
             P.local_2d(1)(site(n))
     assert P.local_2d(1, prefix_tokens=3)(site(12)).shape == (12, 12)
-    with pytest.raises(ValueError, match="cross.attn.*q_len == kv_len"):
-        P.local_2d(1)(site(16, 32, name="cross.attn"))
+    with pytest.raises(ValueError, match="local_2d needs self-attention"):
+        P.local_2d(1)(site(16, 32))
     with pytest.raises(ValueError, match="grid 4x4"):
         P.local_2d_mask(18, window=1, grid=(4, 4), prefix_tokens=1)
 
@@ -185,7 +185,7 @@ def test_none_in_combinators():
 
 
 def test_combinators_reject_non_bool():
-    with pytest.raises(TypeError, match="blocks.0.attn.*bool"):
+    with pytest.raises(TypeError, match="<lambda> returned a tensor of torch.float32.*bool"):
         P.union(P.dense(), lambda s: torch.ones(s.q_len, s.kv_len))(site(4))
 
 
