@@ -50,7 +50,7 @@ def window_mask(n: int, w: int, device) -> torch.Tensor:
 def bench(fn, grad_to_none=None) -> float:
     from triton.testing import do_bench
 
-    return do_bench(fn, warmup=25, rep=100, grad_to_none=grad_to_none, return_mode="median")
+    return do_bench(fn, warmup=100, rep=100, grad_to_none=grad_to_none, return_mode="median")
 
 
 def make_flex(n: int, w: int, device):

@@ -30,13 +30,25 @@ def _dot(a, b, PRECISION: tl.constexpr):
     return tl.dot(a, b, input_precision=PRECISION)
 
 
+# How a partial block's packed words become its element mask: 1 = each element reads its own
+# word (cached loads, no data movement between threads), 0 = one load of [rows, cols / 32] words
+# expanded by broadcasting and a reshape. FXSPARSE_BITS_GATHER picks one for benchmarks.
+BITS_GATHER = tl.constexpr(int(os.environ.get("FXSPARSE_BITS_GATHER", "1")))
+
+
 @triton.jit
 def _load_bits(BITS, mid, rows_in_block, j, BLOCK: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
     """Element mask [ROWS, COLS] of partial block `mid`: rows `rows_in_block`, columns j .. j + COLS."""
     W: tl.constexpr = BLOCK // 32
-    words = tl.load(BITS + mid * (BLOCK * W) + rows_in_block[:, None] * W + (j // 32 + tl.arange(0, COLS // 32))[None, :])
-    bits = (words[:, :, None] >> tl.arange(0, 32)[None, None, :]) & 1
-    return tl.reshape(bits, [ROWS, COLS]) != 0
+    base = BITS + mid * (BLOCK * W) + rows_in_block[:, None] * W
+    if BITS_GATHER:
+        cols = j + tl.arange(0, COLS)
+        words = tl.load(base + (cols // 32)[None, :])
+        return ((words >> (cols % 32)[None, :]) & 1) != 0
+    else:
+        words = tl.load(base + (j // 32 + tl.arange(0, COLS // 32))[None, :])
+        bits = (words[:, :, None] >> tl.arange(0, 32)[None, None, :]) & 1
+        return tl.reshape(bits, [ROWS, COLS]) != 0
 
 
 @triton.jit
