@@ -24,6 +24,7 @@ __all__ = [
     "MaskFn",
     "local_2d", "local_2d_mask",
     "sliding_window", "sliding_window_mask",
+    "causal", "causal_mask",
     "global_tokens", "global_tokens_mask",
     "bigbird", "bigbird_mask",
     "dense", "dense_mask",
@@ -159,6 +160,17 @@ def sliding_window(window: int, causal: bool = False) -> MaskFn:
         return sliding_window_mask(site.q_len, site.kv_len, window=window, causal=causal)
     fn.__doc__ = sliding_window_mask.__doc__
     return MaskFn(fn, _call_name("sliding_window", window=window, causal=causal or None))
+
+
+def causal_mask(q_len: int, kv_len: int) -> torch.Tensor:
+    """Query ``i`` attends to keys ``j <= i`` (SDPA's ``is_causal`` alignment). Bool
+    ``[q_len, kv_len]``."""
+    return torch.ones(q_len, kv_len, dtype=torch.bool).tril()
+
+
+def causal() -> MaskFn:
+    """mask_fn: :func:`causal_mask` at each site's lengths."""
+    return MaskFn(lambda site: causal_mask(site.q_len, site.kv_len), "causal()")
 
 
 def global_tokens_mask(q_len: int, kv_len: int, *, n: int) -> torch.Tensor:

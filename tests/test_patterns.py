@@ -103,6 +103,14 @@ def test_global_tokens_matches_loops(q_len, kv_len, n):
     assert torch.equal(P.global_tokens(n)(site(q_len, kv_len)), expected)
 
 
+@pytest.mark.parametrize("q_len,kv_len", [(6, 6), (4, 9), (9, 4)])
+def test_causal_matches_loops(q_len, kv_len):
+    expected = from_loops(q_len, kv_len, lambda i, j: j <= i)
+    assert torch.equal(P.causal_mask(q_len, kv_len), expected)
+    assert torch.equal(P.causal()(site(q_len, kv_len)), expected)
+    assert repr(P.causal()) == "causal()"
+
+
 def test_dense():
     assert torch.equal(P.dense()(site(5, 7)), torch.ones(5, 7, dtype=torch.bool))
     assert torch.equal(P.dense_mask(3, 2), torch.ones(3, 2, dtype=torch.bool))
@@ -218,7 +226,7 @@ def test_readable_names():
     assert repr(P.bigbird(64, 3, 3, 2, seed=1)) == \
         "bigbird(block=64, num_random=3, num_window=3, num_global=2, seed=1)"
     assert repr(P.dense()) == "dense()"
-    for f in (P.local_2d, P.sliding_window, P.global_tokens, P.bigbird, P.dense, P.union,
+    for f in (P.local_2d, P.sliding_window, P.causal, P.global_tokens, P.bigbird, P.dense, P.union,
               P.intersect, P.only, P.local_2d_mask, P.bigbird_mask):
         assert f.__doc__
 
@@ -232,7 +240,8 @@ def test_readable_names():
     lambda n: P.sliding_window_mask(n, n, window=3, causal=True),
     lambda n: P.bigbird_mask(n, n, block=4, num_random=1, num_window=3, num_global=1, seed=0),
     lambda n: P.union(P.sliding_window(2), P.global_tokens(1))(site(n)),
-], ids=["local_2d", "sliding_window", "bigbird", "union"])
+    lambda n: P.causal_mask(n, n),
+], ids=["local_2d", "sliding_window", "bigbird", "union", "causal"])
 def test_masks_drive_sparse_attention(build):
     import torch.nn.functional as F
     import fxsparse
