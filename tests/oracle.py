@@ -16,7 +16,9 @@ left with no attendable key (all its scores -inf) outputs 0, as fxsparse's op do
 ``mask_fn(site) -> None | bool [q_len, kv_len] | bool [H, q_len, kv_len]`` gets an
 ``OracleSite`` (index in call order, name of the innermost running module, kind, num_heads,
 q_len, kv_len); None leaves that attention as the model computes it (still in float64).
-``oracle.sites`` lists every attention seen. This file does not import fxsparse.
+``oracle.sites`` lists every attention seen. A per-head mask needs scores with a head axis
+(``[B, H, q, kv]``); bmm-style ``[B*H, q, kv]`` scores take ``[q, kv]`` masks only.
+This file does not import fxsparse.
 """
 from __future__ import annotations
 
