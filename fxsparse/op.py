@@ -116,7 +116,7 @@ def sparse_attention(
     """Block-sparse attention: softmax(q kᵀ · scale + bias, restricted to ``mask``) v.
 
     q: [B, H, Nq, D]; k, v: [B, Hkv, Nk, D] with H % Hkv == 0 (grouped-query heads share kv heads,
-    no copy). Any strides. D from 16 to 256. float16, bfloat16 or float32 (float32 matmuls follow
+    no copy). Any strides. D up to 256 (padded inside the kernel to a power of two, at least 16). float16, bfloat16 or float32 (float32 matmuls follow
     ``torch.get_float32_matmul_precision()``); the output has q's dtype and shape [B, H, Nq, D].
 
     mask: a ``Layout`` (build it once and reuse it: the per-call cost is then nothing), a bool token
@@ -168,8 +168,8 @@ def _check_inputs(q, k, v):
     hkv = k.shape[1]
     if hkv == 0 or h % hkv != 0:
         raise ValueError(f"q has {h} heads, which is not a multiple of k/v's {hkv} heads")
-    if not 16 <= d <= 256:
-        raise ValueError(f"head_dim must be between 16 and 256, got {d}")
+    if not 1 <= d <= 256:
+        raise ValueError(f"head_dim must be between 1 and 256, got {d}")
     if nq == 0 or k.shape[2] == 0:
         raise ValueError(f"empty sequence: q has {nq} tokens, k has {k.shape[2]}")
 

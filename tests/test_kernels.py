@@ -123,7 +123,7 @@ def test_backward_with_non_contiguous_output_gradients():
             assert_close(a, b, _tols(torch.float32)[1], f"grad {name}")
 
 
-@pytest.mark.parametrize("nq,d", [(1, 32), (40, 256)])
+@pytest.mark.parametrize("nq,d", [(1, 32), (40, 256), (33, 12)])
 def test_single_query_and_largest_head_dim(nq, d):
     q, k, v = qkv(1, 2, 2, nq, 50, d, device=DEVICE, seed=d)
     mask = random_mask((), nq, 50, 0.5, seed=16, device=DEVICE)

@@ -126,7 +126,7 @@ def test_all_false_mask():
         assert torch.equal(g, torch.zeros_like(g))
 
 
-@pytest.mark.parametrize("d", [16, 256])
+@pytest.mark.parametrize("d", [8, 12, 16, 256])
 def test_head_dim_limits(d):
     q, k, v = qkv(1, 2, 1, 40, 33, d, seed=d)
     mask = random_mask((), 40, 33, 0.5, seed=d + 1)
@@ -464,9 +464,9 @@ def test_error_shapes():
         op(q, k[..., :16], v[..., :16])
 
 
-@pytest.mark.parametrize("d", [8, 15, 257, 320])
+@pytest.mark.parametrize("d", [257, 320])
 def test_error_head_dim_out_of_range(d):
-    with pytest.raises(ValueError, match=f"head_dim must be between 16 and 256, got {d}"):
+    with pytest.raises(ValueError, match=f"head_dim must be between 1 and 256, got {d}"):
         op(*_inputs(D=d))
 
 
