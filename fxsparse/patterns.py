@@ -12,6 +12,12 @@ returns the same tensor for use with ``fxsparse.sparse_attention`` directly.
 Positions are token indices, as in FlexAttention's ``mask_mod`` and SDPA's ``is_causal``:
 query ``i`` and key ``j`` are compared as ``i`` and ``j`` even when ``q_len != kv_len``.
 Masks are built on the CPU; the transform moves them where the model runs.
+
+Speed comes from whole blocks of the mask being empty, not from its token density. Patches are
+in row-major order, so a 2-D window of radius w spans about ``2 * w + 1`` grid rows of tokens:
+at 197 tokens (ViT-B/16, 224 px) a window-1 mask holds 5 % of the scores but touches every
+128-token block and 65 % of 32-token blocks. Return ``Layout.from_mask(mask, block_size=32)``
+from the mask_fn for short sequences; long sequences skip most blocks at any block size.
 """
 from __future__ import annotations
 
@@ -48,11 +54,9 @@ class MaskFn:
         return self.__name__
 
 
-def _call_name(factory: str, *args, **kwargs) -> str:
-    """``local_2d(window=2, prefix_tokens=1)``: positional args, then keywords that are not None."""
-    parts = [repr(a) for a in args]
-    parts += [f"{k}={v!r}" for k, v in kwargs.items() if v is not None]
-    return f"{factory}({', '.join(parts)})"
+def _call_name(factory: str, **kwargs) -> str:
+    """``local_2d(window=2, prefix_tokens=1)``: the arguments that are not None."""
+    return f"{factory}({', '.join(f'{k}={v!r}' for k, v in kwargs.items() if v is not None)})"
 
 
 # Errors say what does not fit; fxsparse.transform adds the name of the site.
