@@ -19,10 +19,11 @@ demo: $(STAMP)
 
 # The suite: the reference path and the FX pass on CPU, then the Triton kernels
 # themselves through Triton's interpreter (TRITON_INTERPRET=1 is read when triton
-# decorates the kernels, so the kernel tests run in their own pytest process).
+# decorates the kernels, so the kernel tests run in their own pytest process). Inductor's on-disk
+# caches are off: they key compiled graphs without the op's fake kernel, so an old entry could be reused.
 test: $(STAMP)
-	$(BIN)/python -m pytest tests -m "not interpret"
-	TRITON_INTERPRET=1 $(BIN)/python -m pytest tests -m interpret
+	TORCHINDUCTOR_FORCE_DISABLE_CACHES=1 $(BIN)/python -m pytest tests -m "not interpret"
+	TORCHINDUCTOR_FORCE_DISABLE_CACHES=1 TRITON_INTERPRET=1 $(BIN)/python -m pytest tests -m interpret
 
 clean:
 	rm -rf $(VENV)

@@ -64,7 +64,7 @@ def make_flex(n: int, w: int, device):
     return lambda q, k, v: flex(q, k, v, block_mask=bm)
 
 
-def run_table(shapes, densities, modes, methods):
+def run_table(shapes, densities, modes, methods, progress=None):
     torch._dynamo.config.cache_size_limit = 1000
     dev = "cuda"
     rows = []
@@ -120,6 +120,8 @@ def run_table(shapes, densities, modes, methods):
                         if "sdpa-dense" in base:
                             r["vs_sdpa"] = round(base["sdpa-dense"] / r["ms"], 2)
                 torch.cuda.empty_cache()
+        if progress:
+            progress(rows)
     return rows
 
 
@@ -236,7 +238,12 @@ def main():
         result["sweep"] = res
         print(tabulate(res, headers="keys"))
     if a.table or not (a.check or a.sweep):
-        res = run_table(shapes, [float(x) for x in a.densities.split(",")], a.modes.split(","), a.methods.split(","))
+        def progress(rows):  # each shape's rows reach the JSON as soon as they exist
+            with open(os.path.join(a.out, "attention.json"), "w") as f:
+                json.dump(dict(result, table=rows), f, indent=1)
+
+        res = run_table(shapes, [float(x) for x in a.densities.split(",")], a.modes.split(","),
+                        a.methods.split(","), progress)
         result["table"] = res
         print(tabulate(res, headers="keys"))
     with open(os.path.join(a.out, "attention.json"), "w") as f:

@@ -18,6 +18,7 @@ be 1 and broadcast.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -26,20 +27,47 @@ import torch
 DEFAULT_BLOCK_SIZE = 128
 EMPTY, PARTIAL, FULL = 0, 1, 2
 
-# The order in which the tables travel to the op (torch.library takes tensors, not objects).
-TABLE_NAMES = (
-    "kinds",  # int8 [Bl, Hl, NQB, NKB]: EMPTY / PARTIAL / FULL
-    "mask_id",  # int32 [Bl, Hl, NQB, NKB]: row of `bits` for a partial block, else -1
-    "bits",  # int32 [P, block, block // 32]: packed element masks of partial blocks
-    "full_num",  # int32 [Bl, Hl, NQB]
-    "full_idx",  # int32 [Bl, Hl, NQB, NKB]: kv blocks, ascending, padded
-    "part_num",
-    "part_idx",
-    "t_full_num",  # int32 [Bl, Hl, NKB]: transposed, for dk / dv
-    "t_full_idx",  # int32 [Bl, Hl, NKB, NQB]
-    "t_part_num",
-    "t_part_idx",
+# The tables live in one flat int32 tensor (`Layout.data`), in this order, so the op takes a
+# single tensor whatever the mask. Shapes in blocks: Bl, Hl = the mask's batch and heads (1 or B, 1 or H),
+# NQB, NKB = query and kv blocks, P = distinct partial-block masks.
+TABLE_SHAPES = (
+    ("kinds", ("bl", "hl", "nqb", "nkb")),  # EMPTY / PARTIAL / FULL
+    ("mask_id", ("bl", "hl", "nqb", "nkb")),  # row of `bits` of a partial block, else -1
+    ("full_num", ("bl", "hl", "nqb")),
+    ("full_idx", ("bl", "hl", "nqb", "nkb")),  # kv blocks, ascending, padded
+    ("part_num", ("bl", "hl", "nqb")),
+    ("part_idx", ("bl", "hl", "nqb", "nkb")),
+    ("t_full_num", ("bl", "hl", "nkb")),  # transposed, for dk / dv
+    ("t_full_idx", ("bl", "hl", "nkb", "nqb")),
+    ("t_part_num", ("bl", "hl", "nkb")),
+    ("t_part_idx", ("bl", "hl", "nkb", "nqb")),
 )
+TABLE_NAMES = tuple(n for n, _ in TABLE_SHAPES) + ("bits",)  # bits: [P, block, block // 32], packed masks
+
+
+@functools.lru_cache(maxsize=None)
+def table_offsets(bl: int, hl: int, nqb: int, nkb: int) -> dict:
+    """name -> (offset, shape) in the flat table tensor; "bits" starts where the others end."""
+    dims = dict(bl=bl, hl=hl, nqb=nqb, nkb=nkb)
+    out, pos = {}, 0
+    for name, shape in TABLE_SHAPES:
+        size = tuple(dims[d] for d in shape)
+        out[name] = (pos, size)
+        pos += math.prod(size)
+    out["bits"] = (pos, None)
+    return out
+
+
+def table_views(data: torch.Tensor, bl: int, hl: int, block_size: int, shape: tuple) -> dict:
+    """The named tables as views of the flat tensor."""
+    nqb, nkb = math.ceil(shape[0] / block_size), math.ceil(shape[1] / block_size)
+    views = {}
+    for name, (off, size) in table_offsets(bl, hl, nqb, nkb).items():
+        if size is None:
+            views[name] = data[off:].view(-1, block_size, block_size // 32)
+        else:
+            views[name] = data[off : off + math.prod(size)].view(size)
+    return views
 
 
 def _as_4d(mask: torch.Tensor) -> torch.Tensor:
@@ -84,18 +112,15 @@ class Layout:
 
     block_size: int
     shape: tuple  # (q_len, kv_len)
-    kinds: torch.Tensor
-    mask_id: torch.Tensor
-    bits: torch.Tensor
-    full_num: torch.Tensor
-    full_idx: torch.Tensor
-    part_num: torch.Tensor
-    part_idx: torch.Tensor
-    t_full_num: torch.Tensor
-    t_full_idx: torch.Tensor
-    t_part_num: torch.Tensor
-    t_part_idx: torch.Tensor
+    batch: int  # 1 or B
+    num_heads: int  # 1 or H
+    data: torch.Tensor  # flat int32: the tables of TABLE_NAMES, see table_offsets
     density: float = 1.0
+
+    def __getattr__(self, name):  # the named tables, as views of `data`
+        if name in TABLE_NAMES:
+            return table_views(self.data, self.batch, self.num_heads, self.block_size, self.shape)[name]
+        raise AttributeError(name)
 
     # ---------------------------------------------------------------- building
     @classmethod
@@ -173,44 +198,28 @@ class Layout:
         cols[-1] = nk - bs * (kinds.shape[-1] - 1)
         visited = (kinds != EMPTY).to(torch.float64)
         computed = (visited * rows[:, None] * cols[None, :]).sum((-1, -2)).mean()
-        return cls(
-            block_size=bs, shape=(int(nq), int(nk)), kinds=kinds.contiguous(), mask_id=mask_id.contiguous(),
-            bits=bits.contiguous(), full_num=full_num, full_idx=full_idx, part_num=part_num, part_idx=part_idx,
-            t_full_num=t_full_num, t_full_idx=t_full_idx, t_part_num=t_part_num, t_part_idx=t_part_idx,
-            density=float(computed) / (nq * nk),
-        )
+        parts = (kinds, mask_id, full_num, full_idx, part_num, part_idx, t_full_num, t_full_idx, t_part_num,
+                 t_part_idx, bits)
+        data = torch.cat([t.reshape(-1).to(torch.int32) for t in parts])
+        return cls(block_size=bs, shape=(int(nq), int(nk)), batch=kinds.shape[0], num_heads=kinds.shape[1],
+                   data=data, density=float(computed) / (nq * nk))
 
     # ---------------------------------------------------------------- use
     @property
-    def batch(self) -> int:
-        return self.kinds.shape[0]
-
-    @property
-    def num_heads(self) -> int:
-        return self.kinds.shape[1]
-
-    @property
     def num_blocks(self) -> tuple:
-        return tuple(self.kinds.shape[-2:])
+        return math.ceil(self.shape[0] / self.block_size), math.ceil(self.shape[1] / self.block_size)
 
     @property
     def device(self) -> torch.device:
-        return self.kinds.device
-
-    def tables(self) -> list:
-        return [getattr(self, n) for n in TABLE_NAMES]
-
-    @classmethod
-    def from_tables(cls, tables, block_size: int, shape: tuple) -> "Layout":
-        return cls(block_size=block_size, shape=tuple(shape), **dict(zip(TABLE_NAMES, tables)), density=float("nan"))
+        return self.data.device
 
     def to(self, device) -> "Layout":
-        moved = {n: getattr(self, n).to(device) for n in TABLE_NAMES}
-        return Layout(block_size=self.block_size, shape=self.shape, density=self.density, **moved)
+        return Layout(block_size=self.block_size, shape=self.shape, batch=self.batch, num_heads=self.num_heads,
+                      data=self.data.to(device), density=self.density)
 
     def to_mask(self) -> torch.Tensor:
         """The exact token mask this layout encodes, bool [Bl, Hl, q_len, kv_len]."""
-        return block_mask(self.tables(), self.block_size, self.shape, 0, self.kinds.shape[-2])
+        return block_mask(self.data, self.batch, self.num_heads, self.block_size, self.shape, 0, self.num_blocks[0])
 
     def __repr__(self) -> str:
         kinds = self.kinds
@@ -224,9 +233,10 @@ class Layout:
         )
 
 
-def block_mask(tables, block_size: int, shape: tuple, qb_start: int, qb_end: int) -> torch.Tensor:
-    """Token mask of query blocks [qb_start, qb_end) from the layout tables: bool [Bl, Hl, rows, kv_len]."""
-    kinds, mask_id, bits = tables[0], tables[1], tables[2]
+def block_mask(data, bl: int, hl: int, block_size: int, shape: tuple, qb_start: int, qb_end: int) -> torch.Tensor:
+    """Token mask of query blocks [qb_start, qb_end) from the flat tables: bool [Bl, Hl, rows, kv_len]."""
+    t = table_views(data, bl, hl, block_size, shape)
+    kinds, mask_id, bits = t["kinds"], t["mask_id"], t["bits"]
     nq, nk = shape
     bs = block_size
     k = kinds[:, :, qb_start:qb_end]  # [Bl,Hl,nb,NKB]

@@ -1,8 +1,8 @@
 """The block-sparse attention op: one torch.library op with a fake kernel and autograd.
 
 ``sparse_attention`` checks its arguments and turns the mask into a Layout; the op itself
-(``torch.ops.fxsparse.sparse_attention``) takes the layout's tables as tensors so that
-torch.compile and torch.export see one opaque op. CUDA tensors run the Triton kernels; CPU
+(``torch.ops.fxsparse.sparse_attention``) takes the layout's tables as one flat int32 tensor so
+that torch.compile and torch.export see one opaque op, and a call costs little on the host. CUDA tensors run the Triton kernels; CPU
 tensors run the exact chunked reference, or the Triton kernels through Triton's interpreter
 when ``TRITON_INTERPRET=1`` is set.
 """
@@ -48,54 +48,57 @@ def _new_out(q: Tensor, dv: int) -> Tensor:
 # ------------------------------------------------------------------------------------- the op
 @torch.library.custom_op("fxsparse::sparse_attention", mutates_args=())
 def _sparse_attention_op(
-    q: Tensor, k: Tensor, v: Tensor, tables: list[Tensor], bias: Optional[Tensor],
-    scale: float, block_size: int, causal: bool,
+    q: Tensor, k: Tensor, v: Tensor, layout: Tensor, layout_batch: int, layout_heads: int,
+    bias: Optional[Tensor], scale: float, block_size: int, causal: bool,
 ) -> tuple[Tensor, Tensor]:
     impl = _impl("triton" if _use_triton(q) else "reference")
     out = _new_out(q, v.shape[-1])
-    lse = impl.forward(q, k, v, tables, bias, scale, block_size, causal, out)
+    lse = impl.forward(q, k, v, (layout, layout_batch, layout_heads), bias, scale, block_size, causal, out)
     return out, lse
 
 
 @_sparse_attention_op.register_fake
-def _(q, k, v, tables, bias, scale, block_size, causal):
+def _(q, k, v, layout, layout_batch, layout_heads, bias, scale, block_size, causal):
     b, h, nq, _ = q.shape
-    return _new_out(q, v.shape[-1]), q.new_empty(b, h, nq, dtype=_lse_dtype(q))
+    return _new_out(q, v.shape[-1]), q.new_empty(b, h, 2, nq, dtype=_lse_dtype(q))
 
 
 @torch.library.custom_op("fxsparse::sparse_attention_backward", mutates_args=())
 def _sparse_attention_backward_op(
-    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, tables: list[Tensor],
-    bias: Optional[Tensor], scale: float, block_size: int, causal: bool, bias_grad: bool,
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, layout: Tensor, layout_batch: int,
+    layout_heads: int, bias: Optional[Tensor], scale: float, block_size: int, causal: bool, bias_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     impl = _impl("triton" if _use_triton(q) else "reference")
+    tables = (layout, layout_batch, layout_heads)
     dq, dk, dv, dbias = impl.backward(dout, q, k, v, out, lse, tables, bias, scale, block_size, causal, bias_grad)
     return dq, dk, dv, dbias if dbias is not None else q.new_empty(0, dtype=torch.float32)
 
 
 @_sparse_attention_backward_op.register_fake
-def _(dout, q, k, v, out, lse, tables, bias, scale, block_size, causal, bias_grad):
+def _(dout, q, k, v, out, lse, layout, layout_batch, layout_heads, bias, scale, block_size, causal, bias_grad):
     b, h, nq, _ = q.shape
     dbias = q.new_empty(b, h, nq, k.shape[2], dtype=torch.float32) if bias_grad else q.new_empty(0, dtype=torch.float32)
     return torch.empty_like(q, memory_format=torch.contiguous_format), torch.empty_like(k, memory_format=torch.contiguous_format), torch.empty_like(v, memory_format=torch.contiguous_format), dbias
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, tables, bias, scale, block_size, causal = inputs
+    q, k, v, layout, layout_batch, layout_heads, bias, scale, block_size, causal = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, bias, *tables)
+    ctx.save_for_backward(q, k, v, out, lse, bias, layout)
+    ctx.layout_batch, ctx.layout_heads = layout_batch, layout_heads
     ctx.scale, ctx.block_size, ctx.causal = scale, block_size, causal
     ctx.bias_grad = bias is not None and bias.requires_grad
     ctx.bias_shape = None if bias is None else tuple(bias.shape)
 
 
 def _backward(ctx, dout, dlse):
-    q, k, v, out, lse, bias, *tables = ctx.saved_tensors
+    q, k, v, out, lse, bias, layout = ctx.saved_tensors
     dq, dk, dv, dbias = _sparse_attention_backward_op(
-        dout, q, k, v, out, lse, tables, bias, ctx.scale, ctx.block_size, ctx.causal, ctx.bias_grad
+        dout, q, k, v, out, lse, layout, ctx.layout_batch, ctx.layout_heads, bias, ctx.scale, ctx.block_size,
+        ctx.causal, ctx.bias_grad,
     )
     dbias_out = _reduce_to(dbias, ctx.bias_shape).to(bias.dtype) if ctx.bias_grad else None
-    return dq, dk, dv, [None] * len(tables), dbias_out, None, None, None
+    return dq, dk, dv, None, None, None, dbias_out, None, None, None
 
 
 def _reduce_to(grad: Tensor, shape: tuple) -> Tensor:
@@ -141,7 +144,9 @@ def sparse_attention(
         bias = _check_bias(bias, q, nk)
     if scale is None:
         scale = 1.0 / math.sqrt(d)
-    out, _ = _sparse_attention_op(q, k, v, layout.tables(), bias, float(scale), layout.block_size, bool(causal))
+    out, _ = _sparse_attention_op(
+        q, k, v, layout.data, layout.batch, layout.num_heads, bias, float(scale), layout.block_size, bool(causal)
+    )
     return out
 
 

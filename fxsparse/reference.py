@@ -36,7 +36,8 @@ def _grouped(t, hkv):
 
 
 def _chunk_mask(tables, block_size, shape, qb0, qb1, r0, r1, causal, hkv, dev):
-    m = block_mask(tables, block_size, shape, qb0, qb1).to(dev)  # [Bl,Hl,rows,Nk]
+    data, bl, hl = tables
+    m = block_mask(data, bl, hl, block_size, shape, qb0, qb1).to(dev)  # [Bl,Hl,rows,Nk]
     if causal:
         rows = torch.arange(r0, r1, device=dev)[:, None]
         cols = torch.arange(shape[1], device=dev)[None, :]
@@ -62,14 +63,16 @@ def _scores(qc, kg, scale, bias_c, mask_c):
 
 
 def forward(q, k, v, tables, bias, scale: float, block_size: int, causal: bool, out):
-    """Writes out [B,H,Nq,D] (q's dtype); returns lse [B,H,Nq] (float32, float64 for float64 inputs), natural log, +inf for empty rows."""
+    """tables = (flat layout tensor, its batch, its heads). Writes out [B,H,Nq,D] (q's dtype); returns the row statistics [B,H,2,Nq]
+    (float32, float64 for float64 inputs): the row max and the log of the row sum, natural log; an
+    empty row has max 0 and log-sum +inf. Kept apart so the log-sum survives beside a huge max."""
     b, h, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
     acc = _acc_dtype(q)
-    lse = torch.empty(b, h, nq, dtype=acc, device=q.device)
+    lse = torch.empty(b, h, 2, nq, dtype=acc, device=q.device)
     kg, vg = k.to(acc).unsqueeze(2), v.to(acc).unsqueeze(2)
     qg = _grouped(q, hkv)
-    og, lg = _grouped(out, hkv), _grouped(lse, hkv)
+    og, mg, lg = _grouped(out, hkv), _grouped(lse[:, :, 0], hkv), _grouped(lse[:, :, 1], hkv)
     for qb0, qb1, r0, r1 in _chunks(q, k, block_size):
         mask_c = _chunk_mask(tables, block_size, (nq, nk), qb0, qb1, r0, r1, causal, hkv, q.device)
         s = _scores(qg[:, :, :, r0:r1].to(acc), kg, scale, _chunk_bias(bias, b, h, nq, nk, r0, r1, hkv, acc), mask_c)
@@ -80,7 +83,8 @@ def forward(q, k, v, tables, bias, scale: float, block_size: int, causal: bool, 
         empty = l == 0
         o = torch.matmul(p, vg) / torch.where(empty, torch.ones_like(l), l)
         og[:, :, :, r0:r1] = o.to(q.dtype)
-        lg[:, :, :, r0:r1] = torch.where(empty, torch.full_like(l, float("inf")), m_safe + torch.log(l)).squeeze(-1)
+        mg[:, :, :, r0:r1] = m_safe.squeeze(-1)
+        lg[:, :, :, r0:r1] = torch.where(empty, torch.full_like(l, float("inf")), torch.log(l)).squeeze(-1)
     return lse
 
 
@@ -92,7 +96,7 @@ def backward(dout, q, k, v, out, lse, tables, bias, scale: float, block_size: in
     kg, vg = k.to(acc).unsqueeze(2), v.to(acc).unsqueeze(2)
     qg, dog = _grouped(q, hkv), _grouped(dout, hkv)
     delta = _grouped((out.to(acc) * dout.to(acc)).sum(-1, keepdim=True), hkv)
-    lse_g = _grouped(lse.unsqueeze(-1), hkv)
+    m_g, logl_g = _grouped(lse[:, :, 0].unsqueeze(-1), hkv), _grouped(lse[:, :, 1].unsqueeze(-1), hkv)
     dq = torch.empty(b, h, nq, d, dtype=acc, device=q.device)
     dk = torch.zeros(b, hkv, nk, d, dtype=acc, device=q.device)
     dv = torch.zeros(b, hkv, nk, v.shape[-1], dtype=acc, device=q.device)
@@ -104,7 +108,8 @@ def backward(dout, q, k, v, out, lse, tables, bias, scale: float, block_size: in
         qc = qg[:, :, :, r0:r1].to(acc)
         doc = dog[:, :, :, r0:r1].to(acc)
         s = _scores(qc, kg, scale, _chunk_bias(bias, b, h, nq, nk, r0, r1, hkv, acc), mask_c)
-        p = torch.exp(s - lse_g[:, :, :, r0:r1].to(acc))  # exp(-inf) = 0 for masked keys and empty rows
+        # exp(-inf) = 0 for masked keys and empty rows; max and log-sum kept apart (see forward)
+        p = torch.exp((s - m_g[:, :, :, r0:r1]) - logl_g[:, :, :, r0:r1])
         dv += torch.matmul(p.transpose(-1, -2), doc).sum(2)
         dp = torch.matmul(doc, vg.transpose(-1, -2))
         ds = p * (dp - delta[:, :, :, r0:r1])

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from . import capture, match
-from .layout import TABLE_NAMES, Layout
+from .layout import Layout
 from .match import AttentionSite, Match
 
 _MISSING = object()
@@ -31,15 +31,15 @@ class SiteError(ValueError):
 class SiteAttention(nn.Module):
     """One rewritten attention: mask_fn(site) -> Layout, built once per (q_len, kv_len).
 
-    The layout's tables are non-persistent buffers (``layout_<q>x<kv>_<i>``), so ``.to(device)``
-    moves them with the model, compilers see them as module state, and the state_dict is unchanged.
+    The layout's flat table tensor is a non-persistent buffer (``layout_<q>x<kv>``), so ``.to(device)``
+    moves it with the model, compilers see it as module state, and the state_dict is unchanged.
     """
 
     def __init__(self, site: AttentionSite, mask_fn: Callable):
         super().__init__()
         self.site = site
         self.mask_fn = mask_fn
-        self._layouts: dict = {}  # (q_len, kv_len) -> None (dense) | (buffer prefix, block_size, density)
+        self._layouts: dict = {}  # (q_len, kv_len) -> None (dense) | (buffer name, block_size, density, Layout)
 
     @property
     def status(self) -> str:
@@ -48,7 +48,7 @@ class SiteAttention(nn.Module):
     def built(self):
         """(block_size, density) of the layout at the site's latest lengths, or None."""
         entry = self._layouts.get((self.site.q_len, self.site.kv_len))
-        return None if entry is None else entry[1:]
+        return None if entry is None else entry[1:3]
 
     def extra_repr(self) -> str:
         return f"{self.site.name!r}, kind={self.site.kind!r}"
@@ -71,9 +71,8 @@ class SiteAttention(nn.Module):
             entry = self._prepare(q, k)
         layout = None
         if entry is not None:
-            prefix, block_size, _ = entry
-            tables = [getattr(self, f"{prefix}_{i}") for i in range(len(TABLE_NAMES))]
-            layout = Layout.from_tables(tables, block_size, shape)
+            name, _, _, built = entry  # the tables come from the buffer, which follows .to(device)
+            layout = dataclasses.replace(built, data=getattr(self, name))
         try:
             out = _sparse_attention(q, k, v, layout, scale=scale, bias=bias, causal=causal)
         except (ValueError, TypeError) as err:
@@ -94,10 +93,9 @@ class SiteAttention(nn.Module):
         layout = _layout_from(self.mask_fn, site)
         entry = None
         if layout is not None:
-            prefix = f"layout_{q_len}x{kv_len}"
-            for i, table in enumerate(layout.tables()):
-                self.register_buffer(f"{prefix}_{i}", table.to(device), persistent=False)
-            entry = (prefix, layout.block_size, layout.density)
+            name = f"layout_{q_len}x{kv_len}"
+            self.register_buffer(name, layout.data.to(device), persistent=False)
+            entry = (name, layout.block_size, layout.density, dataclasses.replace(layout, data=layout.data[:0]))
         self._layouts[(q_len, kv_len)] = entry
         return entry
 

@@ -46,7 +46,8 @@ def test_the_kernels_run():
     got = op(q, k, v, layout, causal=True)
     # the op's output is bit for bit what the Triton forward writes
     direct = torch.empty_like(got)
-    kernels.forward(q, k, v, layout.tables(), None, q.shape[-1] ** -0.5, 32, True, direct)
+    kernels.forward(q, k, v, (layout.data, layout.batch, layout.num_heads), None, q.shape[-1] ** -0.5, 32, True,
+                    direct)
     assert torch.equal(got, direct)
     if INTERPRET:
         assert type(kernels._fwd_kernel).__name__ == "InterpretedFunction"
@@ -121,6 +122,18 @@ def test_backward_with_non_contiguous_output_gradients():
         want = torch.autograd.grad(loss(dense_attention(q, k, v, mask)), (q, k, v))
         for name, a, b in zip("qkv", got, want):
             assert_close(a, b, _tols(torch.float32)[1], f"grad {name}")
+
+
+def test_finfo_min_padding_bias_keeps_softmax_over_padded_keys():
+    # eager transformers pad with torch.finfo(float32).min, not -inf: a row whose allowed keys are all
+    # padding gets the softmax over them (uniform), as in PyTorch, not an empty row
+    B, H, N, D = 2, 2, 64, 16
+    q, k, v = qkv(B, H, H, N, N, D, device=DEVICE, seed=60)
+    bias = torch.zeros(B, 1, 1, N)
+    bias[1, ..., 40:] = torch.finfo(torch.float32).min
+    band = torch.arange(N)
+    mask = ((band[:, None] - band[None, :]).abs() <= 4).to(DEVICE)  # rows 44.. of batch 1 see only padding
+    compare_with_oracle(op, q, k, v, mask, op_mask=_layout(mask, 32), bias=bias.to(DEVICE), tols=_tols(torch.float32))
 
 
 @pytest.mark.parametrize("nq,d", [(1, 32), (40, 256), (33, 12)])

@@ -71,15 +71,7 @@ def statuses(sparse):
 
 # Known failures of fxsparse on a family, by (case, test): each is xfail(strict=True), so the
 # test turns red the day it starts passing and the entry must go.
-FINFO_MIN_BIAS = (
-    "kernels: a bias of torch.finfo(float32).min (transformers' eager additive padding mask) "
-    "overflows to -inf when multiplied by log2(e) (`s += bias * 1.4426950408889634`), so a row "
-    "whose allowed keys are all padding outputs 0, where PyTorch and the CPU reference give "
-    "the softmax over those keys (uniform): the padded rows differ")
-KNOWN_FAILURES: dict[tuple[str, str], str] = {
-    ("hf_bert_eager", "test_kernels_inside_models"): FINFO_MIN_BIAS,
-    ("hf_clip_eager", "test_kernels_inside_models"): FINFO_MIN_BIAS,
-}
+KNOWN_FAILURES: dict[tuple[str, str], str] = {}
 
 
 def with_known_failures(cases, test_name):

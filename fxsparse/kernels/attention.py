@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..layout import table_offsets
+
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
@@ -49,6 +51,15 @@ def _load_bits(BITS, mid, rows_in_block, j, BLOCK: tl.constexpr, ROWS: tl.conste
         words = tl.load(base + (j // 32 + tl.arange(0, COLS // 32))[None, :])
         bits = (words[:, :, None] >> tl.arange(0, 32)[None, None, :]) & 1
         return tl.reshape(bits, [ROWS, COLS]) != 0
+
+
+@triton.jit
+def _bias_log2(bias):
+    # finite values are clamped first: torch.finfo(float32).min (eager padding masks) times log2(e)
+    # would overflow to -inf and turn an all-padding row into an empty one, where PyTorch gives the
+    # softmax over those keys; -inf stays -inf (a key that may not be attended)
+    b = bias.to(tl.float32)
+    return tl.where(b == float("-inf"), b, tl.maximum(b, -1e38)) * 1.4426950408889634
 
 
 @triton.jit
@@ -84,7 +95,7 @@ def _fwd_tile(
     if HAS_BIAS:
         bmask = (offs_m[:, None] < NQ) & (cols[None, :] < NK)
         bias = tl.load(Bias + offs_m[:, None] * sbm + cols[None, :] * sbn, mask=bmask, other=0.0)
-        s += bias.to(tl.float32) * 1.4426950408889634
+        s += _bias_log2(bias)
     if PARTIAL:
         s = tl.where(_load_bits(BITS, mid, rows_in_block, j, BLOCK, BLOCK_M, BLOCK_N), s, float("-inf"))
     if IS_CAUSAL:
@@ -100,7 +111,7 @@ def _fwd_tile(
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, Out, Lse, Bias, MASK_ID, BITS, FULL_NUM, FULL_IDX, PART_NUM, PART_IDX,
+    Q, K, V, Out, Lse, Bias, T, O_MASK_ID, O_BITS, O_FULL_NUM, O_FULL_IDX, O_PART_NUM, O_PART_IDX,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
     sbb, sbh, sbm, sbn, SLOT_B, SLOT_H,
     H, G, NQ, NK, NQB, NKB, scale_log2,
@@ -113,6 +124,8 @@ def _fwd_kernel(
     Each visited kv block is walked in BLOCK // BLOCK_N tiles, in one flat loop per block kind so
     the compiler can prefetch the next tile while this one computes."""
     SUB: tl.constexpr = BLOCK // BLOCK_N
+    MASK_ID, BITS = T + O_MASK_ID, T + O_BITS
+    FULL_NUM, FULL_IDX, PART_NUM, PART_IDX = T + O_FULL_NUM, T + O_FULL_IDX, T + O_PART_NUM, T + O_PART_IDX
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -157,10 +170,13 @@ def _fwd_kernel(
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
-    lse = tl.where(empty, float("inf"), (m_safe + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    log_l = tl.where(empty, float("inf"), tl.math.log2(tl.where(empty, 1.0, l_i)))
     o_ptrs = Out + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=(offs_m[:, None] < NQ) & (offs_d[None, :] < HEAD_DIM))
-    tl.store(Lse + pid_bh * NQ + offs_m, lse, mask=offs_m < NQ)
+    # row statistics for the backward, base 2: the max and log2 of the sum, kept apart so that
+    # log2(sum) survives next to a huge max (rows that only see finfo.min padding)
+    tl.store(Lse + pid_bh * 2 * NQ + offs_m, m_safe, mask=offs_m < NQ)
+    tl.store(Lse + pid_bh * 2 * NQ + NQ + offs_m, log_l, mask=offs_m < NQ)
 
 
 @triton.jit
@@ -177,19 +193,20 @@ def _dkdv_tile(
     dmask = offs_d < HEAD_DIM
     qt = tl.load(Q + rows[None, :] * sqm + offs_d[:, None] * sqd, mask=rmask[None, :] & dmask[:, None], other=0.0)
     do = tl.load(DO + rows[:, None] * sdm + offs_d[None, :] * sdd, mask=rmask[:, None] & dmask[None, :], other=0.0)
-    lse2 = tl.load(Lse + rows, mask=rmask, other=float("inf")) * 1.4426950408889634
+    m2 = tl.load(Lse + rows, mask=rmask, other=0.0)
+    log_l = tl.load(Lse + NQ + rows, mask=rmask, other=float("inf"))
     delta = tl.load(Delta + rows, mask=rmask, other=0.0)
     st = _dot(k, qt, PRECISION) * scale_log2  # [kv rows, q rows]
     if HAS_BIAS:
         bias = tl.load(Bias + rows[None, :] * sbm + offs_n[:, None] * sbn,
                        mask=rmask[None, :] & (offs_n[:, None] < NK), other=0.0)
-        st += bias.to(tl.float32) * 1.4426950408889634
+        st += _bias_log2(bias)
     if PARTIAL:
         keep = _load_bits(BITS, mid, j + tl.arange(0, BLOCK_M), col0, BLOCK, BLOCK_M, BLOCK_N)
         st = tl.where(tl.trans(keep), st, float("-inf"))
     if IS_CAUSAL:
         st = tl.where(rows[None, :] >= offs_n[:, None], st, float("-inf"))
-    pt = tl.math.exp2(st - lse2[None, :])
+    pt = tl.math.exp2((st - m2[None, :]) - log_l[None, :])
     dv += _dot(pt.to(do.dtype), do, PRECISION)
     dpt = _dot(v, tl.trans(do), PRECISION)
     dst = pt * (dpt - delta[None, :])
@@ -199,7 +216,7 @@ def _dkdv_tile(
 
 @triton.jit
 def _dkdv_kernel(
-    Q, K, V, DO, Lse, Delta, DK, DV, Bias, MASK_ID, BITS, T_FULL_NUM, T_FULL_IDX, T_PART_NUM, T_PART_IDX,
+    Q, K, V, DO, Lse, Delta, DK, DV, Bias, T, O_MASK_ID, O_BITS, O_FULL_NUM, O_FULL_IDX, O_PART_NUM, O_PART_IDX,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdm, sdd,
     sbb, sbh, sbm, sbn, SLOT_B, SLOT_H,
     H, HKV, G, NQ, NK, NQB, NKB, scale, scale_log2,
@@ -209,6 +226,8 @@ def _dkdv_kernel(
 ):
     """One program: BLOCK_N kv rows (inside one layout block) of one (batch, kv head), over its query heads."""
     SUB: tl.constexpr = BLOCK // BLOCK_M
+    MASK_ID, BITS = T + O_MASK_ID, T + O_BITS
+    T_FULL_NUM, T_FULL_IDX, T_PART_NUM, T_PART_IDX = T + O_FULL_NUM, T + O_FULL_IDX, T + O_PART_NUM, T + O_PART_IDX
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // HKV
@@ -229,7 +248,7 @@ def _dkdv_kernel(
         trow = slot * NKB + kb
         Qh = Q + b * sqb + h * sqh
         DOh = DO + b * sdb + h * sdh
-        Lh = Lse + (b * H + h) * NQ
+        Lh = Lse + (b * H + h) * 2 * NQ
         Dh = Delta + (b * H + h) * NQ
         Bh = Bias + b * sbb + h * sbh
         n_part = tl.load(T_PART_NUM + trow)
@@ -262,7 +281,7 @@ def _dkdv_kernel(
 
 @triton.jit
 def _dq_tile(
-    dq, q, do, lse2, delta, K, V, Bias, DBias, BITS, kb, j, mid,
+    dq, q, do, m2, log_l, delta, K, V, Bias, DBias, BITS, kb, j, mid,
     offs_m, rows_in_block, offs_d, skn, skd, svn, svd, sbm, sbn,
     NQ, NK, scale_log2,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -277,12 +296,12 @@ def _dq_tile(
     if HAS_BIAS:
         bias = tl.load(Bias + offs_m[:, None] * sbm + cols[None, :] * sbn,
                        mask=(offs_m[:, None] < NQ) & (cols[None, :] < NK), other=0.0)
-        s += bias.to(tl.float32) * 1.4426950408889634
+        s += _bias_log2(bias)
     if PARTIAL:
         s = tl.where(_load_bits(BITS, mid, rows_in_block, j, BLOCK, BLOCK_M, BLOCK_N), s, float("-inf"))
     if IS_CAUSAL:
         s = tl.where(offs_m[:, None] >= cols[None, :], s, float("-inf"))
-    p = tl.math.exp2(s - lse2[:, None])
+    p = tl.math.exp2((s - m2[:, None]) - log_l[:, None])
     dp = _dot(do, vt, PRECISION)
     ds = p * (dp - delta[:, None])
     dq += _dot(ds.to(kt.dtype), tl.trans(kt), PRECISION)
@@ -294,8 +313,8 @@ def _dq_tile(
 
 @triton.jit
 def _dq_kernel(
-    Q, K, V, DO, Lse, Delta, DQ, Bias, DBias, MASK_ID, BITS, FULL_NUM, FULL_IDX, PART_NUM, PART_IDX,
-    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdm, sdd,
+    Q, K, V, DO, Out, Lse, Delta, DQ, Bias, DBias, T, O_MASK_ID, O_BITS, O_FULL_NUM, O_FULL_IDX, O_PART_NUM,
+    O_PART_IDX, sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdm, sdd, sob, soh, som, sod,
     sbb, sbh, sbm, sbn, SLOT_B, SLOT_H,
     H, G, NQ, NK, NQB, NKB, scale, scale_log2,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -304,6 +323,8 @@ def _dq_kernel(
 ):
     """One program: BLOCK_M query rows (inside one layout block) of one (batch, head)."""
     SUB: tl.constexpr = BLOCK // BLOCK_N
+    MASK_ID, BITS = T + O_MASK_ID, T + O_BITS
+    FULL_NUM, FULL_IDX, PART_NUM, PART_IDX = T + O_FULL_NUM, T + O_FULL_IDX, T + O_PART_NUM, T + O_PART_IDX
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -316,12 +337,16 @@ def _dq_kernel(
     mmask = (offs_m[:, None] < NQ) & (offs_d[None, :] < HEAD_DIM)
     q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd, mask=mmask, other=0.0)
     do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdm + offs_d[None, :] * sdd, mask=mmask, other=0.0)
-    lse2 = tl.load(Lse + pid_bh * NQ + offs_m, mask=offs_m < NQ, other=float("inf")) * 1.4426950408889634
-    delta = tl.load(Delta + pid_bh * NQ + offs_m, mask=offs_m < NQ, other=0.0)
+    m2 = tl.load(Lse + pid_bh * 2 * NQ + offs_m, mask=offs_m < NQ, other=0.0)
+    log_l = tl.load(Lse + pid_bh * 2 * NQ + NQ + offs_m, mask=offs_m < NQ, other=float("inf"))
+    # delta = rowsum(out * dout), stored for the dk/dv kernel that runs after this one
+    o = tl.load(Out + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod, mask=mmask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(Delta + pid_bh * NQ + offs_m, delta, mask=offs_m < NQ)
     K += b * skb + (h // G) * skh
     V += b * svb + (h // G) * svh
     Bias += b * sbb + h * sbh
-    DBias += pid_bh * NQ * NK
+    DBias += pid_bh.to(tl.int64) * NQ * NK
     row = (b * SLOT_B + h * SLOT_H) * NQB + qb
     dq = tl.zeros([BLOCK_M, D_PAD], tl.float32)
     n_part = tl.load(PART_NUM + row)
@@ -334,14 +359,14 @@ def _dq_kernel(
         kb = tl.load(PART_IDX + row * NKB + t // SUB)
         mid = tl.load(MASK_ID + row * NKB + kb)
         dq = _dq_tile(
-            dq, q, do, lse2, delta, K, V, Bias, DBias, BITS, kb, (t % SUB) * BLOCK_N, mid,
+            dq, q, do, m2, log_l, delta, K, V, Bias, DBias, BITS, kb, (t % SUB) * BLOCK_N, mid,
             offs_m, rows_in_block, offs_d, skn, skd, svn, svd, sbm, sbn, NQ, NK, scale_log2,
             HEAD_DIM, D_PAD, BLOCK, BLOCK_M, BLOCK_N, True, HAS_BIAS, BIAS_GRAD, IS_CAUSAL, PRECISION,
         )
     for t in range(n_full * SUB):
         kb = tl.load(FULL_IDX + row * NKB + t // SUB)
         dq = _dq_tile(
-            dq, q, do, lse2, delta, K, V, Bias, DBias, BITS, kb, (t % SUB) * BLOCK_N, 0,
+            dq, q, do, m2, log_l, delta, K, V, Bias, DBias, BITS, kb, (t % SUB) * BLOCK_N, 0,
             offs_m, rows_in_block, offs_d, skn, skd, svn, svd, sbm, sbn, NQ, NK, scale_log2,
             HEAD_DIM, D_PAD, BLOCK, BLOCK_M, BLOCK_N, False, HAS_BIAS, BIAS_GRAD, IS_CAUSAL, PRECISION,
         )
@@ -366,10 +391,14 @@ def _pad_blocks(nqb: int, nkb: int) -> int:
     return triton.next_power_of_2(max(nqb, nkb))
 
 
-def _slots(tables):
-    """(SLOT_B, SLOT_H): how a (batch, head) pair picks its row of the layout tables (0 = broadcast)."""
-    bl, hl = tables[0].shape[:2]
-    return (hl if bl > 1 else 0), (1 if hl > 1 else 0)
+def _table_args(tables, nqb: int, nkb: int):
+    """The flat tables, the offsets of the six a kernel walks (forward or transposed), and
+    (SLOT_B, SLOT_H): how a (batch, head) pair picks its row of the tables (0 = broadcast)."""
+    data, bl, hl = tables
+    off = table_offsets(bl, hl, nqb, nkb)
+    fwd = tuple(off[n][0] for n in ("mask_id", "bits", "full_num", "full_idx", "part_num", "part_idx"))
+    bwd = tuple(off[n][0] for n in ("mask_id", "bits", "t_full_num", "t_full_idx", "t_part_num", "t_part_idx"))
+    return data, fwd, bwd, ((hl if bl > 1 else 0), (1 if hl > 1 else 0))
 
 
 def _bias_args(bias, q, nk):
@@ -412,18 +441,17 @@ def _bwd_config(block: int, d_pad: int, dtype):
 
 
 def forward(q, k, v, tables, bias, scale, block, causal, out):
-    mask_id, bits, full_num, full_idx, part_num, part_idx = tables[1:7]
     b, h, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
-    nqb, nkb = full_idx.shape[-2], full_idx.shape[-1]
+    nqb, nkb = triton.cdiv(nq, block), triton.cdiv(nk, block)
+    data, fwd_offsets, _, (slot_b, slot_h) = _table_args(tables, nqb, nkb)
     d_pad = _pad_dim(d)
-    lse = torch.empty(b, h, nq, dtype=torch.float32, device=q.device)
+    lse = torch.empty(b, h, 2, nq, dtype=torch.float32, device=q.device)
     bias_t, bstr, has_bias = _bias_args(bias, q, nk)
-    slot_b, slot_h = _slots(tables)
     block_m, block_n, warps, stages = _fwd_config(block, d_pad, q.dtype)
     grid = (nqb * (block // block_m), b * h)
     _fwd_kernel[grid](
-        q, k, v, out, lse, bias_t, mask_id, bits, full_num, full_idx, part_num, part_idx,
+        q, k, v, out, lse, bias_t, data, *fwd_offsets,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *bstr, slot_b, slot_h,
         h, h // hkv, nq, nk, nqb, nkb, scale * LOG2E,
         HEAD_DIM=d, D_PAD=d_pad, BLOCK=block, BLOCK_M=block_m, BLOCK_N=block_n, HAS_BIAS=has_bias,
@@ -434,31 +462,29 @@ def forward(q, k, v, tables, bias, scale, block, causal, out):
 
 
 def backward(dout, q, k, v, out, lse, tables, bias, scale, block, causal, bias_grad):
-    mask_id, bits, full_num, full_idx, part_num, part_idx, t_full_num, t_full_idx, t_part_num, t_part_idx = tables[1:]
     b, h, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
-    nqb, nkb = full_idx.shape[-2], full_idx.shape[-1]
+    nqb, nkb = triton.cdiv(nq, block), triton.cdiv(nk, block)
+    data, fwd_offsets, bwd_offsets, (slot_b, slot_h) = _table_args(tables, nqb, nkb)
     d_pad = _pad_dim(d)
-    delta = (out.float() * dout.float()).sum(-1).contiguous()
+    delta = torch.empty(b, h, nq, dtype=torch.float32, device=q.device)  # written by the dq kernel
     dq = torch.empty(b, h, nq, d, dtype=q.dtype, device=q.device)
     dk = torch.empty(b, hkv, nk, d, dtype=k.dtype, device=q.device)
     dv = torch.empty(b, hkv, nk, d, dtype=v.dtype, device=q.device)
     dbias = torch.zeros(b, h, nq, nk, dtype=torch.float32, device=q.device) if bias_grad else None
     bias_t, bstr, has_bias = _bias_args(bias, q, nk)
-    slot_b, slot_h = _slots(tables)
     n1, m1, m2, n2, warps, stages = _bwd_config(block, d_pad, q.dtype)
     common = dict(HEAD_DIM=d, D_PAD=d_pad, BLOCK=block, HAS_BIAS=has_bias, IS_CAUSAL=causal,
                   PRECISION=_precision(q.dtype), PAD=_pad_blocks(nqb, nkb),
                   num_warps=warps, num_stages=stages)
     strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride(), *bstr, slot_b, slot_h)
-    _dkdv_kernel[(nkb * (block // n1), b * hkv)](
-        q, k, v, dout, lse, delta, dk, dv, bias_t, mask_id, bits, t_full_num, t_full_idx, t_part_num, t_part_idx,
-        *strides, h, hkv, h // hkv, nq, nk, nqb, nkb, scale, scale * LOG2E, BLOCK_M=m1, BLOCK_N=n1, **common,
-    )
     _dq_kernel[(nqb * (block // m2), b * h)](
-        q, k, v, dout, lse, delta, dq, bias_t, dbias if bias_grad else q, mask_id, bits,
-        full_num, full_idx, part_num, part_idx,
-        *strides, h, h // hkv, nq, nk, nqb, nkb, scale, scale * LOG2E,
+        q, k, v, dout, out, lse, delta, dq, bias_t, dbias if bias_grad else q, data, *fwd_offsets,
+        *strides[:16], *out.stride(), *strides[16:], h, h // hkv, nq, nk, nqb, nkb, scale, scale * LOG2E,
         BLOCK_M=m2, BLOCK_N=n2, BIAS_GRAD=bias_grad, **common,
+    )
+    _dkdv_kernel[(nkb * (block // n1), b * hkv)](
+        q, k, v, dout, lse, delta, dk, dv, bias_t, data, *bwd_offsets,
+        *strides, h, hkv, h // hkv, nq, nk, nqb, nkb, scale, scale * LOG2E, BLOCK_M=m1, BLOCK_N=n1, **common,
     )
     return dq, dk, dv, dbias
