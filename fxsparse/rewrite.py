@@ -69,12 +69,13 @@ class SiteAttention(nn.Module):
         entry = self._layouts.get(shape, _MISSING)
         if entry is _MISSING:
             entry = self._prepare(q, k)
-        layout = None
-        if entry is not None:
-            name, _, _, built = entry  # the tables come from the buffer, which follows .to(device)
-            layout = dataclasses.replace(built, data=getattr(self, name))
         try:
-            out = _sparse_attention(q, k, v, layout, scale=scale, bias=bias, causal=causal)
+            if entry is None:
+                out = _dense_attention(q, k, v, bias, scale, causal)
+            else:
+                name, _, _, built = entry  # the tables come from the buffer, which follows .to(device)
+                layout = dataclasses.replace(built, data=getattr(self, name))
+                out = _sparse_attention(q, k, v, layout, scale=scale, bias=bias, causal=causal)
         except (ValueError, TypeError) as err:
             raise SiteError(f"{self.site.name}: {err}") from err
         return out.squeeze(1) if unbatched else out
@@ -98,6 +99,19 @@ class SiteAttention(nn.Module):
             entry = (name, layout.block_size, layout.density, dataclasses.replace(layout, data=layout.data[:0]))
         self._layouts[(q_len, kv_len)] = entry
         return entry
+
+
+def _dense_attention(q, k, v, bias, scale, causal):
+    """A site that mask_fn keeps dense runs PyTorch's fused attention (flash or memory-efficient on
+    a GPU), as fast as the model was before; the site's bias and causality stay in force."""
+    mask = bias
+    if causal and bias is not None:  # SDPA takes one or the other: fold causality into the bias
+        keep = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+        mask = torch.where(keep, bias, float("-inf"))
+    if mask is not None:
+        mask = mask.to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and bias is None, scale=scale,
+                                          enable_gqa=k.shape[1] != q.shape[1])
 
 
 def _sparse_attention(*args, **kwargs):
