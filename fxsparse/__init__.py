@@ -1,10 +1,13 @@
 """fxsparse: find the attention in any PyTorch model by graph shape and make it block-sparse."""
-from .layout import Layout
-from .op import sparse_attention
-
-__all__ = ["Layout", "sparse_attention"]
 from . import patterns
+from .backend import backend
+from .layout import Layout
 from .match import AttentionSite
+from .op import sparse_attention
 from .report import Report, SiteReport, report
 from .rewrite import transform
-from .backend import backend
+
+__all__ = [
+    "AttentionSite", "Layout", "Report", "SiteReport", "backend", "patterns", "report", "sparse_attention",
+    "transform",
+]

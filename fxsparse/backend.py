@@ -86,6 +86,11 @@ def _prepare(gm: fx.GraphModule, matches):
         if m.skip is not None:
             continue
         site = m.site
+        if any(_has_symbolic_size(n) for n in (m.q, m.k, m.out.args[0] if m.out.args else None)):
+            raise ValueError(
+                f"{site.where}: sequence lengths are dynamic in this graph (Dynamo recompiled with "
+                "symbolic sizes); fxsparse builds one layout per length, so compile with `dynamic=False`"
+            )
         if m.mha is not None:
             shape = node_shape(m.out.args[0])
             if shape is None:
@@ -98,11 +103,16 @@ def _prepare(gm: fx.GraphModule, matches):
             continue
         if not all(isinstance(v, int) for v in values):
             raise ValueError(
-                f"{site.name}: sequence lengths are dynamic in this graph; fxsparse builds one layout per "
+                f"{site.where}: sequence lengths are dynamic in this graph; fxsparse builds one layout per "
                 "length, so compile with `dynamic=False`"
             )
         device = _device_of(m.q if m.q is not None else m.out.args[0])
         gm.get_submodule(f"fxsparse_site_{site.index}").prepare(*values, device)
+
+
+def _has_symbolic_size(node) -> bool:
+    val = node.meta.get("example_value", node.meta.get("val")) if isinstance(node, fx.Node) else None
+    return isinstance(val, torch.Tensor) and any(isinstance(d, torch.SymInt) for d in val.shape)
 
 
 def _device_of(node) -> torch.device:

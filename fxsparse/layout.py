@@ -157,6 +157,28 @@ class Layout:
         return cls._from_kinds(kinds, mask_id, bits, bs, (nq, nk))
 
     @classmethod
+    def dense(cls, q_len: int, kv_len: int, block_size: int | None = None, device=None) -> "Layout":
+        """The all-True layout, built with no data-dependent step (so torch.compile can trace it)."""
+        bs = _check_block_size(DEFAULT_BLOCK_SIZE if block_size is None else block_size)
+        nqb, nkb = math.ceil(q_len / bs), math.ceil(kv_len / bs)
+        rows_left, cols_left = q_len - (nqb - 1) * bs, kv_len - (nkb - 1) * bs  # in the last block row / column
+        kinds = torch.full((1, 1, nqb, nkb), FULL, dtype=torch.int8, device=device)
+        mask_id = torch.full((1, 1, nqb, nkb), -1, dtype=torch.int32, device=device)
+        r = torch.arange(bs, device=device)
+        rows_ok = (r < rows_left)[:, None].expand(bs, bs)
+        cols_ok = (r < cols_left)[None, :].expand(bs, bs)
+        bits = _pack_bits(torch.stack([rows_ok, cols_ok, rows_ok & cols_ok]))  # last row, last column, corner
+        if rows_left < bs:
+            kinds[..., -1, :] = PARTIAL
+            mask_id[..., -1, :] = 0
+        if cols_left < bs:
+            kinds[..., :, -1] = PARTIAL
+            mask_id[..., :, -1] = 1
+        if rows_left < bs and cols_left < bs:
+            mask_id[..., -1, -1] = 2
+        return cls._from_kinds(kinds, mask_id, bits, bs, (q_len, kv_len), density=1.0)
+
+    @classmethod
     def from_blocks(cls, blocks: torch.Tensor, block_size: int, shape: tuple | None = None) -> "Layout":
         """Layout from a bool block map [NQB, NKB] (or [H|1, ...], [B|1, H|1, ...]): True blocks are computed whole.
 
@@ -184,25 +206,25 @@ class Layout:
         return cls.from_mask(tok, bs)
 
     @classmethod
-    def _from_kinds(cls, kinds, mask_id, bits, bs, shape) -> "Layout":
+    def _from_kinds(cls, kinds, mask_id, bits, bs, shape, density: float | None = None) -> "Layout":
         full, partial = kinds == FULL, kinds == PARTIAL
         full_num, full_idx = _block_lists(full)
         part_num, part_idx = _block_lists(partial)
         t_full_num, t_full_idx = _block_lists(full.transpose(-1, -2))
         t_part_num, t_part_idx = _block_lists(partial.transpose(-1, -2))
         nq, nk = shape
-        # scores computed: every visited block, cut to the sequence
-        rows = torch.full((kinds.shape[-2],), bs, dtype=torch.float64, device=kinds.device)
-        cols = torch.full((kinds.shape[-1],), bs, dtype=torch.float64, device=kinds.device)
-        rows[-1] = nq - bs * (kinds.shape[-2] - 1)
-        cols[-1] = nk - bs * (kinds.shape[-1] - 1)
-        visited = (kinds != EMPTY).to(torch.float64)
-        computed = (visited * rows[:, None] * cols[None, :]).sum((-1, -2)).mean()
+        if density is None:  # scores computed: every visited block, cut to the sequence
+            rows = torch.full((kinds.shape[-2],), bs, dtype=torch.float64, device=kinds.device)
+            cols = torch.full((kinds.shape[-1],), bs, dtype=torch.float64, device=kinds.device)
+            rows[-1] = nq - bs * (kinds.shape[-2] - 1)
+            cols[-1] = nk - bs * (kinds.shape[-1] - 1)
+            visited = (kinds != EMPTY).to(torch.float64)
+            density = float((visited * rows[:, None] * cols[None, :]).sum((-1, -2)).mean()) / (nq * nk)
         parts = (kinds, mask_id, full_num, full_idx, part_num, part_idx, t_full_num, t_full_idx, t_part_num,
                  t_part_idx, bits)
         data = torch.cat([t.reshape(-1).to(torch.int32) for t in parts])
         return cls(block_size=bs, shape=(int(nq), int(nk)), batch=kinds.shape[0], num_heads=kinds.shape[1],
-                   data=data, density=float(computed) / (nq * nk))
+                   data=data, density=density)
 
     # ---------------------------------------------------------------- use
     @property

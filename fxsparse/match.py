@@ -56,6 +56,11 @@ class AttentionSite:
     dropout: float = 0.0
 
     @property
+    def where(self) -> str:
+        """The site's module path for messages ("(root)" for attention in the model's own forward)."""
+        return self.name or "(root)"
+
+    @property
     def pattern(self) -> str:
         gqa = ", gqa" if self.num_kv_heads and self.num_heads and self.num_kv_heads < self.num_heads else ""
         return f"{self.kind} ({self.projection}{gqa})" if self.projection != "?" else f"{self.kind}{gqa}"

@@ -35,10 +35,6 @@ def _impl(name):
     return reference
 
 
-def _lse_dtype(q: Tensor) -> torch.dtype:
-    return torch.float64 if q.dtype == torch.float64 else torch.float32
-
-
 def _new_out(q: Tensor, dv: int) -> Tensor:
     """Output [B, H, Nq, D] laid out as [B, Nq, H, D], so the usual `transpose(1, 2).reshape(B, N, C)` is a view."""
     b, h, nq, _ = q.shape
@@ -60,7 +56,7 @@ def _sparse_attention_op(
 @_sparse_attention_op.register_fake
 def _(q, k, v, layout, layout_batch, layout_heads, bias, scale, block_size, causal):
     b, h, nq, _ = q.shape
-    return _new_out(q, v.shape[-1]), q.new_empty(b, h, 2, nq, dtype=_lse_dtype(q))
+    return _new_out(q, v.shape[-1]), q.new_empty(b, h, 2, nq, dtype=reference.acc_dtype(q))
 
 
 @torch.library.custom_op("fxsparse::sparse_attention_backward", mutates_args=())
@@ -71,13 +67,14 @@ def _sparse_attention_backward_op(
     impl = _impl("triton" if _use_triton(q) else "reference")
     tables = (layout, layout_batch, layout_heads)
     dq, dk, dv, dbias = impl.backward(dout, q, k, v, out, lse, tables, bias, scale, block_size, causal, bias_grad)
-    return dq, dk, dv, dbias if dbias is not None else q.new_empty(0, dtype=torch.float32)
+    return dq, dk, dv, dbias if dbias is not None else q.new_empty(0, dtype=reference.acc_dtype(q))
 
 
 @_sparse_attention_backward_op.register_fake
 def _(dout, q, k, v, out, lse, layout, layout_batch, layout_heads, bias, scale, block_size, causal, bias_grad):
     b, h, nq, _ = q.shape
-    dbias = q.new_empty(b, h, nq, k.shape[2], dtype=torch.float32) if bias_grad else q.new_empty(0, dtype=torch.float32)
+    acc = reference.acc_dtype(q)
+    dbias = q.new_empty(b, h, nq, k.shape[2], dtype=acc) if bias_grad else q.new_empty(0, dtype=acc)
     return torch.empty_like(q, memory_format=torch.contiguous_format), torch.empty_like(k, memory_format=torch.contiguous_format), torch.empty_like(v, memory_format=torch.contiguous_format), dbias
 
 
@@ -181,9 +178,11 @@ def _check_inputs(q, k, v):
 
 def _as_layout(mask, q: Tensor, nq: int, nk: int) -> Layout:
     if mask is None:
+        if torch.compiler.is_compiling():  # built inside the graph: no cache mutated while tracing
+            return Layout.dense(nq, nk, device=q.device)
         key = (nq, nk, str(q.device))
         if key not in _dense_layouts:
-            _dense_layouts[key] = Layout.from_mask(torch.ones(1, 1, nq, nk, dtype=torch.bool, device=q.device))
+            _dense_layouts[key] = Layout.dense(nq, nk, device=q.device)
         return _dense_layouts[key]
     if isinstance(mask, Layout):
         if mask.shape != (nq, nk):

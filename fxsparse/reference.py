@@ -14,7 +14,8 @@ from .layout import block_mask
 _CHUNK_ELEMENTS = 1 << 24  # scores held at once, about 64 MiB of float32
 
 
-def _acc_dtype(t: torch.Tensor) -> torch.dtype:
+def acc_dtype(t: torch.Tensor) -> torch.dtype:
+    """Accumulation dtype: float32, float64 for float64 inputs (also of the row statistics and dbias)."""
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
@@ -68,7 +69,7 @@ def forward(q, k, v, tables, bias, scale: float, block_size: int, causal: bool, 
     empty row has max 0 and log-sum +inf. Kept apart so the log-sum survives beside a huge max."""
     b, h, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
-    acc = _acc_dtype(q)
+    acc = acc_dtype(q)
     lse = torch.empty(b, h, 2, nq, dtype=acc, device=q.device)
     kg, vg = k.to(acc).unsqueeze(2), v.to(acc).unsqueeze(2)
     qg = _grouped(q, hkv)
@@ -92,7 +93,7 @@ def backward(dout, q, k, v, out, lse, tables, bias, scale: float, block_size: in
     """Returns (dq, dk, dv, dbias or None); dbias has the shape [B, H, Nq, Nk] before reduction to bias's shape."""
     b, h, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
-    acc = _acc_dtype(q)
+    acc = acc_dtype(q)
     kg, vg = k.to(acc).unsqueeze(2), v.to(acc).unsqueeze(2)
     qg, dog = _grouped(q, hkv), _grouped(dout, hkv)
     delta = _grouped((out.to(acc) * dout.to(acc)).sum(-1, keepdim=True), hkv)
@@ -100,8 +101,8 @@ def backward(dout, q, k, v, out, lse, tables, bias, scale: float, block_size: in
     dq = torch.empty(b, h, nq, d, dtype=acc, device=q.device)
     dk = torch.zeros(b, hkv, nk, d, dtype=acc, device=q.device)
     dv = torch.zeros(b, hkv, nk, v.shape[-1], dtype=acc, device=q.device)
-    # float32 like the kernels and the fake kernel (the op casts it to the bias dtype after reduction)
-    dbias = torch.zeros(b, h, nq, nk, dtype=torch.float32, device=q.device) if bias_grad else None
+    # the op reduces it to the bias's shape and casts it to the bias dtype
+    dbias = torch.zeros(b, h, nq, nk, dtype=acc, device=q.device) if bias_grad else None
     dqg = _grouped(dq, hkv)
     for qb0, qb1, r0, r1 in _chunks(q, k, block_size):
         mask_c = _chunk_mask(tables, block_size, (nq, nk), qb0, qb1, r0, r1, causal, hkv, q.device)

@@ -56,15 +56,12 @@ class SiteAttention(nn.Module):
     def forward(self, q, k, v, bias=None, scale=None, causal=False):
         if self.training and self.site.dropout > 0:
             raise RuntimeError(
-                f"{self.site.name}: attention dropout p={self.site.dropout} is active in training mode, but this "
+                f"{self.site.where}: attention dropout p={self.site.dropout} is active in training mode, but this "
                 "site was rewritten in eval mode; transform the model in training mode (the site is then kept "
                 "as it was) or set the dropout to 0"
             )
-        unbatched = q.dim() == 3  # [B*H, N, D] from bmm-style attention
-        if unbatched:
-            q, k, v = q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)
-            if bias is not None and bias.dim() == 3:
-                bias = bias.unsqueeze(1)
+        rank, lead = q.dim(), q.shape[:-3]
+        q, k, v, bias = _as_4d(q, k, v, bias)
         shape = (q.shape[-2], k.shape[-2])
         entry = self._layouts.get(shape, _MISSING)
         if entry is _MISSING:
@@ -77,8 +74,8 @@ class SiteAttention(nn.Module):
                 layout = dataclasses.replace(built, data=getattr(self, name))
                 out = _sparse_attention(q, k, v, layout, scale=scale, bias=bias, causal=causal)
         except (ValueError, TypeError) as err:
-            raise SiteError(f"{self.site.name}: {err}") from err
-        return out.squeeze(1) if unbatched else out
+            raise SiteError(f"{self.site.where}: {err}") from err
+        return _from_4d(out, rank, lead)
 
     @torch.compiler.disable
     def _prepare(self, q, k):
@@ -99,6 +96,33 @@ class SiteAttention(nn.Module):
             entry = (name, layout.block_size, layout.density, dataclasses.replace(layout, data=layout.data[:0]))
         self._layouts[(q_len, kv_len)] = entry
         return entry
+
+
+def _as_4d(q, k, v, bias):
+    """q, k, v as [B, H, N, D] (the op's form) from [N, D], [B*H, N, D] (bmm-style) or [..., H, N, D]."""
+    if q.dim() == 4:
+        return q, k, v, bias
+    if q.dim() < 4:
+        extra = 4 - q.dim()
+        fix = (lambda t: t.reshape(*t.shape[:-2], *([1] * extra), *t.shape[-2:])) if q.dim() == 3 else (
+            lambda t: t.reshape(*([1] * extra), *t.shape))
+        if bias is not None and bias.dim() == q.dim():
+            bias = fix(bias)
+        return fix(q), fix(k), fix(v), bias
+    if bias is not None and bias.dim() > 4:
+        bias = bias.expand(*q.shape[:-1], k.shape[-2]).flatten(0, -4)
+    return q.flatten(0, -4), k.flatten(0, -4), v.flatten(0, -4), bias
+
+
+def _from_4d(out, rank: int, lead):
+    """The op's [B, H, N, D] output back in the site's own form (see _as_4d)."""
+    if rank == 4:
+        return out
+    if rank == 3:  # [B*H, N, D]
+        return out.squeeze(1)
+    if rank == 2:  # [N, D]
+        return out[0, 0]
+    return out.reshape(*lead, *out.shape[1:])
 
 
 def _dense_attention(q, k, v, bias, scale, causal):
@@ -125,7 +149,7 @@ def _layout_from(mask_fn, site: AttentionSite) -> Optional[Layout]:
     try:
         mask = mask_fn(site)
     except Exception as err:
-        raise SiteError(f"{site.name}: mask_fn raised {type(err).__name__}: {err}") from err
+        raise SiteError(f"{site.where}: mask_fn raised {type(err).__name__}: {err}") from err
     H, nq, nk = site.num_heads, site.q_len, site.kv_len
     expected = f"expected broadcastable to (H|1, {nq}, {nk}) with H={H}"
     if mask is None:
@@ -133,20 +157,20 @@ def _layout_from(mask_fn, site: AttentionSite) -> Optional[Layout]:
     if isinstance(mask, Layout):
         if tuple(mask.shape) != (nq, nk) or mask.num_heads not in (1, H) or mask.batch != 1:
             raise SiteError(
-                f"{site.name}: mask_fn returned a Layout for (q_len, kv_len) = {tuple(mask.shape)} with "
+                f"{site.where}: mask_fn returned a Layout for (q_len, kv_len) = {tuple(mask.shape)} with "
                 f"{mask.num_heads} heads; expected ({nq}, {nk}) with 1 or {H} heads"
             )
         return mask
     if not isinstance(mask, torch.Tensor):
-        raise SiteError(f"{site.name}: mask_fn returned {type(mask).__name__}; expected None, a bool tensor or a Layout")
+        raise SiteError(f"{site.where}: mask_fn returned {type(mask).__name__}; expected None, a bool tensor or a Layout")
     if mask.dtype != torch.bool:
-        raise SiteError(f"{site.name}: mask_fn returned a mask of dtype {mask.dtype}; expected torch.bool (True = may attend)")
+        raise SiteError(f"{site.where}: mask_fn returned a mask of dtype {mask.dtype}; expected torch.bool (True = may attend)")
     shape = tuple(mask.shape)
     if mask.dim() > 3 or mask.dim() < 1:
-        raise SiteError(f"{site.name}: mask_fn returned shape {shape}, {expected}")
+        raise SiteError(f"{site.where}: mask_fn returned shape {shape}, {expected}")
     mask3 = mask.reshape((1,) * (3 - mask.dim()) + shape)
     if mask3.shape[0] not in (1, H) or mask3.shape[1] not in (1, nq) or mask3.shape[2] not in (1, nk):
-        raise SiteError(f"{site.name}: mask_fn returned shape {shape}, {expected}")
+        raise SiteError(f"{site.where}: mask_fn returned shape {shape}, {expected}")
     return Layout.from_mask(mask3.expand(mask3.shape[0], nq, nk))
 
 

@@ -152,3 +152,12 @@ def test_export_keeps_the_op():
     assert not any("softmax" in str(t) or "matmul" in str(t) for t in targets), targets
     q2, k2, v2, bias2 = (t.detach() for t in _inputs(seed=47))
     assert_close(ep.module()(q2, k2, v2, bias2), module(q2, k2, v2, bias2).double(), 1e-6, "exported")
+
+
+def test_dense_mask_none_under_fullgraph():
+    # mask=None builds the dense layout inside the graph (no data-dependent step, no cache mutation)
+    q, k, v = qkv(1, 2, 2, 50, 70, 16, seed=70)
+    fn = torch.compile(lambda q, k, v: fxsparse.sparse_attention(q, k, v, causal=True), fullgraph=True,
+                       backend="aot_eager")
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    torch.testing.assert_close(fn(q, k, v), want, atol=1e-5, rtol=1e-5)

@@ -184,7 +184,7 @@ class Block(nn.Module):
 
 @pytest.mark.parametrize("bad,message", [
     (lambda s: torch.ones(1, 5, 5, dtype=torch.bool),
-     r"^: mask_fn returned shape \(1, 5, 5\), expected broadcastable to \(H\|1, 12, 12\)"),
+     r"^\(root\): mask_fn returned shape \(1, 5, 5\), expected broadcastable to \(H\|1, 12, 12\)"),
     (lambda s: torch.ones(12, 12), r"dtype torch.float32; expected torch.bool"),
     (lambda s: torch.ones(3, 12, 12, dtype=torch.bool), r"shape \(3, 12, 12\)"),
     (lambda s: 1 / 0, r"mask_fn raised ZeroDivisionError"),

@@ -524,3 +524,11 @@ def test_error_layout_inputs():
         Layout.from_mask(torch.ones(8, dtype=torch.bool), block_size=32)
     with pytest.raises(ValueError, match="empty"):
         Layout.from_mask(torch.ones(0, 8, dtype=torch.bool), block_size=32)
+
+
+@pytest.mark.parametrize("nq,nk,bs", [(197, 197, 32), (64, 64, 32), (100, 70, 64), (5, 300, 128)])
+def test_dense_layout_equals_the_all_true_mask(nq, nk, bs):
+    dense = Layout.dense(nq, nk, bs)
+    full = Layout.from_mask(torch.ones(nq, nk, dtype=torch.bool), block_size=bs)
+    assert torch.equal(dense.to_mask(), full.to_mask()) and torch.equal(dense.kinds, full.kinds)
+    assert dense.density == full.density == 1.0

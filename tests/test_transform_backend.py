@@ -50,3 +50,19 @@ def test_backend_inductor():
 def test_backend_rejects_a_non_callable():
     with pytest.raises(TypeError, match="mask_fn must be callable"):
         fxsparse.backend("local")
+
+
+def test_backend_new_length_needs_static_shapes():
+    torch.manual_seed(0)
+    model = GPT().eval()
+    tokens = _tokens()[0]
+    with torch.no_grad():
+        # default settings: Dynamo recompiles the second length with symbolic sizes -> a clear error
+        compiled = torch.compile(model, backend=fxsparse.backend(WINDOW, compiler="eager"))
+        compiled(tokens)
+        with pytest.raises(Exception, match=r"dynamic=False"):
+            compiled(tokens[:, :-3])
+        # dynamic=False: one graph and one layout per length, each against the oracle
+        static = torch.compile(model, backend=fxsparse.backend(WINDOW, compiler="eager"), dynamic=False)
+        for t in (tokens, tokens[:, :-3]):
+            assert_close(static(t), oracle(model, (t,), WINDOW))

@@ -5,10 +5,15 @@ the packed element mask), then full blocks (no per-element work). Softmax runs i
 log2(e) folded into the scale. The head dim is padded to a power of two inside the kernel by
 masked loads, never by copying the inputs. Grouped-query heads index their kv head (h // G).
 
-The backward pass recomputes the probabilities from the saved log-sum-exp:
-  * dk/dv: one program per (batch, kv head, kv block); it walks the transposed tables of every
-    query head in its group, so no atomics are needed;
-  * dq (and the bias gradient): one program per (batch, head, query block) over the forward tables.
+The forward saves two row statistics, base 2: the row max and log2 of the row sum (kept apart so
+the log-sum survives beside a huge max, e.g. rows that only see finfo.min padding). The backward
+recomputes the probabilities from them:
+  * dq (and the bias gradient): one program per (batch, head, query tile) over the forward tables;
+    it also computes delta = rowsum(out * dout) for its rows;
+  * dk/dv, launched after it: one program per (batch, kv head, kv tile); it walks the transposed
+    tables of every query head in its group, so no atomics are needed.
+The layout's tables arrive as one flat int32 tensor plus the offsets of the ones a kernel walks.
+Offsets of whole (batch, head) slices are int64: large tensors pass 2**31 elements.
 """
 from __future__ import annotations
 
@@ -21,7 +26,6 @@ import triton.language as tl
 from ..layout import table_offsets
 
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 
 
 @triton.jit
@@ -127,7 +131,7 @@ def _fwd_kernel(
     MASK_ID, BITS = T + O_MASK_ID, T + O_BITS
     FULL_NUM, FULL_IDX, PART_NUM, PART_IDX = T + O_FULL_NUM, T + O_FULL_IDX, T + O_PART_NUM, T + O_PART_IDX
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // H
     h = pid_bh % H
     start_m = pid_m * BLOCK_M
@@ -229,7 +233,7 @@ def _dkdv_kernel(
     MASK_ID, BITS = T + O_MASK_ID, T + O_BITS
     T_FULL_NUM, T_FULL_IDX, T_PART_NUM, T_PART_IDX = T + O_FULL_NUM, T + O_FULL_IDX, T + O_PART_NUM, T + O_PART_IDX
     pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // HKV
     hk = pid_bh % HKV
     start_n = pid_n * BLOCK_N
@@ -326,7 +330,7 @@ def _dq_kernel(
     MASK_ID, BITS = T + O_MASK_ID, T + O_BITS
     FULL_NUM, FULL_IDX, PART_NUM, PART_IDX = T + O_FULL_NUM, T + O_FULL_IDX, T + O_PART_NUM, T + O_PART_IDX
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // H
     h = pid_bh % H
     start_m = pid_m * BLOCK_M
@@ -346,7 +350,7 @@ def _dq_kernel(
     K += b * skb + (h // G) * skh
     V += b * svb + (h // G) * svh
     Bias += b * sbb + h * sbh
-    DBias += pid_bh.to(tl.int64) * NQ * NK
+    DBias += pid_bh * NQ * NK
     row = (b * SLOT_B + h * SLOT_H) * NQB + qb
     dq = tl.zeros([BLOCK_M, D_PAD], tl.float32)
     n_part = tl.load(PART_NUM + row)
@@ -387,8 +391,9 @@ def _pad_dim(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
-def _pad_blocks(nqb: int, nkb: int) -> int:
-    return triton.next_power_of_2(max(nqb, nkb))
+def _pad_blocks(nqb: int, nkb: int, causal: bool) -> int:
+    """Width of the causal bound search (a constexpr: 1 when not causal, so lengths don't recompile)."""
+    return triton.next_power_of_2(max(nqb, nkb)) if causal else 1
 
 
 def _table_args(tables, nqb: int, nkb: int):
@@ -455,7 +460,7 @@ def forward(q, k, v, tables, bias, scale, block, causal, out):
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *bstr, slot_b, slot_h,
         h, h // hkv, nq, nk, nqb, nkb, scale * LOG2E,
         HEAD_DIM=d, D_PAD=d_pad, BLOCK=block, BLOCK_M=block_m, BLOCK_N=block_n, HAS_BIAS=has_bias,
-        IS_CAUSAL=causal, PRECISION=_precision(q.dtype), PAD=_pad_blocks(nqb, nkb),
+        IS_CAUSAL=causal, PRECISION=_precision(q.dtype), PAD=_pad_blocks(nqb, nkb, causal),
         num_warps=warps, num_stages=stages,
     )
     return lse
@@ -475,7 +480,7 @@ def backward(dout, q, k, v, out, lse, tables, bias, scale, block, causal, bias_g
     bias_t, bstr, has_bias = _bias_args(bias, q, nk)
     n1, m1, m2, n2, warps, stages = _bwd_config(block, d_pad, q.dtype)
     common = dict(HEAD_DIM=d, D_PAD=d_pad, BLOCK=block, HAS_BIAS=has_bias, IS_CAUSAL=causal,
-                  PRECISION=_precision(q.dtype), PAD=_pad_blocks(nqb, nkb),
+                  PRECISION=_precision(q.dtype), PAD=_pad_blocks(nqb, nkb, causal),
                   num_warps=warps, num_stages=stages)
     strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride(), *bstr, slot_b, slot_h)
     _dq_kernel[(nqb * (block // m2), b * h)](
