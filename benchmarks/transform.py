@@ -76,7 +76,6 @@ def main():
             sites = len(fxsparse.report(fxsparse.transform(model, mask_fn)).rows)
             assert sites == depth, f"found {sites} attentions in a {depth}-layer ViT"
             rows.append([depth, t_trace, t_xf, t_xf / t_trace, t_xf / depth * 1e3])
-            del model
 
     print(f"ViT-L/16 (embed 1024, 16 heads, 224px), CPU, {torch.get_num_threads()} threads; "
           f"bare trace = {trace_name}; fxsparse.transform without example_inputs; "

@@ -14,7 +14,7 @@ import torch
 from torch import fx
 
 from . import match, rewrite
-from .match import node_shape
+from .rewrite import prepare_sites
 
 
 class Backend:
@@ -83,31 +83,12 @@ def _parameter_values(gm: fx.GraphModule, example_inputs) -> dict:
 def _prepare(gm: fx.GraphModule, matches):
     """Shapes are static here: ask mask_fn and build each Layout before the graph is compiled."""
     for m in matches:
-        if m.skip is not None:
-            continue
-        site = m.site
-        if any(_has_symbolic_size(n) for n in (m.q, m.k, m.out.args[0] if m.out.args else None)):
+        if m.skip is None and any(_has_symbolic_size(n) for n in (m.q, m.k, m.out.args[0] if m.out.args else None)):
             raise ValueError(
-                f"{site.where}: sequence lengths are dynamic in this graph (Dynamo recompiled with "
-                "symbolic sizes); fxsparse builds one layout per length, so compile with `dynamic=False`"
+                f"{m.site.where}: sequence lengths are dynamic in this graph (Dynamo recompiled with symbolic "
+                "sizes); fxsparse builds one layout per length, so compile with `dynamic=False`"
             )
-        if m.mha is not None:
-            shape = node_shape(m.out.args[0])
-            if shape is None:
-                continue
-            seq = 1 if m.mha.batch_first else 0
-            kv = node_shape(match._arg(m.out, 1, "key"))
-            site.q_len, site.kv_len = shape[seq], kv[seq]
-        values = (site.num_heads, site.num_kv_heads, site.q_len, site.kv_len, site.head_dim)
-        if None in values:
-            continue
-        if not all(isinstance(v, int) for v in values):
-            raise ValueError(
-                f"{site.where}: sequence lengths are dynamic in this graph; fxsparse builds one layout per "
-                "length, so compile with `dynamic=False`"
-            )
-        device = _device_of(m.q if m.q is not None else m.out.args[0])
-        gm.get_submodule(f"fxsparse_site_{site.index}").prepare(*values, device)
+    prepare_sites(gm, matches, lambda m: _device_of(m.q if m.q is not None else m.out.args[0]), static=True)
 
 
 def _has_symbolic_size(node) -> bool:

@@ -58,16 +58,13 @@ def table_offsets(bl: int, hl: int, nqb: int, nkb: int) -> dict:
     return out
 
 
-def table_views(data: torch.Tensor, bl: int, hl: int, block_size: int, shape: tuple) -> dict:
-    """The named tables as views of the flat tensor."""
+def _table_view(data: torch.Tensor, bl: int, hl: int, block_size: int, shape: tuple, name: str) -> torch.Tensor:
+    """One named table as a view of the flat tensor."""
     nqb, nkb = math.ceil(shape[0] / block_size), math.ceil(shape[1] / block_size)
-    views = {}
-    for name, (off, size) in table_offsets(bl, hl, nqb, nkb).items():
-        if size is None:
-            views[name] = data[off:].view(-1, block_size, block_size // 32)
-        else:
-            views[name] = data[off : off + math.prod(size)].view(size)
-    return views
+    off, size = table_offsets(bl, hl, nqb, nkb)[name]
+    if size is None:
+        return data[off:].view(-1, block_size, block_size // 32)
+    return data[off : off + math.prod(size)].view(size)
 
 
 def _as_4d(mask: torch.Tensor) -> torch.Tensor:
@@ -118,8 +115,8 @@ class Layout:
     density: float = 1.0
 
     def __getattr__(self, name):  # the named tables, as views of `data`
-        if name in TABLE_NAMES:
-            return table_views(self.data, self.batch, self.num_heads, self.block_size, self.shape)[name]
+        if name in TABLE_NAMES and "data" in self.__dict__:
+            return _table_view(self.data, self.batch, self.num_heads, self.block_size, self.shape, name)
         raise AttributeError(name)
 
     # ---------------------------------------------------------------- building
@@ -257,8 +254,7 @@ class Layout:
 
 def block_mask(data, bl: int, hl: int, block_size: int, shape: tuple, qb_start: int, qb_end: int) -> torch.Tensor:
     """Token mask of query blocks [qb_start, qb_end) from the flat tables: bool [Bl, Hl, rows, kv_len]."""
-    t = table_views(data, bl, hl, block_size, shape)
-    kinds, mask_id, bits = t["kinds"], t["mask_id"], t["bits"]
+    kinds, mask_id, bits = (_table_view(data, bl, hl, block_size, shape, n) for n in ("kinds", "mask_id", "bits"))
     nq, nk = shape
     bs = block_size
     k = kinds[:, :, qb_start:qb_end]  # [Bl,Hl,nb,NKB]

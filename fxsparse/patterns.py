@@ -311,6 +311,8 @@ def only(fn, *, layers=None, names=None, where=None) -> MaskFn:
         raise ValueError("only: give layers=, names= or where=")
     layer_set = None
     if layers is not None:
+        if not isinstance(layers, (int, range, list, tuple, set, frozenset)):
+            layers = tuple(layers)  # a generator can be read once only: here
         layer_set = {layers} if isinstance(layers, int) else set(layers)
         if any(i < 0 for i in layer_set):
             raise ValueError("only: layers are site indices counted from 0; negative indices "

@@ -2,7 +2,8 @@
 
 Each rewritten site becomes a call of a small ``SiteAttention`` module stored on the GraphModule
 as ``fxsparse_site_<index>``. It holds the site, the user's mask_fn and the Layouts it built, one
-per (q_len, kv_len) and device, and calls ``fxsparse.sparse_attention``. The site's own scale,
+per (q_len, kv_len) (their tables are buffers, so they follow ``.to(device)``), and calls
+``fxsparse.sparse_attention``; a site that mask_fn keeps dense calls PyTorch's SDPA. The site's own scale,
 bias, masks and causality are computed in the graph by the small functions below, so
 ``sparse.code`` reads like the model.
 """
@@ -407,7 +408,9 @@ def transform(model: nn.Module, mask_fn: Callable, *, example_inputs=None, concr
     for mod in site_modules(gm):  # new modules: in the mode of the module they stand in for
         mod.training = _owner_training(model, mod.site.name)
     if example_inputs is not None:
-        _prepare_sites(gm, matches, capture.example_device(example_inputs))
+        device = capture.example_device(example_inputs)
+        if device is not None:
+            prepare_sites(gm, matches, lambda m: device)
     if verbose:
         from .report import report
 
@@ -422,18 +425,25 @@ def _owner_training(model: nn.Module, name: str) -> bool:
         return model.training
 
 
-def _prepare_sites(gm: fx.GraphModule, matches: list[Match], device):
-    """Lengths are known from the example inputs: call mask_fn now and build the Layouts."""
+def prepare_sites(gm: fx.GraphModule, matches: list[Match], device_of: Callable, *, static: bool = False):
+    """Lengths are known (example inputs, or a Dynamo graph): call mask_fn now and build the Layouts.
+    A site whose lengths are not known waits for its first forward; with ``static`` (the compiler
+    backend, which cannot wait) lengths that are not plain ints are an error."""
     for m in matches:
         s = m.site
-        if m.skip is not None or device is None:
+        if m.skip is not None:
             continue
         if m.mha is not None:
             _mha_shapes(m)
-        if None in (s.num_heads, s.num_kv_heads, s.q_len, s.kv_len, s.head_dim):
+        values = (s.num_heads, s.num_kv_heads, s.q_len, s.kv_len, s.head_dim)
+        if None in values:
             continue
-        gm.get_submodule(f"fxsparse_site_{s.index}").prepare(
-            s.num_heads, s.num_kv_heads, s.q_len, s.kv_len, s.head_dim, device)
+        if not all(isinstance(v, int) for v in values):
+            if static:
+                raise ValueError(f"{s.where}: sequence lengths are dynamic in this graph; fxsparse builds one "
+                                 "layout per length, so compile with `dynamic=False`")
+            continue
+        gm.get_submodule(f"fxsparse_site_{s.index}").prepare(*values, device_of(m))
 
 
 def _mha_shapes(m: Match):
