@@ -27,9 +27,10 @@ def _use_triton(q: Tensor) -> bool:
     return q.is_cuda or interpret
 
 
-def _impl(name):
-    if name == "triton":
-        from .kernels import attention as kernels
+def _impl(q: Tensor):
+    """The Triton kernels (CUDA, or any device under TRITON_INTERPRET=1) or the exact reference."""
+    if _use_triton(q):
+        from .kernels import attention as kernels  # imported on first use: triton is not needed on CPU
 
         return kernels
     return reference
@@ -47,7 +48,7 @@ def _sparse_attention_op(
     q: Tensor, k: Tensor, v: Tensor, layout: Tensor, layout_batch: int, layout_heads: int,
     bias: Optional[Tensor], scale: float, block_size: int, causal: bool,
 ) -> tuple[Tensor, Tensor]:
-    impl = _impl("triton" if _use_triton(q) else "reference")
+    impl = _impl(q)
     out = _new_out(q, v.shape[-1])
     lse = impl.forward(q, k, v, (layout, layout_batch, layout_heads), bias, scale, block_size, causal, out)
     return out, lse
@@ -64,7 +65,7 @@ def _sparse_attention_backward_op(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, layout: Tensor, layout_batch: int,
     layout_heads: int, bias: Optional[Tensor], scale: float, block_size: int, causal: bool, bias_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    impl = _impl("triton" if _use_triton(q) else "reference")
+    impl = _impl(q)
     tables = (layout, layout_batch, layout_heads)
     dq, dk, dv, dbias = impl.backward(dout, q, k, v, out, lse, tables, bias, scale, block_size, causal, bias_grad)
     return dq, dk, dv, dbias if dbias is not None else q.new_empty(0, dtype=reference.acc_dtype(q))

@@ -482,14 +482,15 @@ def backward(dout, q, k, v, out, lse, tables, bias, scale, block, causal, bias_g
     common = dict(HEAD_DIM=d, D_PAD=d_pad, BLOCK=block, HAS_BIAS=has_bias, IS_CAUSAL=causal,
                   PRECISION=_precision(q.dtype), PAD=_pad_blocks(nqb, nkb, causal),
                   num_warps=warps, num_stages=stages)
-    strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride(), *bstr, slot_b, slot_h)
+    io_strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride())
+    bias_slots = (*bstr, slot_b, slot_h)
     _dq_kernel[(nqb * (block // m2), b * h)](
         q, k, v, dout, out, lse, delta, dq, bias_t, dbias if bias_grad else q, data, *fwd_offsets,
-        *strides[:16], *out.stride(), *strides[16:], h, h // hkv, nq, nk, nqb, nkb, scale, scale * LOG2E,
+        *io_strides, *out.stride(), *bias_slots, h, h // hkv, nq, nk, nqb, nkb, scale, scale * LOG2E,
         BLOCK_M=m2, BLOCK_N=n2, BIAS_GRAD=bias_grad, **common,
     )
     _dkdv_kernel[(nkb * (block // n1), b * hkv)](
         q, k, v, dout, lse, delta, dk, dv, bias_t, data, *bwd_offsets,
-        *strides, h, hkv, h // hkv, nq, nk, nqb, nkb, scale, scale * LOG2E, BLOCK_M=m1, BLOCK_N=n1, **common,
+        *io_strides, *bias_slots, h, hkv, h // hkv, nq, nk, nqb, nkb, scale, scale * LOG2E, BLOCK_M=m1, BLOCK_N=n1, **common,
     )
     return dq, dk, dv, dbias
