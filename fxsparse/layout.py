@@ -217,9 +217,10 @@ class Layout:
             cols[-1] = nk - bs * (kinds.shape[-1] - 1)
             visited = (kinds != EMPTY).to(torch.float64)
             density = float((visited * rows[:, None] * cols[None, :]).sum((-1, -2)).mean()) / (nq * nk)
-        parts = (kinds, mask_id, full_num, full_idx, part_num, part_idx, t_full_num, t_full_idx, t_part_num,
-                 t_part_idx, bits)
-        data = torch.cat([t.reshape(-1).to(torch.int32) for t in parts])
+        tables = dict(kinds=kinds, mask_id=mask_id, full_num=full_num, full_idx=full_idx, part_num=part_num,
+                      part_idx=part_idx, t_full_num=t_full_num, t_full_idx=t_full_idx, t_part_num=t_part_num,
+                      t_part_idx=t_part_idx, bits=bits)
+        data = torch.cat([tables[n].reshape(-1).to(torch.int32) for n in TABLE_NAMES])  # the order of table_offsets
         return cls(block_size=bs, shape=(int(nq), int(nk)), batch=kinds.shape[0], num_heads=kinds.shape[1],
                    data=data, density=density)
 
