@@ -1,6 +1,7 @@
 """fxsparse: find the attention in any PyTorch model by graph shape and make it block-sparse."""
 from . import patterns
 from .backend import backend
+from .calibrate import calibrate
 from .layout import Layout
 from .match import AttentionSite
 from .op import sparse_attention
@@ -8,6 +9,6 @@ from .report import Report, SiteReport, report
 from .rewrite import transform
 
 __all__ = [
-    "AttentionSite", "Layout", "Report", "SiteReport", "backend", "patterns", "report", "sparse_attention",
-    "transform",
+    "AttentionSite", "Layout", "Report", "SiteReport", "backend", "calibrate", "patterns", "report",
+    "sparse_attention", "transform",
 ]

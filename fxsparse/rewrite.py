@@ -41,6 +41,7 @@ class SiteAttention(nn.Module):
         self.site = site
         self.mask_fn = mask_fn
         self._layouts: dict = {}  # (q_len, kv_len) -> None (dense) | (buffer name, block_size, density, Layout)
+        self.recorder = None  # fxsparse.calibrate: called with (site, q, k, bias, scale, causal) before each call
 
     @property
     def status(self) -> str:
@@ -63,6 +64,8 @@ class SiteAttention(nn.Module):
             )
         rank, lead = q.dim(), q.shape[:-3]
         q, k, v, bias = _as_4d(q, k, v, bias)
+        if self.recorder is not None:
+            self.recorder(self.site, q, k, bias, scale, causal)
         shape = (q.shape[-2], k.shape[-2])
         entry = self._layouts.get(shape, _MISSING)
         if entry is _MISSING:
