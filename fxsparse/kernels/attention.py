@@ -67,6 +67,38 @@ def _bias_log2(bias):
 
 
 @triton.jit
+def _tile_scores(
+    s, Bias, BITS, mid, offs_m, rows_in_block, cols, j, sbm, sbn, NQ, NK,
+    BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PARTIAL: tl.constexpr, HAS_BIAS: tl.constexpr, IS_CAUSAL: tl.constexpr,
+):
+    """Scores [BLOCK_M, BLOCK_N] (q·kᵀ·scale, base 2) with the bias added and the partial block's
+    element mask and causality applied (-inf where a key may not be attended)."""
+    if HAS_BIAS:
+        bmask = (offs_m[:, None] < NQ) & (cols[None, :] < NK)
+        s += _bias_log2(tl.load(Bias + offs_m[:, None] * sbm + cols[None, :] * sbn, mask=bmask, other=0.0))
+    if PARTIAL:
+        s = tl.where(_load_bits(BITS, mid, rows_in_block, j, BLOCK, BLOCK_M, BLOCK_N), s, float("-inf"))
+    if IS_CAUSAL:
+        s = tl.where(offs_m[:, None] >= cols[None, :], s, float("-inf"))
+    return s
+
+
+@triton.jit
+def _visit_counts(PART_NUM, PART_IDX, FULL_NUM, FULL_IDX, row, NKB, start_m,
+                  BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, IS_CAUSAL: tl.constexpr, PAD: tl.constexpr):
+    """How many partial and full kv blocks a query tile visits (causal: blocks that start after its
+    last row are skipped)."""
+    n_part = tl.load(PART_NUM + row)
+    n_full = tl.load(FULL_NUM + row)
+    if IS_CAUSAL:
+        limit = (start_m + BLOCK_M - 1) // BLOCK + 1
+        n_part = _count_below(PART_IDX + row * NKB, n_part, limit, PAD)
+        n_full = _count_below(FULL_IDX + row * NKB, n_full, limit, PAD)
+    return n_part, n_full
+
+
+@triton.jit
 def _count_below(IDX, num, limit, PAD: tl.constexpr):
     """How many of the first `num` (ascending) block indices at IDX are below `limit`."""
     offs = tl.arange(0, PAD)
@@ -95,15 +127,8 @@ def _fwd_tile(
     else:
         kt = tl.load(k_ptrs)
         v = tl.load(v_ptrs)
-    s = _dot(q, kt, PRECISION) * scale_log2
-    if HAS_BIAS:
-        bmask = (offs_m[:, None] < NQ) & (cols[None, :] < NK)
-        bias = tl.load(Bias + offs_m[:, None] * sbm + cols[None, :] * sbn, mask=bmask, other=0.0)
-        s += _bias_log2(bias)
-    if PARTIAL:
-        s = tl.where(_load_bits(BITS, mid, rows_in_block, j, BLOCK, BLOCK_M, BLOCK_N), s, float("-inf"))
-    if IS_CAUSAL:
-        s = tl.where(offs_m[:, None] >= cols[None, :], s, float("-inf"))
+    s = _tile_scores(_dot(q, kt, PRECISION) * scale_log2, Bias, BITS, mid, offs_m, rows_in_block, cols, j,
+                     sbm, sbn, NQ, NK, BLOCK, BLOCK_M, BLOCK_N, PARTIAL, HAS_BIAS, IS_CAUSAL)
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     p = tl.math.exp2(s - m_safe[:, None])
@@ -150,12 +175,8 @@ def _fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
-    n_part = tl.load(PART_NUM + row)
-    n_full = tl.load(FULL_NUM + row)
-    if IS_CAUSAL:  # kv blocks that start after this tile's last row are skipped
-        limit = (start_m + BLOCK_M - 1) // BLOCK + 1
-        n_part = _count_below(PART_IDX + row * NKB, n_part, limit, PAD)
-        n_full = _count_below(FULL_IDX + row * NKB, n_full, limit, PAD)
+    n_part, n_full = _visit_counts(PART_NUM, PART_IDX, FULL_NUM, FULL_IDX, row, NKB, start_m,
+                                   BLOCK, BLOCK_M, IS_CAUSAL, PAD)
     for t in range(n_part * SUB):
         kb = tl.load(PART_IDX + row * NKB + t // SUB)
         mid = tl.load(MASK_ID + row * NKB + kb)
@@ -296,15 +317,8 @@ def _dq_tile(
     kmask = (cols[None, :] < NK) & (offs_d[:, None] < HEAD_DIM)
     kt = tl.load(K + cols[None, :] * skn + offs_d[:, None] * skd, mask=kmask, other=0.0)
     vt = tl.load(V + cols[None, :] * svn + offs_d[:, None] * svd, mask=kmask, other=0.0)
-    s = _dot(q, kt, PRECISION) * scale_log2
-    if HAS_BIAS:
-        bias = tl.load(Bias + offs_m[:, None] * sbm + cols[None, :] * sbn,
-                       mask=(offs_m[:, None] < NQ) & (cols[None, :] < NK), other=0.0)
-        s += _bias_log2(bias)
-    if PARTIAL:
-        s = tl.where(_load_bits(BITS, mid, rows_in_block, j, BLOCK, BLOCK_M, BLOCK_N), s, float("-inf"))
-    if IS_CAUSAL:
-        s = tl.where(offs_m[:, None] >= cols[None, :], s, float("-inf"))
+    s = _tile_scores(_dot(q, kt, PRECISION) * scale_log2, Bias, BITS, mid, offs_m, rows_in_block, cols, j,
+                     sbm, sbn, NQ, NK, BLOCK, BLOCK_M, BLOCK_N, PARTIAL, HAS_BIAS, IS_CAUSAL)
     p = tl.math.exp2((s - m2[:, None]) - log_l[:, None])
     dp = _dot(do, vt, PRECISION)
     ds = p * (dp - delta[:, None])
@@ -353,12 +367,8 @@ def _dq_kernel(
     DBias += pid_bh * NQ * NK
     row = (b * SLOT_B + h * SLOT_H) * NQB + qb
     dq = tl.zeros([BLOCK_M, D_PAD], tl.float32)
-    n_part = tl.load(PART_NUM + row)
-    n_full = tl.load(FULL_NUM + row)
-    if IS_CAUSAL:
-        limit = (start_m + BLOCK_M - 1) // BLOCK + 1
-        n_part = _count_below(PART_IDX + row * NKB, n_part, limit, PAD)
-        n_full = _count_below(FULL_IDX + row * NKB, n_full, limit, PAD)
+    n_part, n_full = _visit_counts(PART_NUM, PART_IDX, FULL_NUM, FULL_IDX, row, NKB, start_m,
+                                   BLOCK, BLOCK_M, IS_CAUSAL, PAD)
     for t in range(n_part * SUB):
         kb = tl.load(PART_IDX + row * NKB + t // SUB)
         mid = tl.load(MASK_ID + row * NKB + kb)
