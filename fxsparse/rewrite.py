@@ -19,6 +19,7 @@ from torch import fx, nn
 
 from . import capture, match
 from .layout import Layout
+from .op import sparse_attention
 from .match import AttentionSite, Match
 
 _MISSING = object()
@@ -76,7 +77,7 @@ class SiteAttention(nn.Module):
             else:
                 name, _, _, built = entry  # the tables come from the buffer, which follows .to(device)
                 layout = dataclasses.replace(built, data=getattr(self, name))
-                out = _sparse_attention(q, k, v, layout, scale=scale, bias=bias, causal=causal)
+                out = sparse_attention(q, k, v, layout, scale=scale, bias=bias, causal=causal)
         except (ValueError, TypeError) as err:
             raise SiteError(f"{self.site.where}: {err}") from err
         return _from_4d(out, rank, lead)
@@ -140,12 +141,6 @@ def _dense_attention(q, k, v, bias, scale, causal):
         mask = mask.to(q.dtype)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and bias is None, scale=scale,
                                           enable_gqa=k.shape[1] != q.shape[1])
-
-
-def _sparse_attention(*args, **kwargs):
-    from .op import sparse_attention
-
-    return sparse_attention(*args, **kwargs)
 
 
 def _layout_from(mask_fn, site: AttentionSite) -> Optional[Layout]:

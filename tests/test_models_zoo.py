@@ -16,6 +16,7 @@ import fxsparse
 from fxsparse import patterns
 
 import models
+from fxcheck import assert_close
 from oracle import MaskedAttention
 
 CASES = [make() for make in models.CASES]
@@ -50,10 +51,7 @@ def run(model, args):
 def assert_close_to_scale(got, want, tol, what):
     assert len(got) == len(want), f"{what}: {len(got)} outputs, expected {len(want)}"
     for i, (g, w) in enumerate(zip(got, want)):
-        assert g.shape == w.shape, f"{what}: output {i} shape {tuple(g.shape)} != {tuple(w.shape)}"
-        scale = w.abs().max().double().clamp_min(1e-12)
-        err = (g.double() - w.double()).abs().max()
-        assert err <= tol * scale, f"{what}: output {i} off by {err:.3g} (scale {scale:.3g})"
+        assert_close(g, w, tol, f"{what}: output {i}")
 
 
 def oracle_outputs(model, args, mask_fn):

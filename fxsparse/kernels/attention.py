@@ -67,6 +67,17 @@ def _bias_log2(bias):
 
 
 @triton.jit
+def _query_tile(H, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, D_PAD: tl.constexpr):
+    """Where this program's BLOCK_M query rows sit: (batch, head) slot (int64: whole slices can pass
+    2**31 elements), batch, head, first row, layout block, rows within that block, rows, head-dim lanes."""
+    pid_bh = tl.program_id(1).to(tl.int64)
+    start_m = tl.program_id(0) * BLOCK_M
+    qb = start_m // BLOCK
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    return pid_bh, pid_bh // H, pid_bh % H, start_m, qb, offs_m - qb * BLOCK, offs_m, tl.arange(0, D_PAD)
+
+
+@triton.jit
 def _tile_scores(
     s, Bias, BITS, mid, offs_m, rows_in_block, cols, j, sbm, sbn, NQ, NK,
     BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -155,15 +166,7 @@ def _fwd_kernel(
     SUB: tl.constexpr = BLOCK // BLOCK_N
     MASK_ID, BITS = T + O_MASK_ID, T + O_BITS
     FULL_NUM, FULL_IDX, PART_NUM, PART_IDX = T + O_FULL_NUM, T + O_FULL_IDX, T + O_PART_NUM, T + O_PART_IDX
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
-    b = pid_bh // H
-    h = pid_bh % H
-    start_m = pid_m * BLOCK_M
-    qb = start_m // BLOCK
-    rows_in_block = start_m - qb * BLOCK + tl.arange(0, BLOCK_M)
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, D_PAD)
+    pid_bh, b, h, start_m, qb, rows_in_block, offs_m, offs_d = _query_tile(H, BLOCK, BLOCK_M, D_PAD)
     q = tl.load(
         Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
         mask=(offs_m[:, None] < NQ) & (offs_d[None, :] < HEAD_DIM), other=0.0,
@@ -343,15 +346,7 @@ def _dq_kernel(
     SUB: tl.constexpr = BLOCK // BLOCK_N
     MASK_ID, BITS = T + O_MASK_ID, T + O_BITS
     FULL_NUM, FULL_IDX, PART_NUM, PART_IDX = T + O_FULL_NUM, T + O_FULL_IDX, T + O_PART_NUM, T + O_PART_IDX
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
-    b = pid_bh // H
-    h = pid_bh % H
-    start_m = pid_m * BLOCK_M
-    qb = start_m // BLOCK
-    rows_in_block = start_m - qb * BLOCK + tl.arange(0, BLOCK_M)
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, D_PAD)
+    pid_bh, b, h, start_m, qb, rows_in_block, offs_m, offs_d = _query_tile(H, BLOCK, BLOCK_M, D_PAD)
     mmask = (offs_m[:, None] < NQ) & (offs_d[None, :] < HEAD_DIM)
     q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd, mask=mmask, other=0.0)
     do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdm + offs_d[None, :] * sdd, mask=mmask, other=0.0)
