@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python benchmarks/attention.py                 # the full table (GPU), JSON in benchmarks/out/
     PYTHONPATH=. python benchmarks/attention.py --check         # correctness at real shapes first
-    PYTHONPATH=. python benchmarks/attention.py --sweep         # kernel launch configs on one shape
+    PYTHONPATH=. python benchmarks/attention.py --sweep         # kernel launch configs (CUDA-graph replays)
 
 Masks are 1-D local windows |i - j| <= w, w chosen so that the 128-block density is near the target.
 "Useful" TFLOP/s counts the FLOPs of the blocks a method computes: density x dense FLOPs for the
@@ -47,15 +47,29 @@ def window_mask(n: int, w: int, device) -> torch.Tensor:
     return (i[:, None] - i[None, :]).abs() <= w
 
 
+def spin(ms: float = 300.0):
+    """Keep the GPU busy for a while, so the clocks are up before the first measurement."""
+    a = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    while True:
+        for _ in range(20):
+            a @ a
+        end.record()
+        end.synchronize()
+        if start.elapsed_time(end) > ms:
+            return
+
+
 def bench(fn, grad_to_none=None) -> float:
     from triton.testing import do_bench
 
     return do_bench(fn, warmup=100, rep=100, grad_to_none=grad_to_none, return_mode="median")
 
 
-def graphed(fn):
-    """fn captured in a CUDA graph (forward, no grad); the returned function replays it."""
-    with torch.no_grad():
+def graphed(fn, grad=False):
+    """fn captured in a CUDA graph (grad=False: under no_grad); the returned function replays it."""
+    with torch.set_grad_enabled(grad):
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -79,7 +93,7 @@ def make_flex(n: int, w: int, device):
     return lambda q, k, v: flex(q, k, v, block_mask=bm)
 
 
-def run_table(shapes, densities, modes, methods, progress=None):
+def run_table(shapes, densities, modes, methods, block_sizes=(BLOCK,), progress=None):
     torch._dynamo.config.cache_size_limit = 1000
     dev = "cuda"
     rows = []
@@ -90,38 +104,47 @@ def run_table(shapes, densities, modes, methods, progress=None):
         dense_flops = 4 * b * h * n * n * d
         for w in sorted({window_for(n, dens) for dens in densities}):
             mask = window_mask(n, w, dev)
-            layout = Layout.from_mask(mask, block_size=BLOCK)
-            fns = {
-                "fxsparse": lambda: fxsparse.sparse_attention(q, k, v, layout),
-                "sdpa-dense": lambda: F.scaled_dot_product_attention(q, k, v),
-            }
-            if "fxsparse-graph" in methods:  # the same call replayed from a CUDA graph: no host overhead
-                fns["fxsparse-graph"] = graphed(lambda: fxsparse.sparse_attention(q, k, v, layout))
+            layout = Layout.from_mask(mask, block_size=BLOCK)  # the 128-block density every method is counted at
+            fns = {"sdpa-dense": lambda: F.scaled_dot_product_attention(q, k, v)}
+            own_density = {}
+            for bs in block_sizes:  # fxsparse with layouts of each block size ("fxsparse", "fxsparse-b64", ...)
+                lay = layout if bs == BLOCK else Layout.from_mask(mask, block_size=bs)
+                tag = "" if bs == block_sizes[0] else f"-b{bs}"
+                own_density[f"fxsparse{tag}"] = own_density[f"fxsparse{tag}-graph"] = lay.density
+                fns[f"fxsparse{tag}"] = lambda lay=lay: fxsparse.sparse_attention(q, k, v, lay)
             if "flex" in methods:
                 flex = make_flex(n, w, dev)
                 fns["flex"] = lambda: flex(q, k, v)
             if "sdpa-mask" in methods and n <= 16384:
                 fns["sdpa-mask"] = lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            spin()
             for mode in modes:
                 base = {}
-                for name in methods:
-                    if name not in fns or (name.endswith("-graph") and mode != "fwd"):
+                names = []
+                for m in methods:  # "fxsparse" and "fxsparse-graph" stand for every block size
+                    if m in ("fxsparse", "fxsparse-graph"):
+                        names += [f"fxsparse{'' if bs == block_sizes[0] else f'-b{bs}'}{m[8:]}" for bs in block_sizes]
+                    else:
+                        names.append(m)
+                for name in names:
+                    graph = name.endswith("-graph")  # the same calls replayed from a CUDA graph: no host overhead
+                    if name.removesuffix("-graph") not in fns:
                         continue
-                    fn = fns[name]
+                    fn = fns[name.removesuffix("-graph")]
                     if mode == "fwd+bwd":
                         def step(fn=fn):
                             fn().backward(dout)
                         try:
-                            ms = bench(step, grad_to_none=[q, k, v])
+                            ms = bench(graphed(step, grad=True) if graph else step, grad_to_none=None if graph else [q, k, v])
                         except torch.OutOfMemoryError:
                             continue
                     else:
                         with torch.no_grad():
                             try:
-                                ms = bench(fn)
+                                ms = bench(graphed(fn) if graph else fn)
                             except torch.OutOfMemoryError:
                                 continue
-                    computed = dense_flops * (1.0 if name.startswith("sdpa") else layout.density)
+                    computed = dense_flops * (1.0 if name.startswith("sdpa") else own_density.get(name, layout.density))
                     if mode == "fwd+bwd":
                         computed *= 3.5
                     useful = dense_flops * layout.density * (3.5 if mode == "fwd+bwd" else 1.0)
@@ -193,33 +216,34 @@ def check(shapes):
     return results
 
 
-def sweep(shape, density):
+def sweep(shape, density, block=BLOCK):
     b, h, n, d = shape
     dev = "cuda"
     q, k, v = (torch.randn(b, h, n, d, device=dev, dtype=torch.bfloat16).requires_grad_() for _ in range(3))
-    layout = Layout.from_mask(window_mask(n, window_for(n, density), dev), block_size=BLOCK)
+    layout = Layout.from_mask(window_mask(n, window_for(n, density), dev), block_size=block)
     dout = torch.randn_like(q)
     rows = []
     useful = 4 * b * h * n * n * d * layout.density
-    for cfg in ["128,128,8,3", "64,64,4,3", "64,64,4,4", "64,64,4,2", "64,32,4,3", "128,64,4,3", "64,128,4,2"]:
+    spin()
+    for cfg in os.environ.get("SWEEP_FWD", "128,128,8,3;64,64,4,3;64,64,4,4;64,64,4,2;64,32,4,3;128,64,4,3;64,128,4,2").split(";"):
         os.environ["FXSPARSE_FWD_CONFIG"] = cfg
         try:
             with torch.no_grad():
-                ms = bench(lambda: fxsparse.sparse_attention(q, k, v, layout))
+                ms = bench(graphed(lambda: fxsparse.sparse_attention(q, k, v, layout)))
         except Exception as e:
             print(cfg, type(e).__name__, str(e)[:120])
             continue
-        rows.append(dict(shape=str(shape), density=round(layout.density, 3), kernel="fwd", config=cfg, ms=round(ms, 4), useful_tflops=round(useful / ms / 1e9, 1)))
+        rows.append(dict(shape=str(shape), block=block, density=round(layout.density, 3), kernel="fwd", config=cfg, ms=round(ms, 4), useful_tflops=round(useful / ms / 1e9, 1)))
     os.environ.pop("FXSPARSE_FWD_CONFIG")
-    for cfg in ["64,64,64,64,4,3", "64,64,64,64,4,4", "64,32,64,32,4,3", "32,64,64,32,4,3",
-                "64,64,64,64,8,3", "128,64,128,64,8,3", "64,64,32,64,4,3"]:
+    for cfg in os.environ.get("SWEEP_BWD", "64,64,64,64,4,3;64,64,64,64,4,4;64,32,64,32,4,3;32,64,64,32,4,3;"
+                              "64,64,64,64,8,3;128,64,128,64,8,3;64,64,32,64,4,3").split(";"):
         os.environ["FXSPARSE_BWD_CONFIG"] = cfg
         try:
-            ms = bench(lambda: fxsparse.sparse_attention(q, k, v, layout).backward(dout), grad_to_none=[q, k, v])
+            ms = bench(graphed(lambda: fxsparse.sparse_attention(q, k, v, layout).backward(dout), grad=True))
         except Exception as e:  # a config that does not fit this GPU's shared memory
             print(cfg, type(e).__name__, str(e)[:120])
             continue
-        rows.append(dict(shape=str(shape), density=round(layout.density, 3), kernel="fwd+bwd", config=cfg, ms=round(ms, 4), useful_tflops=round(3.5 * useful / ms / 1e9, 1)))
+        rows.append(dict(shape=str(shape), block=block, density=round(layout.density, 3), kernel="fwd+bwd", config=cfg, ms=round(ms, 4), useful_tflops=round(3.5 * useful / ms / 1e9, 1)))
     os.environ.pop("FXSPARSE_BWD_CONFIG")
     return rows
 
@@ -231,11 +255,15 @@ def main():
     p.add_argument("--check", action="store_true")
     p.add_argument("--sweep", action="store_true")
     p.add_argument("--table", action="store_true")
+    p.add_argument("--sweep-points", default="0:0.10:128;0:1.0:128;2:0.10:128",
+                   help="shape index:density:block size; ... (launch configs from SWEEP_FWD / SWEEP_BWD)")
     p.add_argument("--shapes", default="all", help="indices into SHAPES, e.g. 0,3")
     p.add_argument("--densities", default=",".join(map(str, DENSITIES)))
     p.add_argument("--modes", default="fwd,fwd+bwd")
     p.add_argument("--methods", default="fxsparse,flex,sdpa-dense,sdpa-mask",
                    help="also: fxsparse-graph (forward replayed from a CUDA graph: the kernel without host overhead)")
+    p.add_argument("--block-sizes", default=str(BLOCK),
+                   help="fxsparse layouts of these block sizes, e.g. 128,64 (the first is 'fxsparse', the others 'fxsparse-bNN')")
     p.add_argument("--out", default=os.environ.get("OUT", "benchmarks/out"))
     a = p.parse_args()
     shapes = SHAPES if a.shapes == "all" else [SHAPES[int(i)] for i in a.shapes.split(",")]
@@ -252,7 +280,8 @@ def main():
         if not all(r["ok"] for r in res):
             print("CHECK FAILED")
     if a.sweep:
-        res = [r for i, dens in ((0, 0.10), (0, 1.0), (2, 0.10)) if i < len(shapes) for r in sweep(shapes[i], dens)]
+        points = [p.split(":") for p in a.sweep_points.split(";")]  # shape index : density : block
+        res = [r for i, dens, bs in points for r in sweep(SHAPES[int(i)], float(dens), int(bs))]
         result["sweep"] = res
         print(tabulate(res, headers="keys"))
     if a.table or not (a.check or a.sweep):
@@ -261,7 +290,7 @@ def main():
                 json.dump(dict(result, table=rows), f, indent=1)
 
         res = run_table(shapes, [float(x) for x in a.densities.split(",")], a.modes.split(","),
-                        a.methods.split(","), progress)
+                        a.methods.split(","), [int(x) for x in a.block_sizes.split(",")], progress)
         result["table"] = res
         print(tabulate(res, headers="keys"))
     with open(os.path.join(a.out, "attention.json"), "w") as f:

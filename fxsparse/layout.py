@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -42,12 +42,15 @@ TABLE_SHAPES = (
     ("t_part_num", ("bl", "hl", "nkb")),
     ("t_part_idx", ("bl", "hl", "nkb", "nqb")),
 )
-TABLE_NAMES = tuple(n for n, _ in TABLE_SHAPES) + ("bits",)  # bits: [P, block, block // 32], packed masks
+# bits: [P, block, block // 32], the packed masks (row = query, bit = key); t_bits: the same masks
+# transposed (row = key, bit = query), for the dk / dv kernel
+TABLE_NAMES = tuple(n for n, _ in TABLE_SHAPES) + ("bits", "t_bits")
 
 
 @functools.lru_cache(maxsize=None)
 def table_offsets(bl: int, hl: int, nqb: int, nkb: int) -> dict:
-    """name -> (offset, shape) in the flat table tensor; "bits" starts where the others end."""
+    """name -> (offset, shape) in the flat table tensor; "bits" starts where the others end, and
+    "t_bits" fills the second half of what follows (see `bits_offsets`)."""
     dims = dict(bl=bl, hl=hl, nqb=nqb, nkb=nkb)
     out, pos = {}, 0
     for name, shape in TABLE_SHAPES:
@@ -58,12 +61,20 @@ def table_offsets(bl: int, hl: int, nqb: int, nkb: int) -> dict:
     return out
 
 
+def bits_offsets(numel: int, bl: int, hl: int, nqb: int, nkb: int) -> tuple:
+    """Offsets of "bits" and "t_bits" in a flat table tensor of `numel` int32s."""
+    off = table_offsets(bl, hl, nqb, nkb)["bits"][0]
+    return off, off + (numel - off) // 2
+
+
 def _table_view(data: torch.Tensor, bl: int, hl: int, block_size: int, shape: tuple, name: str) -> torch.Tensor:
     """One named table as a view of the flat tensor."""
     nqb, nkb = math.ceil(shape[0] / block_size), math.ceil(shape[1] / block_size)
+    if name in ("bits", "t_bits"):
+        bits, t_bits = bits_offsets(data.numel(), bl, hl, nqb, nkb)
+        part = data[bits:t_bits] if name == "bits" else data[t_bits:]
+        return part.view(-1, block_size, block_size // 32)
     off, size = table_offsets(bl, hl, nqb, nkb)[name]
-    if size is None:
-        return data[off:].view(-1, block_size, block_size // 32)
     return data[off : off + math.prod(size)].view(size)
 
 
@@ -113,6 +124,8 @@ class Layout:
     num_heads: int  # 1 or H
     data: torch.Tensor  # flat int32: the tables of TABLE_NAMES, see table_offsets
     density: float = 1.0
+    # refinements of this layout already built (block size -> Layout), see `refine`
+    refined: dict = field(default_factory=dict, init=False, repr=False)
 
     def __getattr__(self, name):  # the named tables, as views of `data`
         if name in TABLE_NAMES and "data" in self.__dict__:
@@ -219,10 +232,55 @@ class Layout:
             density = float((visited * rows[:, None] * cols[None, :]).sum((-1, -2)).mean()) / (nq * nk)
         tables = dict(kinds=kinds, mask_id=mask_id, full_num=full_num, full_idx=full_idx, part_num=part_num,
                       part_idx=part_idx, t_full_num=t_full_num, t_full_idx=t_full_idx, t_part_num=t_part_num,
-                      t_part_idx=t_part_idx, bits=bits)
+                      t_part_idx=t_part_idx, bits=bits, t_bits=_pack_bits(_unpack_bits(bits).transpose(-1, -2)))
         data = torch.cat([tables[n].reshape(-1).to(torch.int32) for n in TABLE_NAMES])  # the order of table_offsets
         return cls(block_size=bs, shape=(int(nq), int(nk)), batch=kinds.shape[0], num_heads=kinds.shape[1],
                    data=data, density=density)
+
+    def refine(self, block_size: int) -> "Layout":
+        """The same mask in smaller blocks (``block_size`` divides this layout's block size).
+
+        The parts of a partial block that are all True or all False become full or empty blocks, so a
+        kernel whose tiles are smaller than the block skips them: a local window in 128-blocks visits
+        three blocks a row, two of them partial; in 64-blocks five, two of them partial (a sixth of
+        the work less, and half the element masks). The result is cached on this layout.
+        """
+        fine = _check_block_size(block_size)
+        bs = self.block_size
+        if fine == bs:
+            return self
+        if fine > bs:
+            raise ValueError(f"refine: block_size {fine} is larger than this layout's {bs}")
+        if fine in self.refined:
+            return self.refined[fine]
+        r = bs // fine
+        kinds, mask_id = self.kinds, self.mask_id
+        # every distinct partial mask cut into r x r sub-blocks, each classified and packed anew
+        sub = _unpack_bits(self.bits).reshape(-1, r, fine, r, fine).transpose(2, 3)  # [P, r, r, fine, fine]
+        counts = sub.sum((-1, -2))
+        sub_kind = torch.where(counts == fine * fine, FULL, torch.where(counts > 0, PARTIAL, EMPTY)).to(torch.int8)
+        sub_mid = torch.full(sub_kind.shape, -1, dtype=torch.int32, device=sub.device)
+        sub_part = sub_kind == PARTIAL
+        if sub_part.any():
+            uniq, inverse = torch.unique(_pack_bits(sub[sub_part]).flatten(1), dim=0, return_inverse=True)
+            sub_mid[sub_part] = inverse.to(torch.int32)
+            bits = uniq.reshape(-1, fine, fine // 32).contiguous()
+        else:
+            bits = torch.zeros(1, fine, fine // 32, dtype=torch.int32, device=sub.device)
+        # the coarse tables blown up r x r: full and empty blocks stay as they are, partial ones take their parts
+        bl, hl, nqb, nkb = kinds.shape
+        coarse = kinds[:, :, :, None, :, None].expand(bl, hl, nqb, r, nkb, r)
+        mid = mask_id.clamp(min=0).long()
+        part_kind = sub_kind[mid].permute(0, 1, 2, 4, 3, 5)  # [Bl, Hl, NQB, r, NKB, r]
+        part_mid = sub_mid[mid].permute(0, 1, 2, 4, 3, 5)
+        is_part = coarse == PARTIAL
+        fine_kinds = torch.where(is_part, part_kind, coarse).reshape(bl, hl, nqb * r, nkb * r)
+        fine_mid = torch.where(is_part, part_mid, -1).reshape(bl, hl, nqb * r, nkb * r)
+        nqf, nkf = math.ceil(self.shape[0] / fine), math.ceil(self.shape[1] / fine)  # sub-blocks past the end go
+        out = Layout._from_kinds(fine_kinds[:, :, :nqf, :nkf].contiguous(), fine_mid[:, :, :nqf, :nkf].contiguous(),
+                                 bits, fine, self.shape)
+        self.refined[fine] = out
+        return out
 
     # ---------------------------------------------------------------- use
     @property
@@ -234,8 +292,10 @@ class Layout:
         return self.data.device
 
     def to(self, device) -> "Layout":
-        return Layout(block_size=self.block_size, shape=self.shape, batch=self.batch, num_heads=self.num_heads,
-                      data=self.data.to(device), density=self.density)
+        moved = Layout(block_size=self.block_size, shape=self.shape, batch=self.batch, num_heads=self.num_heads,
+                       data=self.data.to(device), density=self.density)
+        moved.refined.update({bs: fine.to(device) for bs, fine in self.refined.items()})
+        return moved
 
     def to_mask(self) -> torch.Tensor:
         """The exact token mask this layout encodes, bool [Bl, Hl, q_len, kv_len]."""

@@ -133,7 +133,7 @@ def sparse_attention(
     _check_inputs(q, k, v)
     b, h, nq, d = q.shape
     nk = k.shape[2]
-    layout = _as_layout(mask, q, nq, nk)
+    layout = kernel_layout(_as_layout(mask, q, nq, nk), d)
     if layout.batch not in (1, b) or layout.num_heads not in (1, h):
         raise ValueError(
             f"mask has batch {layout.batch} and heads {layout.num_heads}; expected batch 1 or {b} and heads 1 or {h}"
@@ -177,13 +177,39 @@ def _check_inputs(q, k, v):
         raise ValueError(f"empty sequence: q has {nq} tokens, k has {k.shape[2]}")
 
 
+KERNEL_BLOCK = 64  # the kernels' tile at head dims up to 64 (kernels/attention.py: _fwd_config, _bwd_config)
+
+
+def _kernel_block(head_dim: int) -> int | None:
+    """Block size of the tables the kernels walk best at this head dim: their tile, 64, for head
+    dims up to 64 (None: the layout's own). FXSPARSE_REFINE=0 turns this off (benchmarks)."""
+    if head_dim <= KERNEL_BLOCK and os.environ.get("FXSPARSE_REFINE", "1") != "0":
+        return KERNEL_BLOCK
+    return None
+
+
+def kernel_layout(layout: Layout, head_dim: int) -> Layout:
+    """The layout the kernels walk: the same mask, in 64-blocks where the kernels' tiles are 64 wide
+    (``Layout.refine``: the all-True and all-False parts of partial blocks become full and empty
+    blocks, so the kernels skip their element masks or the whole tile). Built once, cached on the
+    layout. Under torch.compile a layout that was never refined runs as it is (refining is
+    data-dependent): call the op once eagerly first, or build the Layout in 64-blocks."""
+    fine = _kernel_block(head_dim)
+    if fine is None or layout.block_size <= fine:
+        return layout
+    if fine in layout.refined or not torch.compiler.is_compiling():
+        return layout.refine(fine)
+    return layout
+
+
 def _as_layout(mask, q: Tensor, nq: int, nk: int) -> Layout:
+    block = _kernel_block(q.shape[-1])
     if mask is None:
         if torch.compiler.is_compiling():  # built inside the graph: no cache mutated while tracing
-            return Layout.dense(nq, nk, device=q.device)
-        key = (nq, nk, str(q.device))
+            return Layout.dense(nq, nk, block, device=q.device)
+        key = (nq, nk, block, str(q.device))
         if key not in _dense_layouts:
-            _dense_layouts[key] = Layout.dense(nq, nk, device=q.device)
+            _dense_layouts[key] = Layout.dense(nq, nk, block, device=q.device)
         return _dense_layouts[key]
     if isinstance(mask, Layout):
         if mask.shape != (nq, nk):
@@ -212,7 +238,7 @@ def _as_layout(mask, q: Tensor, nq: int, nk: int) -> Layout:
             )
         while mask.dim() < 2:
             mask = mask.unsqueeze(0)
-        return Layout.from_mask(mask.expand(*mask.shape[:-2], nq, nk).to(q.device))
+        return Layout.from_mask(mask.expand(*mask.shape[:-2], nq, nk).to(q.device), block)
     raise TypeError(f"mask must be a fxsparse.Layout, a bool tensor or None, got {type(mask).__name__}")
 
 

@@ -19,7 +19,7 @@ from torch import fx, nn
 
 from . import capture, match
 from .layout import Layout
-from .op import sparse_attention
+from .op import kernel_layout, sparse_attention
 from .match import AttentionSite, Match
 
 _MISSING = object()
@@ -97,8 +97,9 @@ class SiteAttention(nn.Module):
         entry = None
         if layout is not None:
             name = f"layout_{q_len}x{kv_len}"
-            self.register_buffer(name, layout.data.to(device), persistent=False)
-            entry = (name, layout.block_size, layout.density, dataclasses.replace(layout, data=layout.data[:0]))
+            tables = kernel_layout(layout, head_dim)  # what the kernels walk; the report shows mask_fn's layout
+            self.register_buffer(name, tables.data.to(device), persistent=False)
+            entry = (name, layout.block_size, layout.density, dataclasses.replace(tables, data=tables.data[:0]))
         self._layouts[(q_len, kv_len)] = entry
         return entry
 

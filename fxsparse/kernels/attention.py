@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..layout import table_offsets
+from ..layout import bits_offsets, table_offsets
 
 LOG2E = 1.4426950408889634
 
@@ -229,9 +229,8 @@ def _dkdv_tile(
         bias = tl.load(Bias + rows[None, :] * sbm + offs_n[:, None] * sbn,
                        mask=rmask[None, :] & (offs_n[:, None] < NK), other=0.0)
         st += _bias_log2(bias)
-    if PARTIAL:
-        keep = _load_bits(BITS, mid, j + tl.arange(0, BLOCK_M), col0, BLOCK, BLOCK_M, BLOCK_N)
-        st = tl.where(tl.trans(keep), st, float("-inf"))
+    if PARTIAL:  # BITS holds the transposed masks: rows are keys
+        st = tl.where(_load_bits(BITS, mid, col0 + tl.arange(0, BLOCK_N), j, BLOCK, BLOCK_N, BLOCK_M), st, float("-inf"))
     if IS_CAUSAL:
         st = tl.where(rows[None, :] >= offs_n[:, None], st, float("-inf"))
     pt = tl.math.exp2((st - m2[None, :]) - log_l[None, :])
@@ -402,12 +401,14 @@ def _pad_blocks(nqb: int, nkb: int, causal: bool) -> int:
 
 
 def _table_args(tables, nqb: int, nkb: int):
-    """The flat tables, the offsets of the six a kernel walks (forward or transposed), and
+    """The flat tables, the offsets of the six a kernel walks (forward, or transposed with the
+    transposed element masks), and
     (SLOT_B, SLOT_H): how a (batch, head) pair picks its row of the tables (0 = broadcast)."""
     data, bl, hl = tables
-    off = table_offsets(bl, hl, nqb, nkb)
-    fwd = tuple(off[n][0] for n in ("mask_id", "bits", "full_num", "full_idx", "part_num", "part_idx"))
-    bwd = tuple(off[n][0] for n in ("mask_id", "bits", "t_full_num", "t_full_idx", "t_part_num", "t_part_idx"))
+    off = {n: o for n, (o, _) in table_offsets(bl, hl, nqb, nkb).items()}
+    off["bits"], off["t_bits"] = bits_offsets(data.numel(), bl, hl, nqb, nkb)
+    fwd = tuple(off[n] for n in ("mask_id", "bits", "full_num", "full_idx", "part_num", "part_idx"))
+    bwd = tuple(off[n] for n in ("mask_id", "t_bits", "t_full_num", "t_full_idx", "t_part_num", "t_part_idx"))
     return data, fwd, bwd, ((hl if bl > 1 else 0), (1 if hl > 1 else 0))
 
 
