@@ -43,15 +43,27 @@ def _new_out(q: Tensor, dv: int) -> Tensor:
 
 
 # ------------------------------------------------------------------------------------- the op
+def _forward(q, k, v, layout, layout_batch, layout_heads, bias, scale, block_size, causal):
+    impl = _impl(q)
+    out = _new_out(q, v.shape[-1])
+    lse = impl.forward(q, k, v, (layout, layout_batch, layout_heads), bias, scale, block_size, causal, out)
+    return out, lse
+
+
+def _backward_impl(dout, q, k, v, out, lse, layout, layout_batch, layout_heads, bias, scale, block_size, causal,
+                   bias_grad):
+    impl = _impl(q)
+    tables = (layout, layout_batch, layout_heads)
+    dq, dk, dv, dbias = impl.backward(dout, q, k, v, out, lse, tables, bias, scale, block_size, causal, bias_grad)
+    return dq, dk, dv, dbias if dbias is not None else q.new_empty(0, dtype=reference.acc_dtype(q))
+
+
 @torch.library.custom_op("fxsparse::sparse_attention", mutates_args=())
 def _sparse_attention_op(
     q: Tensor, k: Tensor, v: Tensor, layout: Tensor, layout_batch: int, layout_heads: int,
     bias: Optional[Tensor], scale: float, block_size: int, causal: bool,
 ) -> tuple[Tensor, Tensor]:
-    impl = _impl(q)
-    out = _new_out(q, v.shape[-1])
-    lse = impl.forward(q, k, v, (layout, layout_batch, layout_heads), bias, scale, block_size, causal, out)
-    return out, lse
+    return _forward(q, k, v, layout, layout_batch, layout_heads, bias, scale, block_size, causal)
 
 
 @_sparse_attention_op.register_fake
@@ -65,10 +77,8 @@ def _sparse_attention_backward_op(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, layout: Tensor, layout_batch: int,
     layout_heads: int, bias: Optional[Tensor], scale: float, block_size: int, causal: bool, bias_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    impl = _impl(q)
-    tables = (layout, layout_batch, layout_heads)
-    dq, dk, dv, dbias = impl.backward(dout, q, k, v, out, lse, tables, bias, scale, block_size, causal, bias_grad)
-    return dq, dk, dv, dbias if dbias is not None else q.new_empty(0, dtype=reference.acc_dtype(q))
+    return _backward_impl(dout, q, k, v, out, lse, layout, layout_batch, layout_heads, bias, scale, block_size,
+                          causal, bias_grad)
 
 
 @_sparse_attention_backward_op.register_fake
@@ -89,9 +99,9 @@ def _setup_context(ctx, inputs, output):
     ctx.bias_shape = None if bias is None else tuple(bias.shape)
 
 
-def _backward(ctx, dout, dlse):
+def _backward(ctx, dout, dlse, backward_op=_sparse_attention_backward_op):
     q, k, v, out, lse, bias, layout = ctx.saved_tensors
-    dq, dk, dv, dbias = _sparse_attention_backward_op(
+    dq, dk, dv, dbias = backward_op(
         dout, q, k, v, out, lse, layout, ctx.layout_batch, ctx.layout_heads, bias, ctx.scale, ctx.block_size,
         ctx.causal, ctx.bias_grad,
     )
@@ -107,6 +117,39 @@ def _reduce_to(grad: Tensor, shape: tuple) -> Tensor:
 
 
 torch.library.register_autograd("fxsparse::sparse_attention", _backward, setup_context=_setup_context)
+
+
+class _EagerAttention(torch.autograd.Function):
+    """The op's forward and backward without the dispatcher, for plain eager calls.
+
+    At the sizes of one layer of a small model the host's cost of a call is the GPU's (a custom op
+    call and its backward cost about as much again as the kernels' launches): this path runs the
+    very same implementations with a fraction of that. Anything that traces (torch.compile,
+    torch.export, make_fx, functorch transforms, tensor subclasses) goes through the op instead.
+    """
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        out, lse = _forward(*inputs)
+        _setup_context(ctx, inputs, (out, lse))
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        return _backward(ctx, dout, None, backward_op=_backward_impl)
+
+
+_TRACING_MODES = tuple(torch._C._TorchDispatchModeKey.__members__.values())  # fake, proxy, functional
+
+
+def _plain_eager(tensors) -> bool:
+    """True when no tracer, mode or transform can see this call (then the eager path is safe)."""
+    if torch.compiler.is_compiling() or any(torch._C._get_dispatch_mode(m) is not None for m in _TRACING_MODES):
+        return False
+    if torch.utils._python_dispatch._get_current_dispatch_mode() is not None:
+        return False
+    return all(t is None or (type(t) in (Tensor, torch.nn.Parameter) and not torch._C._functorch.is_functorch_wrapped_tensor(t))
+               for t in tensors)
 
 
 # ------------------------------------------------------------------------------------- public
@@ -142,10 +185,10 @@ def sparse_attention(
         bias = _check_bias(bias, q, nk)
     if scale is None:
         scale = 1.0 / math.sqrt(d)
-    out, _ = _sparse_attention_op(
-        q, k, v, layout.data, layout.batch, layout.num_heads, bias, float(scale), layout.block_size, bool(causal)
-    )
-    return out
+    args = (q, k, v, layout.data, layout.batch, layout.num_heads, bias, float(scale), layout.block_size, bool(causal))
+    if _plain_eager((q, k, v, layout.data, bias)):
+        return _EagerAttention.apply(*args)
+    return _sparse_attention_op(*args)[0]
 
 
 def _check_inputs(q, k, v):
