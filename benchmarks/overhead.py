@@ -1,6 +1,7 @@
 """Host overhead of one fxsparse call: where the microseconds go when the GPU work is tiny.
 
     PYTHONPATH=. python benchmarks/overhead.py            # table of µs per call, then a cProfile summary
+    PYTHONPATH=. python benchmarks/overhead.py 8,12,4096,64,128   # host issue time vs GPU time at a real shape
 
 Each row times N calls back to back on a 1x1x128x64 problem (the GPU finishes each call long before
 the host issues the next), so the time per call is the host's.
@@ -32,7 +33,61 @@ def per_call_us(fn, n=300) -> float:
     return (time.perf_counter() - t) / n * 1e6
 
 
+def issue_vs_gpu(fn, n=50):
+    """(host µs to issue one call, GPU µs per call) over n calls back to back, grads dropped each call."""
+    for _ in range(5):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    host = 0.0
+    start.record()
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        host += time.perf_counter() - t
+    end.record()
+    end.synchronize()
+    return host / n * 1e6, start.elapsed_time(end) / n * 1e3
+
+
+def at_shape(b, h, n, d, w):
+    """Host issue time against GPU time of forward+backward at a real shape (fxsparse eager path, the
+    custom-op path, FlexAttention)."""
+    import fxsparse.op as op
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    dev = "cuda"
+    q, k, v = (torch.randn(b, h, n, d, device=dev, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    dout = torch.randn_like(q)
+    i = torch.arange(n, device=dev)
+    layout = Layout.from_mask((i[:, None] - i[None, :]).abs() <= w, block_size=128)
+    bm = create_block_mask(lambda b_, h_, qi, ki: (qi - ki).abs() <= w, None, None, n, n, device=dev)
+    flex = torch.compile(flex_attention, dynamic=False)
+
+    def step(f):
+        def run():
+            for t in (q, k, v):
+                t.grad = None
+            f().backward(dout)
+        return run
+
+    rows = []
+    rows.append(("fxsparse eager path",) + issue_vs_gpu(step(lambda: fxsparse.sparse_attention(q, k, v, layout))))
+    plain = op._plain_eager
+    op._plain_eager = lambda tensors: False
+    rows.append(("fxsparse custom op",) + issue_vs_gpu(step(lambda: fxsparse.sparse_attention(q, k, v, layout))))
+    op._plain_eager = plain
+    rows.append(("flex",) + issue_vs_gpu(step(lambda: flex(q, k, v, block_mask=bm))))
+    with torch.no_grad():
+        rows.append(("fxsparse forward",) + issue_vs_gpu(lambda: fxsparse.sparse_attention(q, k, v, layout)))
+        rows.append(("flex forward",) + issue_vs_gpu(lambda: flex(q, k, v, block_mask=bm)))
+    print(f"{b}x{h}x{n}x{d}, window {w}, forward+backward unless named")
+    print(tabulate(rows, headers=["what", "host µs to issue", "GPU µs per call"], floatfmt=".1f"))
+
+
 def main():
+    if len(sys.argv) > 1:  # B,H,N,D,window
+        return at_shape(*(int(x) for x in sys.argv[1].split(",")))
     dev = "cuda"
     q, k, v = (torch.randn(1, 1, 128, 64, device=dev, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     dout = torch.randn_like(q)
@@ -56,6 +111,16 @@ def main():
         rows.append(("kernels.backward (2 launches + allocs)", per_call_us(
             lambda: kernels.backward(dout, q, k, v, out, lse, tables, None, 0.125, 64, False, False))))
         rows.append(("torch.empty x4 (reference)", per_call_us(lambda: [torch.empty(1, 1, 128, 64, device=dev) for _ in range(4)])))
+    class Nothing(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            return g
+
+    rows.append(("autograd.Function clone fwd+bwd (reference)", per_call_us(lambda: Nothing.apply(q).backward(dout))))
     rows.append(("sparse_attention forward (grad)", per_call_us(lambda: fxsparse.sparse_attention(q, k, v, layout))))
     rows.append(("forward + backward", per_call_us(fwd_bwd)))
     rows.append(("SDPA forward + backward (reference)", per_call_us(
@@ -69,8 +134,9 @@ def main():
     torch.cuda.synchronize()
     prof.disable()
     s = io.StringIO()
-    pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(30)
-    print("\n".join(s.getvalue().splitlines()[:60]))
+    pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(25)
+    pstats.Stats(prof, stream=s).sort_stats("cumulative").print_stats("fxsparse|jit.py|autograd", 25)
+    print("\n".join(line[:150] for line in s.getvalue().splitlines() if line.strip()))
 
 
 if __name__ == "__main__":
