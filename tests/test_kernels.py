@@ -173,6 +173,18 @@ def test_identical_partial_blocks_shared():
     compare_with_oracle(op, q, k, v, mask.to(DEVICE), op_mask=layout, tols=_tols(torch.float32))
 
 
+def test_refined_layout_matches_oracle():
+    # a 128-block layout at head dim <= 64 runs on its 64-block refinement (kernel_layout); the dk/dv
+    # kernel reads the transposed element masks of the refined partial blocks
+    q, k, v = qkv(1, 2, 1, 200, 180, 32, seed=14, device=DEVICE)
+    i, j = torch.arange(200)[:, None], torch.arange(180)[None, :]
+    mask = ((i - j).abs() <= 70) | (torch.rand(2, 200, 180, generator=gen(15)) < 0.05)
+    layout = _layout(mask, 128)
+    assert fxsparse.op.kernel_layout(layout, 32).block_size == 64
+    bias = torch.randn(1, 2, 200, 180, generator=gen(16)).to(DEVICE).requires_grad_()
+    compare_with_oracle(op, q, k, v, mask.to(DEVICE), op_mask=layout, bias=bias, causal=True)
+
+
 @pytest.mark.skipif(DEVICE == "cuda", reason="sub-tile configs are chosen per GPU there; this exercises them on CPU")
 @pytest.mark.parametrize("fwd,bwd", [("32,32,4,1", "32,32,32,32,4,1"), ("32,64,4,1", "64,32,32,64,4,1")])
 def test_sub_tiles_inside_a_block(fwd, bwd, monkeypatch):

@@ -1,0 +1,145 @@
+"""Layout.refine (the same mask in smaller blocks), the transposed element masks, the kernels' choice
+of table block, and the eager path of the op against the custom op it stands in for."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fxsparse
+import fxsparse.op as op
+from fxsparse import Layout
+from fxsparse.layout import EMPTY, FULL, PARTIAL, _unpack_bits
+from _attention_inputs import gen, mixed_mask, qkv
+from _attention_oracle import compare_with_oracle
+
+
+def _window(nq, nk, w):
+    i, j = torch.arange(nq)[:, None], torch.arange(nk)[None, :]
+    return (i - j).abs() <= w
+
+
+@pytest.mark.parametrize("nq,nk,lead,bs,fine", [
+    (300, 257, (2,), 128, 64),  # ragged edges, per-head masks
+    (197, 197, (), 128, 32),
+    (60, 100, (1, 2), 128, 64),  # fewer rows than one coarse block: sub-blocks past the end go
+    (512, 512, (2, 1), 256, 64),
+    (256, 256, (), 64, 64),  # same size: the layout itself
+])
+def test_refine_keeps_the_mask(nq, nk, lead, bs, fine):
+    mask = _window(nq, nk, 40) | (torch.rand(*lead, nq, nk, generator=gen(1)) < 0.03)
+    mask = mask.expand(*lead, nq, nk).clone()
+    if lead:
+        mask[..., :, :bs // 2] = True  # all-True parts inside partial blocks
+    coarse = Layout.from_mask(mask, bs)
+    fine_layout = coarse.refine(fine)
+    assert fine_layout.block_size == fine and fine_layout.shape == coarse.shape
+    assert fine_layout.num_blocks == (-(-nq // fine), -(-nk // fine))
+    assert torch.equal(fine_layout.to_mask(), coarse.to_mask())
+    assert torch.equal(fine_layout.to_mask().reshape(mask.shape), mask)
+    assert fine_layout.density <= coarse.density + 1e-12
+    if fine == bs:
+        assert fine_layout is coarse
+
+
+def test_refine_splits_partial_blocks_of_a_local_window():
+    # |i - j| <= 128 in 128-blocks: 2 partial + 1 full block a row; in 64-blocks 2 partial + 3 full
+    coarse = Layout.from_mask(_window(1024, 1024, 128), 128)
+    fine = coarse.refine(64)
+    inner = slice(2, -2)  # rows away from the sequence ends
+    assert ((coarse.kinds[0, 0, 1:-1] == PARTIAL).sum(-1) == 2).all()
+    assert ((fine.kinds[0, 0, inner] == PARTIAL).sum(-1) == 2).all()
+    assert ((fine.kinds[0, 0, inner] == FULL).sum(-1) == 3).all()
+    assert fine.density < coarse.density
+    # identical partial parts are stored once
+    assert fine.bits.shape[0] == 2
+
+
+def test_refine_of_block_maps_and_dense_layouts():
+    blocks = torch.rand(5, 4, generator=gen(2)) < 0.5
+    coarse = Layout.from_blocks(blocks, 128)
+    fine = coarse.refine(64)
+    assert torch.equal(fine.kinds[0, 0], torch.where(blocks, FULL, EMPTY).to(torch.int8)
+                       .repeat_interleave(2, 0).repeat_interleave(2, 1))
+    dense = Layout.dense(197, 150)
+    assert torch.equal(dense.refine(32).to_mask(), torch.ones(1, 1, 197, 150, dtype=torch.bool))
+
+
+def test_refine_is_cached_and_travels_with_to():
+    coarse = Layout.from_mask(_window(200, 200, 30), 128)
+    fine = coarse.refine(64)
+    assert coarse.refine(64) is fine
+    moved = coarse.to("cpu")
+    assert 64 in moved.refined and torch.equal(moved.refined[64].data, fine.data)
+    with pytest.raises(ValueError, match="larger"):
+        fine.refine(128)
+    with pytest.raises(ValueError, match="block_size"):
+        coarse.refine(48)
+
+
+def test_transposed_element_masks():
+    mask = mixed_mask((2,), 150, 170, 64, seed=4)
+    layout = Layout.from_mask(mask, 64)
+    assert torch.equal(_unpack_bits(layout.t_bits), _unpack_bits(layout.bits).transpose(-1, -2))
+
+
+def test_kernel_layout_choice(monkeypatch):
+    coarse = Layout.from_mask(_window(300, 300, 50), 128)
+    assert op.kernel_layout(coarse, 64).block_size == 64
+    assert op.kernel_layout(coarse, 40).block_size == 64
+    assert op.kernel_layout(coarse, 80) is coarse  # 128-wide tiles there
+    monkeypatch.setenv("FXSPARSE_REFINE", "0")
+    assert op.kernel_layout(coarse, 64) is coarse
+
+
+def test_the_op_on_a_refined_layout_matches_the_oracle():
+    q, k, v = qkv(2, 2, 1, 230, 190, 32, seed=5)
+    mask = mixed_mask((2,), 230, 190, 128, seed=6)
+    bias = torch.randn(1, 2, 230, 190, generator=gen(7)).requires_grad_()
+    compare_with_oracle(fxsparse.sparse_attention, q, k, v, mask, op_mask=Layout.from_mask(mask, 128),
+                        bias=bias, causal=True)
+
+
+# ------------------------------------------------------------------------------ the eager path
+def _run(q, k, v, layout, bias):
+    out = fxsparse.sparse_attention(q, k, v, layout, bias=bias, causal=True)
+    grads = torch.autograd.grad(out, (q, k, v, bias), torch.ones_like(out))
+    return (out,) + grads
+
+
+def test_eager_path_equals_the_custom_op(monkeypatch):
+    q, k, v = qkv(2, 4, 2, 100, 90, 16, seed=8)
+    bias = torch.randn(2, 1, 100, 90, generator=gen(9)).requires_grad_()
+    layout = Layout.from_mask(mixed_mask((4,), 100, 90, 32, seed=10), 32)
+    calls = []
+    eager_apply = op._EagerAttention.apply
+    monkeypatch.setattr(op._EagerAttention, "apply", lambda *a: calls.append(1) or eager_apply(*a))
+    eager = _run(q, k, v, layout, bias)
+    assert calls, "a plain eager call takes the eager path"
+    monkeypatch.setattr(op, "_plain_eager", lambda tensors: False)
+    custom = _run(q, k, v, layout, bias)
+    assert len(calls) == 1
+    for a, b in zip(eager, custom):
+        assert torch.equal(a, b)
+
+
+def test_traced_calls_take_the_custom_op():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    q, k, v = qkv(1, 2, 2, 64, 64, 16, seed=11, grad=False)
+    assert op._plain_eager((q, k, v, None))
+    with FakeTensorMode() as mode:
+        assert not op._plain_eager(tuple(mode.from_tensor(t) for t in (q, k, v)))
+    layout = Layout.from_mask(torch.ones(64, 64, dtype=torch.bool).tril(), 32)
+    graph = make_fx(lambda q, k, v: fxsparse.sparse_attention(q, k, v, layout))(q, k, v)
+    targets = {n.target for n in graph.graph.nodes if n.op == "call_function"}
+    assert torch.ops.fxsparse.sparse_attention.default in targets
+
+
+class _Sub(torch.Tensor):
+    pass
+
+
+def test_subclass_inputs_take_the_custom_op():
+    q, k, v = qkv(1, 2, 2, 64, 64, 16, seed=12, grad=False)
+    assert not op._plain_eager((q.as_subclass(_Sub), k, v))
