@@ -173,6 +173,21 @@ def test_identical_partial_blocks_shared():
     compare_with_oracle(op, q, k, v, mask.to(DEVICE), op_mask=layout, tols=_tols(torch.float32))
 
 
+@pytest.mark.parametrize("pipeline", ["0", "1"])
+@pytest.mark.parametrize("d,bs,fwd", [(32, 32, None), (24, 64, "32,32,4,1")], ids=["d32", "d24_two_tiles_a_block"])
+def test_full_tiles_pipelined_or_not(pipeline, d, bs, fwd, monkeypatch):
+    # the forward's hand-pipelined loop over full tiles (no bias, not causal) against the plain one
+    monkeypatch.setenv("FXSPARSE_FWD_PIPELINE", pipeline)
+    if fwd:
+        monkeypatch.setenv("FXSPARSE_FWD_CONFIG", fwd)
+    q, k, v = qkv(1, 2, 1, 150, 230, d, device=DEVICE, seed=17)
+    i, j = torch.arange(150)[:, None], torch.arange(230)[None, :]
+    mask = ((i - j).abs() <= 90) & (torch.rand(2, 150, 230, generator=gen(18)) < 0.97) | (j < 140)
+    layout = _layout(mask, bs)
+    assert ((layout.kinds == 2).sum(-1) >= 2).any()  # rows with several full blocks
+    compare_with_oracle(op, q, k, v, mask.to(DEVICE), op_mask=layout, tols=_tols(torch.float32))
+
+
 def test_refined_layout_matches_oracle():
     # a 128-block layout at head dim <= 64 runs on its 64-block refinement (kernel_layout); the dk/dv
     # kernel reads the transposed element masks of the refined partial blocks
