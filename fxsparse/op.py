@@ -19,20 +19,25 @@ from . import reference
 from .layout import Layout
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # read once, as triton does at import
+_REFINE = os.environ.get("FXSPARSE_REFINE", "1") != "0"  # FXSPARSE_REFINE=0: kernels walk the layout as given
+_kernels = None  # fxsparse.kernels.attention, imported on first use: triton is not needed on CPU
 _dense_layouts: dict = {}
 
 
 def _use_triton(q: Tensor) -> bool:
-    interpret = os.environ.get("TRITON_INTERPRET") == "1" and q.dtype != torch.float64
-    return q.is_cuda or interpret
+    return q.is_cuda or (_INTERPRET and q.dtype != torch.float64)
 
 
 def _impl(q: Tensor):
     """The Triton kernels (CUDA, or any device under TRITON_INTERPRET=1) or the exact reference."""
+    global _kernels
     if _use_triton(q):
-        from .kernels import attention as kernels  # imported on first use: triton is not needed on CPU
+        if _kernels is None:
+            from .kernels import attention
 
-        return kernels
+            _kernels = attention
+        return _kernels
     return reference
 
 
@@ -54,8 +59,7 @@ def _backward_impl(dout, q, k, v, out, lse, layout, layout_batch, layout_heads, 
                    bias_grad):
     impl = _impl(q)
     tables = (layout, layout_batch, layout_heads)
-    dq, dk, dv, dbias = impl.backward(dout, q, k, v, out, lse, tables, bias, scale, block_size, causal, bias_grad)
-    return dq, dk, dv, dbias if dbias is not None else q.new_empty(0, dtype=reference.acc_dtype(q))
+    return impl.backward(dout, q, k, v, out, lse, tables, bias, scale, block_size, causal, bias_grad)
 
 
 @torch.library.custom_op("fxsparse::sparse_attention", mutates_args=())
@@ -77,8 +81,9 @@ def _sparse_attention_backward_op(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, layout: Tensor, layout_batch: int,
     layout_heads: int, bias: Optional[Tensor], scale: float, block_size: int, causal: bool, bias_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return _backward_impl(dout, q, k, v, out, lse, layout, layout_batch, layout_heads, bias, scale, block_size,
-                          causal, bias_grad)
+    dq, dk, dv, dbias = _backward_impl(dout, q, k, v, out, lse, layout, layout_batch, layout_heads, bias, scale,
+                                       block_size, causal, bias_grad)
+    return dq, dk, dv, dbias if dbias is not None else q.new_empty(0, dtype=reference.acc_dtype(q))
 
 
 @_sparse_attention_backward_op.register_fake
@@ -226,7 +231,7 @@ KERNEL_BLOCK = 64  # the kernels' tile at head dims up to 64 (kernels/attention.
 def _kernel_block(head_dim: int) -> int | None:
     """Block size of the tables the kernels walk best at this head dim: their tile, 64, for head
     dims up to 64 (None: the layout's own). FXSPARSE_REFINE=0 turns this off (benchmarks)."""
-    if head_dim <= KERNEL_BLOCK and os.environ.get("FXSPARSE_REFINE", "1") != "0":
+    if head_dim <= KERNEL_BLOCK and _REFINE:
         return KERNEL_BLOCK
     return None
 

@@ -177,9 +177,11 @@ def test_identical_partial_blocks_shared():
 @pytest.mark.parametrize("d,bs,fwd", [(32, 32, None), (24, 64, "32,32,4,1")], ids=["d32", "d24_two_tiles_a_block"])
 def test_full_tiles_pipelined_or_not(pipeline, d, bs, fwd, monkeypatch):
     # the forward's hand-pipelined loop over full tiles (no bias, not causal) against the plain one
-    monkeypatch.setenv("FXSPARSE_FWD_PIPELINE", pipeline)
+    from fxsparse.kernels import attention as kernels
+
+    monkeypatch.setitem(kernels.KNOBS, "FXSPARSE_FWD_PIPELINE", pipeline)
     if fwd:
-        monkeypatch.setenv("FXSPARSE_FWD_CONFIG", fwd)
+        monkeypatch.setitem(kernels.KNOBS, "FXSPARSE_FWD_CONFIG", fwd)
     q, k, v = qkv(1, 2, 1, 150, 230, d, device=DEVICE, seed=17)
     i, j = torch.arange(150)[:, None], torch.arange(230)[None, :]
     mask = ((i - j).abs() <= 90) & (torch.rand(2, 150, 230, generator=gen(18)) < 0.97) | (j < 140)
@@ -204,9 +206,10 @@ def test_refined_layout_matches_oracle():
 @pytest.mark.parametrize("fwd,bwd", [("32,32,4,1", "32,32,32,32,4,1"), ("32,64,4,1", "64,32,32,64,4,1")])
 def test_sub_tiles_inside_a_block(fwd, bwd, monkeypatch):
     # the GPU configs split a layout block into smaller tiles; the interpreter otherwise runs whole blocks
-    monkeypatch.setenv("FXSPARSE_FWD_CONFIG", fwd)
-    monkeypatch.setenv("FXSPARSE_BWD_CONFIG", bwd)
     from fxsparse.kernels import attention as kernels
+
+    monkeypatch.setitem(kernels.KNOBS, "FXSPARSE_FWD_CONFIG", fwd)
+    monkeypatch.setitem(kernels.KNOBS, "FXSPARSE_BWD_CONFIG", bwd)
 
     assert kernels._fwd_config(64, 32, torch.float32)[:2] == tuple(int(x) for x in fwd.split(",")[:2])
     q, k, v = qkv(1, 2, 1, 100, 90, 24, seed=11)

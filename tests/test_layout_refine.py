@@ -87,7 +87,7 @@ def test_kernel_layout_choice(monkeypatch):
     assert op.kernel_layout(coarse, 64).block_size == 64
     assert op.kernel_layout(coarse, 40).block_size == 64
     assert op.kernel_layout(coarse, 80) is coarse  # 128-wide tiles there
-    monkeypatch.setenv("FXSPARSE_REFINE", "0")
+    monkeypatch.setattr(op, "_REFINE", False)  # FXSPARSE_REFINE=0
     assert op.kernel_layout(coarse, 64) is coarse
 
 

@@ -17,6 +17,7 @@ Offsets of whole (batch, head) slices are int64: large tensors pass 2**31 elemen
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -26,6 +27,10 @@ import triton.language as tl
 from ..layout import bits_offsets, table_offsets
 
 LOG2E = 1.4426950408889634
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # read once: triton itself reads it at import
+# Launch knobs for benchmarks, read from the environment once (a call must not pay for reading it);
+# benchmarks and tests change them here.
+KNOBS = {name: os.environ.get(name) for name in ("FXSPARSE_FWD_CONFIG", "FXSPARSE_BWD_CONFIG", "FXSPARSE_FWD_PIPELINE")}
 
 
 @triton.jit
@@ -435,7 +440,7 @@ def _dq_kernel(
 
 # ------------------------------------------------------------------------------------- launch
 def _precision(dtype) -> str:
-    if dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1":
+    if dtype == torch.bfloat16 and INTERPRET:
         return "upcast"
     if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
         return "ieee"
@@ -445,28 +450,38 @@ def _precision(dtype) -> str:
 def _pipeline(possible: bool) -> bool:
     """Whether the forward runs its full tiles software-pipelined (no bias, not causal, scale > 0);
     FXSPARSE_FWD_PIPELINE=0/1 overrides the default (benchmarks)."""
-    return possible and os.environ.get("FXSPARSE_FWD_PIPELINE", "0") == "1"
+    return possible and KNOBS["FXSPARSE_FWD_PIPELINE"] == "1"
+
+
+def _next_pow2(n: int) -> int:
+    # plain arithmetic: triton's helpers of the same name cost microseconds a call on the host
+    return 1 << (n - 1).bit_length()
 
 
 def _pad_dim(d: int) -> int:
-    return max(16, triton.next_power_of_2(d))
+    return max(16, _next_pow2(d))
 
 
 def _pad_blocks(nqb: int, nkb: int, causal: bool) -> int:
     """Width of the causal bound search (a constexpr: 1 when not causal, so lengths don't recompile)."""
-    return triton.next_power_of_2(max(nqb, nkb)) if causal else 1
+    return _next_pow2(max(nqb, nkb)) if causal else 1
 
 
 def _table_args(tables, nqb: int, nkb: int):
     """The flat tables, the offsets of the six a kernel walks (forward, or transposed with the
-    transposed element masks), and
-    (SLOT_B, SLOT_H): how a (batch, head) pair picks its row of the tables (0 = broadcast)."""
+    transposed element masks), and (SLOT_B, SLOT_H): how a (batch, head) pair picks its row of the
+    tables (0 = broadcast)."""
     data, bl, hl = tables
+    return (data,) + _offsets(data.numel(), bl, hl, nqb, nkb)
+
+
+@functools.lru_cache(maxsize=1024)
+def _offsets(numel: int, bl: int, hl: int, nqb: int, nkb: int):
     off = {n: o for n, (o, _) in table_offsets(bl, hl, nqb, nkb).items()}
-    off["bits"], off["t_bits"] = bits_offsets(data.numel(), bl, hl, nqb, nkb)
+    off["bits"], off["t_bits"] = bits_offsets(numel, bl, hl, nqb, nkb)
     fwd = tuple(off[n] for n in ("mask_id", "bits", "full_num", "full_idx", "part_num", "part_idx"))
     bwd = tuple(off[n] for n in ("mask_id", "t_bits", "t_full_num", "t_full_idx", "t_part_num", "t_part_idx"))
-    return data, fwd, bwd, ((hl if bl > 1 else 0), (1 if hl > 1 else 0))
+    return fwd, bwd, ((hl if bl > 1 else 0), (1 if hl > 1 else 0))
 
 
 def _bias_args(bias, q, nk):
@@ -479,10 +494,10 @@ def _bias_args(bias, q, nk):
 
 def _fwd_config(block: int, d_pad: int, dtype):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages); FXSPARSE_FWD_CONFIG="m,n,w,s" overrides it (benchmarks)."""
-    env = os.environ.get("FXSPARSE_FWD_CONFIG")
+    env = KNOBS["FXSPARSE_FWD_CONFIG"]
     if env:
         m, n, w, s = (int(x) for x in env.split(","))
-    elif os.environ.get("TRITON_INTERPRET") == "1":
+    elif INTERPRET:
         m, n, w, s = block, block, 4, 1
     elif dtype == torch.float32 or d_pad > 128:
         m, n, w, s = 64, 64, 4, 2
@@ -496,10 +511,10 @@ def _fwd_config(block: int, d_pad: int, dtype):
 def _bwd_config(block: int, d_pad: int, dtype):
     """dk/dv tile (kv rows, q rows), dq tile (q rows, kv rows), num_warps, num_stages;
     FXSPARSE_BWD_CONFIG="n1,m1,m2,n2,w,s" overrides it (benchmarks)."""
-    env = os.environ.get("FXSPARSE_BWD_CONFIG")
+    env = KNOBS["FXSPARSE_BWD_CONFIG"]
     if env:
         n1, m1, m2, n2, w, s = (int(x) for x in env.split(","))
-    elif os.environ.get("TRITON_INTERPRET") == "1":
+    elif INTERPRET:
         n1, m1, m2, n2, w, s = block, block, block, block, 4, 1
     elif dtype == torch.float32 or d_pad > 128:
         n1, m1, m2, n2, w, s = 64, 32, 64, 32, 4, 1
@@ -511,7 +526,7 @@ def _bwd_config(block: int, d_pad: int, dtype):
 def forward(q, k, v, tables, bias, scale, block, causal, out):
     b, h, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
-    nqb, nkb = triton.cdiv(nq, block), triton.cdiv(nk, block)
+    nqb, nkb = -(-nq // block), -(-nk // block)
     data, fwd_offsets, _, (slot_b, slot_h) = _table_args(tables, nqb, nkb)
     d_pad = _pad_dim(d)
     lse = torch.empty(b, h, 2, nq, dtype=torch.float32, device=q.device)
@@ -532,7 +547,7 @@ def forward(q, k, v, tables, bias, scale, block, causal, out):
 def backward(dout, q, k, v, out, lse, tables, bias, scale, block, causal, bias_grad):
     b, h, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
-    nqb, nkb = triton.cdiv(nq, block), triton.cdiv(nk, block)
+    nqb, nkb = -(-nq // block), -(-nk // block)
     data, fwd_offsets, bwd_offsets, (slot_b, slot_h) = _table_args(tables, nqb, nkb)
     d_pad = _pad_dim(d)
     delta = torch.empty(b, h, nq, dtype=torch.float32, device=q.device)  # written by the dq kernel
