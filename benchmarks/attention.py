@@ -137,7 +137,10 @@ def run_table(shapes, densities, modes, methods, block_sizes=(BLOCK,), progress=
                             def step(fn=fn):
                                 fn().backward(dout)
                             if graph and name not in replays:
+                                # the replay accumulates into the gradients that existed at capture: keep them
+                                # alive, or an eager run that drops q.grad frees memory the replay still writes
                                 replays[name] = graphed(step, grad=True)
+                                replays[name + " grads"] = [q.grad, k.grad, v.grad]
                             return bench(replays[name] if graph else step, grad_to_none=None if graph else [q, k, v])
                         with torch.no_grad():
                             if graph and name not in replays:
@@ -225,6 +228,7 @@ def check(shapes):
         ok = not nan and max(errs) < tol
         results.append(dict(case=f"{b}x{h}/{hkv}x{n}x{d} {str(dt)[6:]} bias={c['bias']} causal={c['causal']}",
                             errs=" ".join(f"{e:.1e}" for e in errs), ok=ok))
+        print(results[-1], flush=True)
         del q, k, v, s, ref, got, want
         torch.cuda.empty_cache()
     return results
