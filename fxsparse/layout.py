@@ -255,14 +255,15 @@ class Layout:
             return self.refined[fine]
         r = bs // fine
         kinds, mask_id = self.kinds, self.mask_id
-        # every distinct partial mask cut into r x r sub-blocks, each classified and packed anew
-        sub = _unpack_bits(self.bits).reshape(-1, r, fine, r, fine).transpose(2, 3)  # [P, r, r, fine, fine]
-        counts = sub.sum((-1, -2))
-        sub_kind = torch.where(counts == fine * fine, FULL, torch.where(counts > 0, PARTIAL, EMPTY)).to(torch.int8)
+        # every distinct partial mask cut into r x r sub-blocks; the packed words of a sub-block are a
+        # slice of its block's words (32 divides the sub-block), so nothing is unpacked
+        sub = self.bits.reshape(-1, r, fine, r, fine // 32).transpose(2, 3)  # [P, r, r, fine, fine // 32]
+        all_true, all_false = (sub == -1).all(-1).all(-1), (sub == 0).all(-1).all(-1)
+        sub_kind = torch.where(all_true, FULL, torch.where(all_false, EMPTY, PARTIAL)).to(torch.int8)
         sub_mid = torch.full(sub_kind.shape, -1, dtype=torch.int32, device=sub.device)
         sub_part = sub_kind == PARTIAL
         if sub_part.any():
-            uniq, inverse = torch.unique(_pack_bits(sub[sub_part]).flatten(1), dim=0, return_inverse=True)
+            uniq, inverse = torch.unique(sub[sub_part].flatten(1), dim=0, return_inverse=True)
             sub_mid[sub_part] = inverse.to(torch.int32)
             bits = uniq.reshape(-1, fine, fine // 32).contiguous()
         else:
