@@ -44,7 +44,8 @@ def _impl(q: Tensor):
 def _new_out(q: Tensor, dv: int) -> Tensor:
     """Output [B, H, Nq, D] laid out as [B, Nq, H, D], so the usual `transpose(1, 2).reshape(B, N, C)` is a view."""
     b, h, nq, _ = q.shape
-    return q.new_empty(b, nq, h, dv).transpose(1, 2)
+    # strided, not a transposed view: a view made inside the op could not be modified in place later
+    return q.new_empty_strided((b, h, nq, dv), (nq * h * dv, dv, h * dv, 1))
 
 
 # ------------------------------------------------------------------------------------- the op

@@ -1,5 +1,5 @@
 """Layout.refine (the same mask in smaller blocks), the transposed element masks, the kernels' choice
-of table block, and the eager path of the op against the custom op it stands in for."""
+of table block, the eager path of the op against the custom op it stands in for, and the output tensor."""
 from __future__ import annotations
 
 import pytest
@@ -143,3 +143,18 @@ class _Sub(torch.Tensor):
 def test_subclass_inputs_take_the_custom_op():
     q, k, v = qkv(1, 2, 2, 64, 64, 16, seed=12, grad=False)
     assert not op._plain_eager((q.as_subclass(_Sub), k, v))
+
+
+@pytest.mark.parametrize("eager", [True, False], ids=["eager_path", "custom_op"])
+def test_output_can_be_modified_in_place(eager, monkeypatch):
+    # a model may scale the merged heads in place, with parameters that require grad (eval without
+    # no_grad): the op's output is a plain tensor laid out [B, N, H, D], not a view made inside the op
+    if not eager:
+        monkeypatch.setattr(op, "_plain_eager", lambda tensors: False)
+    q, k, v = qkv(2, 3, 3, 40, 40, 8, seed=13)
+    out = fxsparse.sparse_attention(q, k, v)
+    assert out._base is None and out.transpose(1, 2).is_contiguous()
+    merged = out.transpose(1, 2).reshape(2, 40, 24)
+    want = merged.detach() * 2
+    merged.mul_(2)
+    assert torch.equal(merged.detach(), want)
