@@ -283,9 +283,11 @@ def main():
     p.add_argument("--densities", default=",".join(map(str, DENSITIES)))
     p.add_argument("--modes", default="fwd,fwd+bwd")
     p.add_argument("--methods", default="fxsparse,flex,sdpa-dense,sdpa-mask",
-                   help="also: fxsparse-graph (forward replayed from a CUDA graph: the kernel without host overhead)")
+                   help="also: fxsparse-graph, flex-graph (the same calls replayed from a CUDA graph: GPU time "
+                        "without host overhead; forward+backward replays accumulate the gradients)")
     p.add_argument("--block-sizes", default=str(BLOCK),
-                   help="fxsparse layouts of these block sizes, e.g. 128,64 (the first is 'fxsparse', the others 'fxsparse-bNN')")
+                   help="fxsparse layouts of these block sizes, e.g. 128,64 (the first is 'fxsparse', the others "
+                        "'fxsparse-bNN'); at head dims <= 64 the kernels walk 64-blocks anyway unless FXSPARSE_REFINE=0")
     p.add_argument("--repeats", type=int, default=1, help="measure each method this many times, in turns; report the median")
     p.add_argument("--out", default=os.environ.get("OUT", "benchmarks/out"))
     a = p.parse_args()
