@@ -253,8 +253,7 @@ def sweep(shape, density, block=BLOCK):
         except Exception as e:
             print(cfg, type(e).__name__, str(e)[:120])
             continue
-        rows.append(dict(shape=str(shape), block=block, pipeline=os.environ.get("FXSPARSE_FWD_PIPELINE", "0"),
-                         density=round(layout.density, 3), kernel="fwd", config=cfg, ms=round(ms, 4), useful_tflops=round(useful / ms / 1e9, 1)))
+        rows.append(dict(shape=str(shape), block=block, density=round(layout.density, 3), kernel="fwd", config=cfg, ms=round(ms, 4), useful_tflops=round(useful / ms / 1e9, 1)))
         print(rows[-1], flush=True)
     KNOBS["FXSPARSE_FWD_CONFIG"] = None
     for cfg in [] if os.environ.get("SWEEP_BWD") == "none" else os.environ.get("SWEEP_BWD", "64,64,64,64,4,3;64,64,64,64,4,4;64,32,64,32,4,3;32,64,64,32,4,3;"

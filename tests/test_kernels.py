@@ -173,13 +173,11 @@ def test_identical_partial_blocks_shared():
     compare_with_oracle(op, q, k, v, mask.to(DEVICE), op_mask=layout, tols=_tols(torch.float32))
 
 
-@pytest.mark.parametrize("pipeline", ["0", "1"])
 @pytest.mark.parametrize("d,bs,fwd", [(32, 32, None), (24, 64, "32,32,4,1")], ids=["d32", "d24_two_tiles_a_block"])
-def test_full_tiles_pipelined_or_not(pipeline, d, bs, fwd, monkeypatch):
-    # the forward's hand-pipelined loop over full tiles (no bias, not causal) against the plain one
+def test_rows_of_several_full_blocks(d, bs, fwd, monkeypatch):
+    # long runs of full tiles (the forward's loop without per-element work), whole or two tiles a block
     from fxsparse.kernels import attention as kernels
 
-    monkeypatch.setitem(kernels.KNOBS, "FXSPARSE_FWD_PIPELINE", pipeline)
     if fwd:
         monkeypatch.setitem(kernels.KNOBS, "FXSPARSE_FWD_CONFIG", fwd)
     q, k, v = qkv(1, 2, 1, 150, 230, d, device=DEVICE, seed=17)

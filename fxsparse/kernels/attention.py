@@ -30,7 +30,7 @@ LOG2E = 1.4426950408889634
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # read once: triton itself reads it at import
 # Launch knobs for benchmarks, read from the environment once (a call must not pay for reading it);
 # benchmarks and tests change them here.
-KNOBS = {name: os.environ.get(name) for name in ("FXSPARSE_FWD_CONFIG", "FXSPARSE_BWD_CONFIG", "FXSPARSE_FWD_PIPELINE")}
+KNOBS = {name: os.environ.get(name) for name in ("FXSPARSE_FWD_CONFIG", "FXSPARSE_BWD_CONFIG")}
 
 
 @triton.jit
@@ -145,24 +145,6 @@ def _load_v(V, cols, offs_d, svn, svd, NK, HEAD_DIM: tl.constexpr, D_PAD: tl.con
 
 
 @triton.jit
-def _full_col(IDX, t, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, SUB: tl.constexpr):
-    """First key column of tile t of a row's full blocks (IDX: the row's full-block list)."""
-    return tl.load(IDX + t // SUB) * BLOCK + (t % SUB) * BLOCK_N
-
-
-@triton.jit
-def _softmax_pv(acc, m_i, l_i, s, v, scale_log2, PRECISION: tl.constexpr):
-    """Online-softmax step of a full tile with no bias or causality: s = q·kᵀ unscaled, scale > 0
-    (the scale folds into one multiply-add with the max; every score is finite, so the new max is)."""
-    m_new = tl.maximum(m_i, tl.max(s, 1) * scale_log2)
-    p = tl.math.exp2(s * scale_log2 - m_new[:, None])
-    alpha = tl.math.exp2(m_i - m_new)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION)
-    return acc, m_new, l_i
-
-
-@triton.jit
 def _fwd_tile(
     acc, m_i, l_i, q, K, V, Bias, BITS, kb, j, mid,
     offs_m, rows_in_block, offs_d, skn, skd, svn, svd, sbm, sbn,
@@ -193,7 +175,7 @@ def _fwd_kernel(
     H, G, NQ, NK, NQB, NKB, scale_log2,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, IS_CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
-    PAD: tl.constexpr, PIPELINE: tl.constexpr,
+    PAD: tl.constexpr,
 ):
     """One program: BLOCK_M query rows (inside one layout block) of one (batch, head).
 
@@ -224,33 +206,13 @@ def _fwd_kernel(
             offs_m, rows_in_block, offs_d, skn, skd, svn, svd, sbm, sbn, NQ, NK, scale_log2,
             HEAD_DIM, D_PAD, BLOCK, BLOCK_M, BLOCK_N, True, HAS_BIAS, IS_CAUSAL, PRECISION,
         )
-    if PIPELINE:
-        # full tiles with no bias or causality, software-pipelined by hand: the scores of tile t + 1
-        # are asked of the tensor cores before the softmax of tile t runs, so the two overlap
-        n = n_full * SUB
-        IDX = FULL_IDX + row * NKB
-        if n > 0:
-            c0 = _full_col(IDX, 0, BLOCK, BLOCK_N, SUB)
-            s = _dot(q, _load_kt(K, c0 + tl.arange(0, BLOCK_N), offs_d, skn, skd, NK, HEAD_DIM, D_PAD, False),
-                     PRECISION)
-            for t in range(1, n):
-                c1 = _full_col(IDX, t, BLOCK, BLOCK_N, SUB)
-                s_next = _dot(q, _load_kt(K, c1 + tl.arange(0, BLOCK_N), offs_d, skn, skd, NK, HEAD_DIM, D_PAD,
-                                          False), PRECISION)
-                v = _load_v(V, c0 + tl.arange(0, BLOCK_N), offs_d, svn, svd, NK, HEAD_DIM, D_PAD, False)
-                acc, m_i, l_i = _softmax_pv(acc, m_i, l_i, s, v, scale_log2, PRECISION)
-                s = s_next
-                c0 = c1
-            v = _load_v(V, c0 + tl.arange(0, BLOCK_N), offs_d, svn, svd, NK, HEAD_DIM, D_PAD, False)
-            acc, m_i, l_i = _softmax_pv(acc, m_i, l_i, s, v, scale_log2, PRECISION)
-    else:
-        for t in range(n_full * SUB):
-            kb = tl.load(FULL_IDX + row * NKB + t // SUB)
-            acc, m_i, l_i = _fwd_tile(
-                acc, m_i, l_i, q, K, V, Bias, BITS, kb, (t % SUB) * BLOCK_N, 0,
-                offs_m, rows_in_block, offs_d, skn, skd, svn, svd, sbm, sbn, NQ, NK, scale_log2,
-                HEAD_DIM, D_PAD, BLOCK, BLOCK_M, BLOCK_N, False, HAS_BIAS, IS_CAUSAL, PRECISION,
-            )
+    for t in range(n_full * SUB):
+        kb = tl.load(FULL_IDX + row * NKB + t // SUB)
+        acc, m_i, l_i = _fwd_tile(
+            acc, m_i, l_i, q, K, V, Bias, BITS, kb, (t % SUB) * BLOCK_N, 0,
+            offs_m, rows_in_block, offs_d, skn, skd, svn, svd, sbm, sbn, NQ, NK, scale_log2,
+            HEAD_DIM, D_PAD, BLOCK, BLOCK_M, BLOCK_N, False, HAS_BIAS, IS_CAUSAL, PRECISION,
+        )
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
@@ -447,12 +409,6 @@ def _precision(dtype) -> str:
     return "tf32"
 
 
-def _pipeline(possible: bool) -> bool:
-    """Whether the forward runs its full tiles software-pipelined (no bias, not causal, scale > 0);
-    FXSPARSE_FWD_PIPELINE=0/1 overrides the default (benchmarks)."""
-    return possible and KNOBS["FXSPARSE_FWD_PIPELINE"] == "1"
-
-
 def _next_pow2(n: int) -> int:
     # plain arithmetic: triton's helpers of the same name cost microseconds a call on the host
     return 1 << (n - 1).bit_length()
@@ -539,7 +495,7 @@ def forward(q, k, v, tables, bias, scale, block, causal, out):
         h, h // hkv, nq, nk, nqb, nkb, scale * LOG2E,
         HEAD_DIM=d, D_PAD=d_pad, BLOCK=block, BLOCK_M=block_m, BLOCK_N=block_n, HAS_BIAS=has_bias,
         IS_CAUSAL=causal, PRECISION=_precision(q.dtype), PAD=_pad_blocks(nqb, nkb, causal),
-        PIPELINE=_pipeline(bias is None and not causal and scale > 0), num_warps=warps, num_stages=stages,
+        num_warps=warps, num_stages=stages,
     )
     return lse
 
