@@ -123,28 +123,6 @@ def _count_below(IDX, num, limit, PAD: tl.constexpr):
 
 
 @triton.jit
-def _load_kt(K, cols, offs_d, skn, skd, NK, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BOUNDS: tl.constexpr):
-    """kᵀ [D_PAD, len(cols)] of key columns `cols` (BOUNDS: columns may pass NK, in partial blocks)."""
-    ptrs = K + cols[None, :] * skn + offs_d[:, None] * skd
-    if BOUNDS:
-        return tl.load(ptrs, mask=(cols[None, :] < NK) & (offs_d[:, None] < HEAD_DIM), other=0.0)
-    if D_PAD != HEAD_DIM:
-        return tl.load(ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
-    return tl.load(ptrs)
-
-
-@triton.jit
-def _load_v(V, cols, offs_d, svn, svd, NK, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BOUNDS: tl.constexpr):
-    """v [len(cols), D_PAD] of key columns `cols`."""
-    ptrs = V + cols[:, None] * svn + offs_d[None, :] * svd
-    if BOUNDS:
-        return tl.load(ptrs, mask=(cols[:, None] < NK) & (offs_d[None, :] < HEAD_DIM), other=0.0)
-    if D_PAD != HEAD_DIM:
-        return tl.load(ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
-    return tl.load(ptrs)
-
-
-@triton.jit
 def _fwd_tile(
     acc, m_i, l_i, q, K, V, Bias, BITS, kb, j, mid,
     offs_m, rows_in_block, offs_d, skn, skd, svn, svd, sbm, sbn,
@@ -154,8 +132,17 @@ def _fwd_tile(
     PRECISION: tl.constexpr,
 ):
     cols = kb * BLOCK + j + tl.arange(0, BLOCK_N)
-    kt = _load_kt(K, cols, offs_d, skn, skd, NK, HEAD_DIM, D_PAD, PARTIAL)
-    v = _load_v(V, cols, offs_d, svn, svd, NK, HEAD_DIM, D_PAD, PARTIAL)
+    k_ptrs = K + cols[None, :] * skn + offs_d[:, None] * skd
+    v_ptrs = V + cols[:, None] * svn + offs_d[None, :] * svd
+    if PARTIAL:
+        kt = tl.load(k_ptrs, mask=(cols[None, :] < NK) & (offs_d[:, None] < HEAD_DIM), other=0.0)
+        v = tl.load(v_ptrs, mask=(cols[:, None] < NK) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    elif D_PAD != HEAD_DIM:
+        kt = tl.load(k_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
+        v = tl.load(v_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+    else:
+        kt = tl.load(k_ptrs)
+        v = tl.load(v_ptrs)
     s = _tile_scores(_dot(q, kt, PRECISION) * scale_log2, Bias, BITS, mid, offs_m, rows_in_block, cols, j,
                      sbm, sbn, NQ, NK, BLOCK, BLOCK_M, BLOCK_N, PARTIAL, HAS_BIAS, IS_CAUSAL)
     m_new = tl.maximum(m_i, tl.max(s, 1))
