@@ -265,6 +265,7 @@ def sweep(shape, density, block=BLOCK):
             print(cfg, type(e).__name__, str(e)[:120])
             continue
         rows.append(dict(shape=str(shape), block=block, density=round(layout.density, 3), kernel="fwd+bwd", config=cfg, ms=round(ms, 4), useful_tflops=round(3.5 * useful / ms / 1e9, 1)))
+        print(rows[-1], flush=True)
     KNOBS["FXSPARSE_BWD_CONFIG"] = None
     return rows
 

@@ -30,7 +30,7 @@ LOG2E = 1.4426950408889634
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # read once: triton itself reads it at import
 # Launch knobs for benchmarks, read from the environment once (a call must not pay for reading it);
 # benchmarks and tests change them here.
-KNOBS = {name: os.environ.get(name) for name in ("FXSPARSE_FWD_CONFIG", "FXSPARSE_BWD_CONFIG")}
+KNOBS = {name: os.environ.get(name) for name in ("FXSPARSE_FWD_CONFIG", "FXSPARSE_BWD_CONFIG", "FXSPARSE_FAST_LAUNCH")}
 
 
 @triton.jit
@@ -435,6 +435,63 @@ def _bias_args(bias, q, nk):
     return full, full.stride(), True
 
 
+def _triton_at_least(major: int, minor: int) -> bool:
+    try:
+        return tuple(int(x) for x in triton.__version__.split(".")[:2]) >= (major, minor)
+    except ValueError:
+        return False
+
+
+# Compiled kernels by our own key of a launch, for `_launch`. Triton's `kernel[grid](...)` binds and
+# specialises all of a call's ~50 arguments in Python before it launches (20-40 µs a launch on the
+# H200 machine's host, as much as a small problem's GPU time); the key below is cheaper and implies
+# Triton's specialisation (the exact scalars, each tensor's dtype and 16-byte alignment, the
+# constexprs, warps and stages, the device), so the kernel it maps to is the one Triton would pick.
+_COMPILED: dict = {}
+try:  # CompiledKernel.run's signature as triton 3.3 - 3.8 call it, hooks in triton.knobs
+    import triton.knobs
+
+    _FAST_LAUNCH = not INTERPRET and _triton_at_least(3, 3)
+except ImportError:
+    _FAST_LAUNCH = False
+
+
+def _current_device() -> int:
+    return torch.cuda.current_device()
+
+
+def _current_stream(device: int):
+    return triton.runtime.driver.active.get_current_stream(device)  # the raw stream handle triton launches on
+
+
+def _hooked(hook) -> bool:
+    """Whether a launch hook of triton's is set (triton >= 3.5 keeps an empty HookChain when none is)."""
+    return hook is not None and bool(getattr(hook, "calls", True))
+
+
+def _launch(kernel, grid, ptrs, scalars, consts, num_warps, num_stages):
+    """``kernel[grid](*ptrs, *scalars, **consts, num_warps=..., num_stages=...)``; after the first call
+    with a given key, straight to the compiled kernel's launcher (FXSPARSE_FAST_LAUNCH=0 turns that
+    off, and a launch hook, e.g. a profiler's, sends every call through triton). ptrs: the tensor
+    parameters, which come first; scalars: the int and float ones after them."""
+    if not _FAST_LAUNCH or KNOBS["FXSPARSE_FAST_LAUNCH"] == "0":
+        kernel[grid](*ptrs, *scalars, **consts, num_warps=num_warps, num_stages=num_stages)
+        return
+    device = _current_device()
+    key = (id(kernel), device, num_warps, num_stages, *consts.values(), *scalars,
+           *[(t.dtype, t.data_ptr() % 16 == 0) for t in ptrs])
+    hit = _COMPILED.get(key)
+    rt = triton.knobs.runtime
+    if hit is None or _hooked(rt.launch_enter_hook) or _hooked(rt.launch_exit_hook):
+        compiled = kernel[grid](*ptrs, *scalars, **consts, num_warps=num_warps, num_stages=num_stages)
+        if hit is None and len(_COMPILED) < 4096 and hasattr(compiled, "packed_metadata"):  # a few hundred bytes each
+            _COMPILED[key] = (compiled, tuple(consts[n] for n in kernel.arg_names[len(ptrs) + len(scalars):]))
+        return
+    compiled, tail = hit
+    compiled.run(grid[0], grid[1], 1, _current_stream(device), compiled.function, compiled.packed_metadata,
+                 None, None, None, *ptrs, *scalars, *tail)
+
+
 def _fwd_config(block: int, d_pad: int, dtype):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages); FXSPARSE_FWD_CONFIG="m,n,w,s" overrides it (benchmarks)."""
     env = KNOBS["FXSPARSE_FWD_CONFIG"]
@@ -475,14 +532,14 @@ def forward(q, k, v, tables, bias, scale, block, causal, out):
     lse = torch.empty(b, h, 2, nq, dtype=torch.float32, device=q.device)
     bias_t, bstr, has_bias = _bias_args(bias, q, nk)
     block_m, block_n, warps, stages = _fwd_config(block, d_pad, q.dtype)
-    grid = (nqb * (block // block_m), b * h)
-    _fwd_kernel[grid](
-        q, k, v, out, lse, bias_t, data, *fwd_offsets,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *bstr, slot_b, slot_h,
-        h, h // hkv, nq, nk, nqb, nkb, scale * LOG2E,
-        HEAD_DIM=d, D_PAD=d_pad, BLOCK=block, BLOCK_M=block_m, BLOCK_N=block_n, HAS_BIAS=has_bias,
-        IS_CAUSAL=causal, PRECISION=_precision(q.dtype), PAD=_pad_blocks(nqb, nkb, causal),
-        num_warps=warps, num_stages=stages,
+    _launch(
+        _fwd_kernel, (nqb * (block // block_m), b * h),
+        (q, k, v, out, lse, bias_t, data),
+        (*fwd_offsets, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *bstr, slot_b, slot_h,
+         h, h // hkv, nq, nk, nqb, nkb, scale * LOG2E),
+        dict(HEAD_DIM=d, D_PAD=d_pad, BLOCK=block, BLOCK_M=block_m, BLOCK_N=block_n, HAS_BIAS=has_bias,
+             IS_CAUSAL=causal, PRECISION=_precision(q.dtype), PAD=_pad_blocks(nqb, nkb, causal)),
+        warps, stages,
     )
     return lse
 
@@ -501,17 +558,19 @@ def backward(dout, q, k, v, out, lse, tables, bias, scale, block, causal, bias_g
     bias_t, bstr, has_bias = _bias_args(bias, q, nk)
     n1, m1, m2, n2, warps, stages = _bwd_config(block, d_pad, q.dtype)
     common = dict(HEAD_DIM=d, D_PAD=d_pad, BLOCK=block, HAS_BIAS=has_bias, IS_CAUSAL=causal,
-                  PRECISION=_precision(q.dtype), PAD=_pad_blocks(nqb, nkb, causal),
-                  num_warps=warps, num_stages=stages)
+                  PRECISION=_precision(q.dtype), PAD=_pad_blocks(nqb, nkb, causal))
     io_strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride())
     bias_slots = (*bstr, slot_b, slot_h)
-    _dq_kernel[(nqb * (block // m2), b * h)](
-        q, k, v, dout, out, lse, delta, dq, bias_t, dbias if bias_grad else q, data, *fwd_offsets,
-        *io_strides, *out.stride(), *bias_slots, h, h // hkv, nq, nk, nqb, nkb, scale, scale * LOG2E,
-        BLOCK_M=m2, BLOCK_N=n2, BIAS_GRAD=bias_grad, **common,
+    _launch(
+        _dq_kernel, (nqb * (block // m2), b * h),
+        (q, k, v, dout, out, lse, delta, dq, bias_t, dbias if bias_grad else q, data),
+        (*fwd_offsets, *io_strides, *out.stride(), *bias_slots, h, h // hkv, nq, nk, nqb, nkb, scale, scale * LOG2E),
+        dict(BLOCK_M=m2, BLOCK_N=n2, BIAS_GRAD=bias_grad, **common), warps, stages,
     )
-    _dkdv_kernel[(nkb * (block // n1), b * hkv)](
-        q, k, v, dout, lse, delta, dk, dv, bias_t, data, *bwd_offsets,
-        *io_strides, *bias_slots, h, hkv, h // hkv, nq, nk, nqb, nkb, scale, scale * LOG2E, BLOCK_M=m1, BLOCK_N=n1, **common,
+    _launch(
+        _dkdv_kernel, (nkb * (block // n1), b * hkv),
+        (q, k, v, dout, lse, delta, dk, dv, bias_t, data),
+        (*bwd_offsets, *io_strides, *bias_slots, h, hkv, h // hkv, nq, nk, nqb, nkb, scale, scale * LOG2E),
+        dict(BLOCK_M=m1, BLOCK_N=n1, **common), warps, stages,
     )
     return dq, dk, dv, dbias

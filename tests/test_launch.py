@@ -1,0 +1,100 @@
+"""The kernels' launch path: after a first launch through triton, calls with the same key go straight to
+the compiled kernel's launcher, with the arguments in triton's order; anything triton specialises on
+(an int's value, a tensor's dtype or 16-byte alignment, a constexpr, warps, stages) leads through
+triton again. A stand-in kernel records what each path received (no GPU needed)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import triton
+
+from fxsparse.kernels import attention as kernels
+
+
+class _Compiled:
+    def __init__(self, log):
+        self.log, self.function, self.packed_metadata = log, "function", "metadata"
+
+    def run(self, *args):
+        self.log.append(("direct", args))
+
+
+class _Kernel:
+    """Parameters X, n, scale, then the constexprs A and B (as a triton kernel lists them)."""
+    arg_names = ["X", "n", "scale", "A", "B"]
+
+    def __init__(self):
+        self.log = []
+
+    def __getitem__(self, grid):
+        def launch(*args, num_warps, num_stages, **consts):
+            self.log.append(("triton", grid, args, consts, num_warps, num_stages))
+            return _Compiled(self.log)
+        return launch
+
+
+@pytest.fixture
+def fast(monkeypatch):
+    monkeypatch.setattr(kernels, "_FAST_LAUNCH", True)
+    monkeypatch.setattr(kernels, "_COMPILED", {})
+    monkeypatch.setattr(kernels, "_current_device", lambda: 0)
+    monkeypatch.setattr(kernels, "_current_stream", lambda device: 99)
+    monkeypatch.setitem(kernels.KNOBS, "FXSPARSE_FAST_LAUNCH", None)
+    return _Kernel()
+
+
+def _paths(kernel):
+    return [entry[0] for entry in kernel.log]
+
+
+def test_second_launch_goes_straight_to_the_compiled_kernel(fast):
+    x = torch.zeros(64)
+    kernels._launch(fast, (3, 5), (x,), (7, 0.5), dict(B=2, A=1), 4, 3)
+    kernels._launch(fast, (3, 5), (x,), (7, 0.25), dict(B=2, A=1), 4, 3)
+    kernels._launch(fast, (3, 5), (x,), (7, 0.25), dict(B=2, A=1), 4, 3)
+    # a float is not specialised on by triton: a new scale costs one more launch through it, no compile
+    assert _paths(fast) == ["triton", "triton", "direct"]
+    assert fast.log[0][1:] == ((3, 5), (x, 7, 0.5), dict(B=2, A=1), 4, 3)
+    # grid, stream, function, metadata, no launch metadata or hooks, then every parameter in the
+    # kernel's order: the constexprs too, whatever order the call named them in
+    args = fast.log[2][1]
+    assert args[:9] == (3, 5, 1, 99, "function", "metadata", None, None, None)
+    assert args[9] is x and args[10:] == (7, 0.25, 1, 2)
+
+
+@pytest.mark.parametrize("change", ["int", "alignment", "dtype", "constexpr", "warps", "stages"])
+def test_whatever_triton_specialises_on_launches_through_triton(fast, change):
+    x = torch.zeros(64)
+    ptrs, scalars, consts, warps, stages = (x,), (32, 0.5), dict(A=1, B=2), 4, 3
+    kernels._launch(fast, (1, 1), ptrs, scalars, consts, warps, stages)
+    if change == "int":
+        scalars = (33, 0.5)
+    elif change == "alignment":
+        ptrs = (x[1:],)  # 4 bytes in: no longer 16-byte aligned
+    elif change == "dtype":
+        ptrs = (x.to(torch.float16),)
+    elif change == "constexpr":
+        consts = dict(A=1, B=3)
+    elif change == "warps":
+        warps = 8
+    else:
+        stages = 2
+    kernels._launch(fast, (1, 1), ptrs, scalars, consts, warps, stages)
+    kernels._launch(fast, (1, 1), ptrs, scalars, consts, warps, stages)
+    assert _paths(fast) == ["triton", "triton", "direct"]
+
+
+def test_knob_and_launch_hooks_send_every_call_through_triton(fast, monkeypatch):
+    x = torch.zeros(64)
+    monkeypatch.setitem(kernels.KNOBS, "FXSPARSE_FAST_LAUNCH", "0")
+    for _ in range(2):
+        kernels._launch(fast, (1, 1), (x,), (1, 0.5), dict(A=1, B=2), 4, 3)
+    assert _paths(fast) == ["triton", "triton"]
+    monkeypatch.setitem(kernels.KNOBS, "FXSPARSE_FAST_LAUNCH", None)
+    for _ in range(2):
+        kernels._launch(fast, (1, 1), (x,), (1, 0.5), dict(A=1, B=2), 4, 3)
+    assert _paths(fast) == ["triton", "triton", "triton", "direct"]
+
+    monkeypatch.setattr(triton.knobs.runtime, "launch_enter_hook", lambda metadata: None)
+    kernels._launch(fast, (1, 1), (x,), (1, 0.5), dict(A=1, B=2), 4, 3)
+    assert _paths(fast)[-1] == "triton"
