@@ -12,13 +12,21 @@ import fxsparse.op as op
 from fxsparse import Layout
 
 
-def main():
-    b, h, n, d, w = (int(x) for x in sys.argv[1].split(","))
+def problem(spec: str):
+    """"B,H,N,D,window" -> (q, k, v, dout, layout): bf16 on the GPU, q/k/v requiring grad, a local
+    window |i - j| <= window as a 128-block layout (window < 0: None, dense)."""
+    b, h, n, d, w = (int(x) for x in spec.split(","))
     dev = "cuda"
     q, k, v = (torch.randn(b, h, n, d, device=dev, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
-    dout = torch.randn_like(q)
     i = torch.arange(n, device=dev)
-    layout = Layout.from_mask((i[:, None] - i[None, :]).abs() <= w, block_size=128)
+    layout = None if w < 0 else Layout.from_mask((i[:, None] - i[None, :]).abs() <= w, block_size=128)
+    return q, k, v, torch.randn_like(q), layout
+
+
+def main():
+    q, k, v, dout, layout = problem(sys.argv[1])
+    b, h, n, d = q.shape
+    w = sys.argv[1].split(",")[-1]
     stamps = {}
     inner = op._EagerAttention.backward
     impl = op._backward_impl

@@ -63,6 +63,20 @@ def _load_bits(BITS, mid, rows_in_block, j, BLOCK: tl.constexpr, ROWS: tl.conste
 
 
 @triton.jit
+def _load2(ptrs, row_ok, col_ok, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """A 2-D tile with only the bounds that can cut it: ROWS / COLS say whether row_ok / col_ok apply
+    (sequence ends in ragged partial blocks, the head dim's padding)."""
+    if ROWS and COLS:
+        return tl.load(ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+    elif ROWS:
+        return tl.load(ptrs, mask=row_ok[:, None], other=0.0)
+    elif COLS:
+        return tl.load(ptrs, mask=col_ok[None, :], other=0.0)
+    else:
+        return tl.load(ptrs)
+
+
+@triton.jit
 def _bias_log2(bias):
     # finite values are clamped first: torch.finfo(float32).min (eager padding masks) times log2(e)
     # would overflow to -inf and turn an all-padding row into an empty one, where PyTorch gives the
@@ -123,26 +137,39 @@ def _count_below(IDX, num, limit, PAD: tl.constexpr):
 
 
 @triton.jit
+def _visit(IDX, t, end, SUB: tl.constexpr):
+    """The block of tile t of a visit list (0 once t reaches `end`: a look-ahead past the last tile).
+
+    At head dims <= 64 the loops over full blocks ask for the next tile's block one tile ahead: the
+    tile's loads depend on it, and a load whose address waits on another load stalls the pipeline
+    (H200, dense forward: 1.112 -> 1.069 ms at 4096, 5.66 -> 5.58 ms at 16384). Not at larger head
+    dims (one 128x128 forward config then needed more shared memory than there is) nor over partial
+    blocks (forward 10-18 % slower at 3-9 % density); RESULTS.md, v7."""
+    return tl.load(IDX + t // SUB, mask=t < end, other=0)
+
+
+@triton.jit
+def _full_visit(IDX, nxt, t, end, SUB: tl.constexpr, LOOK_AHEAD: tl.constexpr):
+    """(block of full tile t, the look-ahead to carry to tile t + 1); `nxt` starts as _visit(IDX, first, ...)."""
+    if LOOK_AHEAD:
+        return nxt, _visit(IDX, t + 1, end, SUB)
+    else:
+        return tl.load(IDX + t // SUB), nxt
+
+
+@triton.jit
 def _fwd_tile(
     acc, m_i, l_i, q, K, V, Bias, BITS, kb, j, mid,
     offs_m, rows_in_block, offs_d, skn, skd, svn, svd, sbm, sbn,
     NQ, NK, scale_log2,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, PARTIAL: tl.constexpr, HAS_BIAS: tl.constexpr, IS_CAUSAL: tl.constexpr,
-    PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, PARTIAL: tl.constexpr, BOUNDS: tl.constexpr, HAS_BIAS: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
 ):
     cols = kb * BLOCK + j + tl.arange(0, BLOCK_N)
-    k_ptrs = K + cols[None, :] * skn + offs_d[:, None] * skd
-    v_ptrs = V + cols[:, None] * svn + offs_d[None, :] * svd
-    if PARTIAL:
-        kt = tl.load(k_ptrs, mask=(cols[None, :] < NK) & (offs_d[:, None] < HEAD_DIM), other=0.0)
-        v = tl.load(v_ptrs, mask=(cols[:, None] < NK) & (offs_d[None, :] < HEAD_DIM), other=0.0)
-    elif D_PAD != HEAD_DIM:
-        kt = tl.load(k_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
-        v = tl.load(v_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
-    else:
-        kt = tl.load(k_ptrs)
-        v = tl.load(v_ptrs)
+    dmask = offs_d < HEAD_DIM
+    kt = _load2(K + cols[None, :] * skn + offs_d[:, None] * skd, dmask, cols < NK, D_PAD != HEAD_DIM, BOUNDS)
+    v = _load2(V + cols[:, None] * svn + offs_d[None, :] * svd, cols < NK, dmask, BOUNDS, D_PAD != HEAD_DIM)
     s = _tile_scores(_dot(q, kt, PRECISION) * scale_log2, Bias, BITS, mid, offs_m, rows_in_block, cols, j,
                      sbm, sbn, NQ, NK, BLOCK, BLOCK_M, BLOCK_N, PARTIAL, HAS_BIAS, IS_CAUSAL)
     m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -162,7 +189,7 @@ def _fwd_kernel(
     H, G, NQ, NK, NQB, NKB, scale_log2,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, IS_CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
-    PAD: tl.constexpr,
+    PAD: tl.constexpr, RAGGED: tl.constexpr,
 ):
     """One program: BLOCK_M query rows (inside one layout block) of one (batch, head).
 
@@ -191,14 +218,15 @@ def _fwd_kernel(
         acc, m_i, l_i = _fwd_tile(
             acc, m_i, l_i, q, K, V, Bias, BITS, kb, (t % SUB) * BLOCK_N, mid,
             offs_m, rows_in_block, offs_d, skn, skd, svn, svd, sbm, sbn, NQ, NK, scale_log2,
-            HEAD_DIM, D_PAD, BLOCK, BLOCK_M, BLOCK_N, True, HAS_BIAS, IS_CAUSAL, PRECISION,
+            HEAD_DIM, D_PAD, BLOCK, BLOCK_M, BLOCK_N, True, RAGGED, HAS_BIAS, IS_CAUSAL, PRECISION,
         )
+    kb_next = _visit(FULL_IDX + row * NKB, 0, n_full * SUB, SUB)
     for t in range(n_full * SUB):
-        kb = tl.load(FULL_IDX + row * NKB + t // SUB)
+        kb, kb_next = _full_visit(FULL_IDX + row * NKB, kb_next, t, n_full * SUB, SUB, D_PAD <= 64)
         acc, m_i, l_i = _fwd_tile(
             acc, m_i, l_i, q, K, V, Bias, BITS, kb, (t % SUB) * BLOCK_N, 0,
             offs_m, rows_in_block, offs_d, skn, skd, svn, svd, sbm, sbn, NQ, NK, scale_log2,
-            HEAD_DIM, D_PAD, BLOCK, BLOCK_M, BLOCK_N, False, HAS_BIAS, IS_CAUSAL, PRECISION,
+            HEAD_DIM, D_PAD, BLOCK, BLOCK_M, BLOCK_N, False, False, HAS_BIAS, IS_CAUSAL, PRECISION,
         )
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -218,17 +246,22 @@ def _dkdv_tile(
     offs_n, col0, offs_d, sqm, sqd, sdm, sdd, sbm, sbn,
     NQ, NK, scale_log2,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, PARTIAL: tl.constexpr, HAS_BIAS: tl.constexpr, IS_CAUSAL: tl.constexpr,
-    PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, PARTIAL: tl.constexpr, BOUNDS: tl.constexpr, HAS_BIAS: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
 ):
     rows = qb * BLOCK + j + tl.arange(0, BLOCK_M)
     rmask = rows < NQ
     dmask = offs_d < HEAD_DIM
-    qt = tl.load(Q + rows[None, :] * sqm + offs_d[:, None] * sqd, mask=rmask[None, :] & dmask[:, None], other=0.0)
-    do = tl.load(DO + rows[:, None] * sdm + offs_d[None, :] * sdd, mask=rmask[:, None] & dmask[None, :], other=0.0)
-    m2 = tl.load(Lse + rows, mask=rmask, other=0.0)
-    log_l = tl.load(Lse + NQ + rows, mask=rmask, other=float("inf"))
-    delta = tl.load(Delta + rows, mask=rmask, other=0.0)
+    qt = _load2(Q + rows[None, :] * sqm + offs_d[:, None] * sqd, dmask, rmask, D_PAD != HEAD_DIM, BOUNDS)
+    do = _load2(DO + rows[:, None] * sdm + offs_d[None, :] * sdd, rmask, dmask, BOUNDS, D_PAD != HEAD_DIM)
+    if BOUNDS:
+        m2 = tl.load(Lse + rows, mask=rmask, other=0.0)
+        log_l = tl.load(Lse + NQ + rows, mask=rmask, other=float("inf"))
+        delta = tl.load(Delta + rows, mask=rmask, other=0.0)
+    else:
+        m2 = tl.load(Lse + rows)
+        log_l = tl.load(Lse + NQ + rows)
+        delta = tl.load(Delta + rows)
     st = _dot(k, qt, PRECISION) * scale_log2  # [kv rows, q rows]
     if HAS_BIAS:
         bias = tl.load(Bias + rows[None, :] * sbm + offs_n[:, None] * sbn,
@@ -254,7 +287,7 @@ def _dkdv_kernel(
     H, HKV, G, NQ, NK, NQB, NKB, scale, scale_log2,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, IS_CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
-    PAD: tl.constexpr,
+    PAD: tl.constexpr, RAGGED: tl.constexpr,
 ):
     """One program: BLOCK_N kv rows (inside one layout block) of one (batch, kv head), over its query heads."""
     SUB: tl.constexpr = BLOCK // BLOCK_M
@@ -296,14 +329,15 @@ def _dkdv_kernel(
             dk, dv = _dkdv_tile(
                 dk, dv, k, v, Qh, DOh, Lh, Dh, Bh, BITS, qb, (t % SUB) * BLOCK_M, mid,
                 offs_n, col0, offs_d, sqm, sqd, sdm, sdd, sbm, sbn, NQ, NK, scale_log2,
-                HEAD_DIM, D_PAD, BLOCK, BLOCK_M, BLOCK_N, True, HAS_BIAS, IS_CAUSAL, PRECISION,
+                HEAD_DIM, D_PAD, BLOCK, BLOCK_M, BLOCK_N, True, RAGGED, HAS_BIAS, IS_CAUSAL, PRECISION,
             )
+        qb_next = _visit(T_FULL_IDX + trow * NQB, first_full * SUB, n_full * SUB, SUB)
         for t in range(first_full * SUB, n_full * SUB):
-            qb = tl.load(T_FULL_IDX + trow * NQB + t // SUB)
+            qb, qb_next = _full_visit(T_FULL_IDX + trow * NQB, qb_next, t, n_full * SUB, SUB, D_PAD <= 64)
             dk, dv = _dkdv_tile(
                 dk, dv, k, v, Qh, DOh, Lh, Dh, Bh, BITS, qb, (t % SUB) * BLOCK_M, 0,
                 offs_n, col0, offs_d, sqm, sqd, sdm, sdd, sbm, sbn, NQ, NK, scale_log2,
-                HEAD_DIM, D_PAD, BLOCK, BLOCK_M, BLOCK_N, False, HAS_BIAS, IS_CAUSAL, PRECISION,
+                HEAD_DIM, D_PAD, BLOCK, BLOCK_M, BLOCK_N, False, False, HAS_BIAS, IS_CAUSAL, PRECISION,
             )
     tl.store(DK + pid_bh * NK * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :],
              (dk * scale).to(DK.dtype.element_ty), mask=nmask)
@@ -317,13 +351,13 @@ def _dq_tile(
     offs_m, rows_in_block, offs_d, skn, skd, svn, svd, sbm, sbn,
     NQ, NK, scale_log2,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, PARTIAL: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, PARTIAL: tl.constexpr, BOUNDS: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BIAS_GRAD: tl.constexpr, IS_CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
 ):
     cols = kb * BLOCK + j + tl.arange(0, BLOCK_N)
-    kmask = (cols[None, :] < NK) & (offs_d[:, None] < HEAD_DIM)
-    kt = tl.load(K + cols[None, :] * skn + offs_d[:, None] * skd, mask=kmask, other=0.0)
-    vt = tl.load(V + cols[None, :] * svn + offs_d[:, None] * svd, mask=kmask, other=0.0)
+    dmask = offs_d < HEAD_DIM
+    kt = _load2(K + cols[None, :] * skn + offs_d[:, None] * skd, dmask, cols < NK, D_PAD != HEAD_DIM, BOUNDS)
+    vt = _load2(V + cols[None, :] * svn + offs_d[:, None] * svd, dmask, cols < NK, D_PAD != HEAD_DIM, BOUNDS)
     s = _tile_scores(_dot(q, kt, PRECISION) * scale_log2, Bias, BITS, mid, offs_m, rows_in_block, cols, j,
                      sbm, sbn, NQ, NK, BLOCK, BLOCK_M, BLOCK_N, PARTIAL, HAS_BIAS, IS_CAUSAL)
     p = tl.math.exp2((s - m2[:, None]) - log_l[:, None])
@@ -344,7 +378,7 @@ def _dq_kernel(
     H, G, NQ, NK, NQB, NKB, scale, scale_log2,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, IS_CAUSAL: tl.constexpr,
-    PRECISION: tl.constexpr, PAD: tl.constexpr,
+    PRECISION: tl.constexpr, PAD: tl.constexpr, RAGGED: tl.constexpr,
 ):
     """One program: BLOCK_M query rows (inside one layout block) of one (batch, head)."""
     SUB: tl.constexpr = BLOCK // BLOCK_N
@@ -374,14 +408,15 @@ def _dq_kernel(
         dq = _dq_tile(
             dq, q, do, m2, log_l, delta, K, V, Bias, DBias, BITS, kb, (t % SUB) * BLOCK_N, mid,
             offs_m, rows_in_block, offs_d, skn, skd, svn, svd, sbm, sbn, NQ, NK, scale_log2,
-            HEAD_DIM, D_PAD, BLOCK, BLOCK_M, BLOCK_N, True, HAS_BIAS, BIAS_GRAD, IS_CAUSAL, PRECISION,
+            HEAD_DIM, D_PAD, BLOCK, BLOCK_M, BLOCK_N, True, RAGGED, HAS_BIAS, BIAS_GRAD, IS_CAUSAL, PRECISION,
         )
+    kb_next = _visit(FULL_IDX + row * NKB, 0, n_full * SUB, SUB)
     for t in range(n_full * SUB):
-        kb = tl.load(FULL_IDX + row * NKB + t // SUB)
+        kb, kb_next = _full_visit(FULL_IDX + row * NKB, kb_next, t, n_full * SUB, SUB, D_PAD <= 64)
         dq = _dq_tile(
             dq, q, do, m2, log_l, delta, K, V, Bias, DBias, BITS, kb, (t % SUB) * BLOCK_N, 0,
             offs_m, rows_in_block, offs_d, skn, skd, svn, svd, sbm, sbn, NQ, NK, scale_log2,
-            HEAD_DIM, D_PAD, BLOCK, BLOCK_M, BLOCK_N, False, HAS_BIAS, BIAS_GRAD, IS_CAUSAL, PRECISION,
+            HEAD_DIM, D_PAD, BLOCK, BLOCK_M, BLOCK_N, False, False, HAS_BIAS, BIAS_GRAD, IS_CAUSAL, PRECISION,
         )
     tl.store(DQ + pid_bh * NQ * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :],
              (dq * scale).to(DQ.dtype.element_ty), mask=mmask)
@@ -408,6 +443,12 @@ def _pad_dim(d: int) -> int:
 def _pad_blocks(nqb: int, nkb: int, causal: bool) -> int:
     """Width of the causal bound search (a constexpr: 1 when not causal, so lengths don't recompile)."""
     return _next_pow2(max(nqb, nkb)) if causal else 1
+
+
+def _ragged(nq: int, nk: int, block: int) -> bool:
+    """Whether a sequence ends inside a block: only then do partial tiles need bounds checks (full
+    blocks never cross a sequence's end, and partial blocks' element masks are False past it)."""
+    return nq % block != 0 or nk % block != 0
 
 
 def _table_args(tables, nqb: int, nkb: int):
@@ -538,7 +579,8 @@ def forward(q, k, v, tables, bias, scale, block, causal, out):
         (*fwd_offsets, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *bstr, slot_b, slot_h,
          h, h // hkv, nq, nk, nqb, nkb, scale * LOG2E),
         dict(HEAD_DIM=d, D_PAD=d_pad, BLOCK=block, BLOCK_M=block_m, BLOCK_N=block_n, HAS_BIAS=has_bias,
-             IS_CAUSAL=causal, PRECISION=_precision(q.dtype), PAD=_pad_blocks(nqb, nkb, causal)),
+             IS_CAUSAL=causal, PRECISION=_precision(q.dtype), PAD=_pad_blocks(nqb, nkb, causal),
+             RAGGED=_ragged(nq, nk, block)),
         warps, stages,
     )
     return lse
@@ -558,7 +600,7 @@ def backward(dout, q, k, v, out, lse, tables, bias, scale, block, causal, bias_g
     bias_t, bstr, has_bias = _bias_args(bias, q, nk)
     n1, m1, m2, n2, warps, stages = _bwd_config(block, d_pad, q.dtype)
     common = dict(HEAD_DIM=d, D_PAD=d_pad, BLOCK=block, HAS_BIAS=has_bias, IS_CAUSAL=causal,
-                  PRECISION=_precision(q.dtype), PAD=_pad_blocks(nqb, nkb, causal))
+                  PRECISION=_precision(q.dtype), PAD=_pad_blocks(nqb, nkb, causal), RAGGED=_ragged(nq, nk, block))
     io_strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride())
     bias_slots = (*bstr, slot_b, slot_h)
     _launch(
