@@ -4,6 +4,8 @@ the compiled kernel's launcher, with the arguments in triton's order; anything t
 triton again. A stand-in kernel records what each path received (no GPU needed)."""
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import triton
@@ -98,3 +100,17 @@ def test_knob_and_launch_hooks_send_every_call_through_triton(fast, monkeypatch)
     monkeypatch.setattr(triton.knobs.runtime, "launch_enter_hook", lambda metadata: None)
     kernels._launch(fast, (1, 1), (x,), (1, 0.5), dict(A=1, B=2), 4, 3)
     assert _paths(fast)[-1] == "triton"
+
+
+def test_launches_move_to_the_tensors_gpu(monkeypatch):
+    """Triton launches on the current device; a model on another GPU gets that GPU made current."""
+    monkeypatch.setattr(kernels, "_current_device", lambda: 0)
+
+    class OnGpu:  # a stand-in tensor, as the guard reads only .device
+        def __init__(self, index):
+            self.device = torch.device("cuda", index)
+
+    guard = kernels._on_device(OnGpu(1))
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+    assert isinstance(kernels._on_device(OnGpu(0)), contextlib.nullcontext)
+    assert isinstance(kernels._on_device(torch.zeros(1)), contextlib.nullcontext)  # CPU, interpreter

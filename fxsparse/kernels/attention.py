@@ -17,6 +17,7 @@ Offsets of whole (batch, head) slices are int64: large tensors pass 2**31 elemen
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -501,6 +502,15 @@ def _current_device() -> int:
     return torch.cuda.current_device()
 
 
+def _on_device(t: torch.Tensor):
+    """Makes t's GPU the current device for the launches (nothing to do when it already is, or for CPU
+    tensors under the interpreter): triton compiles for and launches on the current device, which
+    need not be the one a model's tensors live on (a model on cuda:1 without torch.cuda.set_device)."""
+    if t.device.type != "cuda" or t.device.index == _current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(t.device.index)
+
+
 def _current_stream(device: int):
     return triton.runtime.driver.active.get_current_stream(device)  # the raw stream handle triton launches on
 
@@ -573,16 +583,17 @@ def forward(q, k, v, tables, bias, scale, block, causal, out):
     lse = torch.empty(b, h, 2, nq, dtype=torch.float32, device=q.device)
     bias_t, bstr, has_bias = _bias_args(bias, q, nk)
     block_m, block_n, warps, stages = _fwd_config(block, d_pad, q.dtype)
-    _launch(
-        _fwd_kernel, (nqb * (block // block_m), b * h),
-        (q, k, v, out, lse, bias_t, data),
-        (*fwd_offsets, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *bstr, slot_b, slot_h,
-         h, h // hkv, nq, nk, nqb, nkb, scale * LOG2E),
-        dict(HEAD_DIM=d, D_PAD=d_pad, BLOCK=block, BLOCK_M=block_m, BLOCK_N=block_n, HAS_BIAS=has_bias,
-             IS_CAUSAL=causal, PRECISION=_precision(q.dtype), PAD=_pad_blocks(nqb, nkb, causal),
-             RAGGED=_ragged(nq, nk, block)),
-        warps, stages,
-    )
+    with _on_device(q):
+        _launch(
+            _fwd_kernel, (nqb * (block // block_m), b * h),
+            (q, k, v, out, lse, bias_t, data),
+            (*fwd_offsets, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *bstr, slot_b, slot_h,
+             h, h // hkv, nq, nk, nqb, nkb, scale * LOG2E),
+            dict(HEAD_DIM=d, D_PAD=d_pad, BLOCK=block, BLOCK_M=block_m, BLOCK_N=block_n, HAS_BIAS=has_bias,
+                 IS_CAUSAL=causal, PRECISION=_precision(q.dtype), PAD=_pad_blocks(nqb, nkb, causal),
+                 RAGGED=_ragged(nq, nk, block)),
+            warps, stages,
+        )
     return lse
 
 
@@ -603,16 +614,17 @@ def backward(dout, q, k, v, out, lse, tables, bias, scale, block, causal, bias_g
                   PRECISION=_precision(q.dtype), PAD=_pad_blocks(nqb, nkb, causal), RAGGED=_ragged(nq, nk, block))
     io_strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride())
     bias_slots = (*bstr, slot_b, slot_h)
-    _launch(
-        _dq_kernel, (nqb * (block // m2), b * h),
-        (q, k, v, dout, out, lse, delta, dq, bias_t, dbias if bias_grad else q, data),
-        (*fwd_offsets, *io_strides, *out.stride(), *bias_slots, h, h // hkv, nq, nk, nqb, nkb, scale, scale * LOG2E),
-        dict(BLOCK_M=m2, BLOCK_N=n2, BIAS_GRAD=bias_grad, **common), warps, stages,
-    )
-    _launch(
-        _dkdv_kernel, (nkb * (block // n1), b * hkv),
-        (q, k, v, dout, lse, delta, dk, dv, bias_t, data),
-        (*bwd_offsets, *io_strides, *bias_slots, h, hkv, h // hkv, nq, nk, nqb, nkb, scale, scale * LOG2E),
-        dict(BLOCK_M=m1, BLOCK_N=n1, **common), warps, stages,
-    )
+    with _on_device(q):
+        _launch(
+            _dq_kernel, (nqb * (block // m2), b * h),
+            (q, k, v, dout, out, lse, delta, dq, bias_t, dbias if bias_grad else q, data),
+            (*fwd_offsets, *io_strides, *out.stride(), *bias_slots, h, h // hkv, nq, nk, nqb, nkb, scale, scale * LOG2E),
+            dict(BLOCK_M=m2, BLOCK_N=n2, BIAS_GRAD=bias_grad, **common), warps, stages,
+        )
+        _launch(
+            _dkdv_kernel, (nkb * (block // n1), b * hkv),
+            (q, k, v, dout, lse, delta, dk, dv, bias_t, data),
+            (*bwd_offsets, *io_strides, *bias_slots, h, hkv, h // hkv, nq, nk, nqb, nkb, scale, scale * LOG2E),
+            dict(BLOCK_M=m1, BLOCK_N=n1, **common), warps, stages,
+        )
     return dq, dk, dv, dbias
