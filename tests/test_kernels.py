@@ -201,7 +201,7 @@ def test_refined_layout_matches_oracle():
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="sub-tile configs are chosen per GPU there; this exercises them on CPU")
-@pytest.mark.parametrize("fwd,bwd", [("32,32,4,1", "32,32,32,32,4,1"), ("32,64,4,1", "64,32,32,64,4,1")])
+@pytest.mark.parametrize("fwd,bwd", [("32,32,4,1", "32,32,32,32,4,1"), ("32,64,4,1", "64,32,32,64,4,1,2,1")])
 def test_sub_tiles_inside_a_block(fwd, bwd, monkeypatch):
     # the GPU configs split a layout block into smaller tiles; the interpreter otherwise runs whole blocks
     from fxsparse.kernels import attention as kernels

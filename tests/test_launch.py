@@ -114,3 +114,12 @@ def test_launches_move_to_the_tensors_gpu(monkeypatch):
     assert isinstance(guard, torch.cuda.device) and guard.idx == 1
     assert isinstance(kernels._on_device(OnGpu(0)), contextlib.nullcontext)
     assert isinstance(kernels._on_device(torch.zeros(1)), contextlib.nullcontext)  # CPU, interpreter
+
+
+def test_backward_config_knob_sets_each_kernel(monkeypatch):
+    """FXSPARSE_BWD_CONFIG: tiles, then warps and stages of dk/dv, optionally the dq kernel's own."""
+    monkeypatch.setitem(kernels.KNOBS, "FXSPARSE_BWD_CONFIG", "64,32,64,16,8,3")
+    assert kernels._bwd_config(64, 64, torch.bfloat16) == (64, 32, 64, 16, (8, 3), (8, 3))
+    monkeypatch.setitem(kernels.KNOBS, "FXSPARSE_BWD_CONFIG", "64,32,64,16,8,3,4,2")
+    assert kernels._bwd_config(64, 64, torch.bfloat16) == (64, 32, 64, 16, (8, 3), (4, 2))
+    assert kernels._bwd_config(32, 64, torch.bfloat16)[:4] == (32, 32, 32, 16)  # tiles never exceed a block

@@ -560,18 +560,19 @@ def _fwd_config(block: int, d_pad: int, dtype):
 
 
 def _bwd_config(block: int, d_pad: int, dtype):
-    """dk/dv tile (kv rows, q rows), dq tile (q rows, kv rows), num_warps, num_stages;
-    FXSPARSE_BWD_CONFIG="n1,m1,m2,n2,w,s" overrides it (benchmarks)."""
+    """dk/dv tile (kv rows, q rows), dq tile (q rows, kv rows), (num_warps, num_stages) of the dk/dv
+    kernel and of the dq kernel; FXSPARSE_BWD_CONFIG="n1,m1,m2,n2,w,s" (both kernels) or
+    "n1,m1,m2,n2,w,s,w_dq,s_dq" overrides it (benchmarks)."""
     env = KNOBS["FXSPARSE_BWD_CONFIG"]
     if env:
-        n1, m1, m2, n2, w, s = (int(x) for x in env.split(","))
+        n1, m1, m2, n2, w, s, *dq_ws = (int(x) for x in env.split(","))
     elif INTERPRET:
-        n1, m1, m2, n2, w, s = block, block, block, block, 4, 1
+        n1, m1, m2, n2, w, s, dq_ws = block, block, block, block, 4, 1, []
     elif dtype == torch.float32 or d_pad > 128:
-        n1, m1, m2, n2, w, s = 64, 32, 64, 32, 4, 1
+        n1, m1, m2, n2, w, s, dq_ws = 64, 32, 64, 32, 4, 1, []
     else:  # H200, bf16, D = 64 and 128: best of the sweep in RESULTS.md
-        n1, m1, m2, n2, w, s = 64, 64, 64, 64, 4, 3
-    return min(n1, block), min(m1, block), min(m2, block), min(n2, block), w, s
+        n1, m1, m2, n2, w, s, dq_ws = 64, 64, 64, 64, 4, 3, []
+    return min(n1, block), min(m1, block), min(m2, block), min(n2, block), (w, s), tuple(dq_ws) or (w, s)
 
 
 def forward(q, k, v, tables, bias, scale, block, causal, out):
@@ -609,7 +610,7 @@ def backward(dout, q, k, v, out, lse, tables, bias, scale, block, causal, bias_g
     dv = torch.empty(b, hkv, nk, d, dtype=v.dtype, device=q.device)
     dbias = torch.zeros(b, h, nq, nk, dtype=torch.float32, device=q.device) if bias_grad else None
     bias_t, bstr, has_bias = _bias_args(bias, q, nk)
-    n1, m1, m2, n2, warps, stages = _bwd_config(block, d_pad, q.dtype)
+    n1, m1, m2, n2, dkdv_ws, dq_ws = _bwd_config(block, d_pad, q.dtype)
     common = dict(HEAD_DIM=d, D_PAD=d_pad, BLOCK=block, HAS_BIAS=has_bias, IS_CAUSAL=causal,
                   PRECISION=_precision(q.dtype), PAD=_pad_blocks(nqb, nkb, causal), RAGGED=_ragged(nq, nk, block))
     io_strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride())
@@ -619,12 +620,12 @@ def backward(dout, q, k, v, out, lse, tables, bias, scale, block, causal, bias_g
             _dq_kernel, (nqb * (block // m2), b * h),
             (q, k, v, dout, out, lse, delta, dq, bias_t, dbias if bias_grad else q, data),
             (*fwd_offsets, *io_strides, *out.stride(), *bias_slots, h, h // hkv, nq, nk, nqb, nkb, scale, scale * LOG2E),
-            dict(BLOCK_M=m2, BLOCK_N=n2, BIAS_GRAD=bias_grad, **common), warps, stages,
+            dict(BLOCK_M=m2, BLOCK_N=n2, BIAS_GRAD=bias_grad, **common), *dq_ws,
         )
         _launch(
             _dkdv_kernel, (nkb * (block // n1), b * hkv),
             (q, k, v, dout, lse, delta, dk, dv, bias_t, data),
             (*bwd_offsets, *io_strides, *bias_slots, h, hkv, h // hkv, nq, nk, nqb, nkb, scale, scale * LOG2E),
-            dict(BLOCK_M=m1, BLOCK_N=n1, **common), warps, stages,
+            dict(BLOCK_M=m1, BLOCK_N=n1, **common), *dkdv_ws,
         )
     return dq, dk, dv, dbias
