@@ -39,7 +39,6 @@ class _Kernel:
 def fast(monkeypatch):
     monkeypatch.setattr(kernels, "_FAST_LAUNCH", True)
     monkeypatch.setattr(kernels, "_COMPILED", {})
-    monkeypatch.setattr(kernels, "_current_device", lambda: 0)
     monkeypatch.setattr(kernels, "_current_stream", lambda device: 99)
     monkeypatch.setitem(kernels.KNOBS, "FXSPARSE_FAST_LAUNCH", None)
     return _Kernel()
@@ -123,3 +122,6 @@ def test_backward_config_knob_sets_each_kernel(monkeypatch):
     monkeypatch.setitem(kernels.KNOBS, "FXSPARSE_BWD_CONFIG", "64,32,64,16,8,3,4,2")
     assert kernels._bwd_config(64, 64, torch.bfloat16) == (64, 32, 64, 16, (8, 3), (4, 2))
     assert kernels._bwd_config(32, 64, torch.bfloat16)[:4] == (32, 32, 32, 16)  # tiles never exceed a block
+    monkeypatch.setitem(kernels.KNOBS, "FXSPARSE_BWD_CONFIG", "64,32,64,16,8,3,4")
+    with pytest.raises(ValueError, match="FXSPARSE_BWD_CONFIG"):
+        kernels._bwd_config(64, 64, torch.bfloat16)

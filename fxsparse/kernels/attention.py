@@ -524,11 +524,12 @@ def _launch(kernel, grid, ptrs, scalars, consts, num_warps, num_stages):
     """``kernel[grid](*ptrs, *scalars, **consts, num_warps=..., num_stages=...)``; after the first call
     with a given key, straight to the compiled kernel's launcher (FXSPARSE_FAST_LAUNCH=0 turns that
     off, and a launch hook, e.g. a profiler's, sends every call through triton). ptrs: the tensor
-    parameters, which come first; scalars: the int and float ones after them."""
+    parameters, which come first (their device is the current one: see `_on_device`); scalars: the int
+    and float ones after them."""
     if not _FAST_LAUNCH or KNOBS["FXSPARSE_FAST_LAUNCH"] == "0":
         kernel[grid](*ptrs, *scalars, **consts, num_warps=num_warps, num_stages=num_stages)
         return
-    device = _current_device()
+    device = ptrs[0].device.index
     key = (id(kernel), device, num_warps, num_stages, *consts.values(), *scalars,
            *[(t.dtype, t.data_ptr() % 16 == 0) for t in ptrs])
     hit = _COMPILED.get(key)
@@ -565,7 +566,10 @@ def _bwd_config(block: int, d_pad: int, dtype):
     "n1,m1,m2,n2,w,s,w_dq,s_dq" overrides it (benchmarks)."""
     env = KNOBS["FXSPARSE_BWD_CONFIG"]
     if env:
-        n1, m1, m2, n2, w, s, *dq_ws = (int(x) for x in env.split(","))
+        values = [int(x) for x in env.split(",")]
+        if len(values) not in (6, 8):
+            raise ValueError(f"FXSPARSE_BWD_CONFIG={env!r}: expected n1,m1,m2,n2,warps,stages[,dq warps,dq stages]")
+        n1, m1, m2, n2, w, s, *dq_ws = values
     elif INTERPRET:
         n1, m1, m2, n2, w, s, dq_ws = block, block, block, block, 4, 1, []
     elif dtype == torch.float32 or d_pad > 128:
