@@ -52,18 +52,17 @@ def issue_vs_gpu(fn, n=50):
     return host / n * 1e6, start.elapsed_time(end) / n * 1e3
 
 
-def at_shape(b, h, n, d, w):
-    """Host issue time against GPU time of forward+backward at a real shape (fxsparse eager path, the
-    custom-op path, FlexAttention)."""
+def at_shape(spec: str):
+    """Host issue time against GPU time of forward+backward at a real shape, "B,H,N,D,window" as in
+    trace_backward.py (fxsparse eager path, the custom-op path, FlexAttention)."""
     import fxsparse.op as op
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    from trace_backward import problem
 
-    dev = "cuda"
-    q, k, v = (torch.randn(b, h, n, d, device=dev, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
-    dout = torch.randn_like(q)
-    i = torch.arange(n, device=dev)
-    layout = Layout.from_mask((i[:, None] - i[None, :]).abs() <= w, block_size=128)
-    bm = create_block_mask(lambda b_, h_, qi, ki: (qi - ki).abs() <= w, None, None, n, n, device=dev)
+    q, k, v, dout, layout = problem(spec)
+    b, h, n, d = q.shape
+    w = int(spec.split(",")[-1])
+    bm = create_block_mask(lambda b_, h_, qi, ki: (qi - ki).abs() <= w, None, None, n, n, device=q.device)
     flex = torch.compile(flex_attention, dynamic=False)
 
     def step(f):
@@ -93,7 +92,7 @@ def at_shape(b, h, n, d, w):
 
 def main():
     if len(sys.argv) > 1:  # B,H,N,D,window
-        return at_shape(*(int(x) for x in sys.argv[1].split(",")))
+        return at_shape(sys.argv[1])
     dev = "cuda"
     q, k, v = (torch.randn(1, 1, 128, 64, device=dev, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     dout = torch.randn_like(q)
