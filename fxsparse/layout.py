@@ -37,10 +37,12 @@ TABLE_SHAPES = (
     ("full_idx", ("bl", "hl", "nqb", "nkb")),  # kv blocks, ascending, padded
     ("part_num", ("bl", "hl", "nqb")),
     ("part_idx", ("bl", "hl", "nqb", "nkb")),
+    ("part_mid", ("bl", "hl", "nqb", "nkb")),  # mask_id of each part_idx entry (one load, not two chained)
     ("t_full_num", ("bl", "hl", "nkb")),  # transposed, for dk / dv
     ("t_full_idx", ("bl", "hl", "nkb", "nqb")),
     ("t_part_num", ("bl", "hl", "nkb")),
     ("t_part_idx", ("bl", "hl", "nkb", "nqb")),
+    ("t_part_mid", ("bl", "hl", "nkb", "nqb")),  # mask_id of each t_part_idx entry
 )
 # bits: [P, block, block // 32], the packed masks (row = query, bit = key); t_bits: the same masks
 # transposed (row = key, bit = query), for the dk / dv kernel
@@ -222,6 +224,10 @@ class Layout:
         part_num, part_idx = _block_lists(partial)
         t_full_num, t_full_idx = _block_lists(full.transpose(-1, -2))
         t_part_num, t_part_idx = _block_lists(partial.transpose(-1, -2))
+        # the kernels read a partial block's mask id beside its index, not through it: a load whose
+        # address waits on another load stalls the pipeline (padding entries point at real blocks)
+        part_mid = mask_id.gather(-1, part_idx.long())
+        t_part_mid = mask_id.transpose(-1, -2).gather(-1, t_part_idx.long())
         nq, nk = shape
         if density is None:  # scores computed: every visited block, cut to the sequence
             rows = torch.full((kinds.shape[-2],), bs, dtype=torch.float64, device=kinds.device)
@@ -231,8 +237,9 @@ class Layout:
             visited = (kinds != EMPTY).to(torch.float64)
             density = float((visited * rows[:, None] * cols[None, :]).sum((-1, -2)).mean()) / (nq * nk)
         tables = dict(kinds=kinds, mask_id=mask_id, full_num=full_num, full_idx=full_idx, part_num=part_num,
-                      part_idx=part_idx, t_full_num=t_full_num, t_full_idx=t_full_idx, t_part_num=t_part_num,
-                      t_part_idx=t_part_idx, bits=bits, t_bits=_pack_bits(_unpack_bits(bits).transpose(-1, -2)))
+                      part_idx=part_idx, part_mid=part_mid, t_full_num=t_full_num, t_full_idx=t_full_idx,
+                      t_part_num=t_part_num, t_part_idx=t_part_idx, t_part_mid=t_part_mid, bits=bits,
+                      t_bits=_pack_bits(_unpack_bits(bits).transpose(-1, -2)))
         data = torch.cat([tables[n].reshape(-1).to(torch.int32) for n in TABLE_NAMES])  # the order of table_offsets
         return cls(block_size=bs, shape=(int(nq), int(nk)), batch=kinds.shape[0], num_heads=kinds.shape[1],
                    data=data, density=density)

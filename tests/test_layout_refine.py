@@ -82,6 +82,31 @@ def test_transposed_element_masks():
     assert torch.equal(_unpack_bits(layout.t_bits), _unpack_bits(layout.bits).transpose(-1, -2))
 
 
+@pytest.mark.parametrize("refine", [False, True])
+def test_visit_lists_carry_each_partial_blocks_mask(refine):
+    """part_mid / t_part_mid: the mask id of every listed partial visit, forward and transposed; the
+    kernels read it beside the block index. Checked against the block map and the packed masks."""
+    mask = mixed_mask((2,), 300, 257, 128, seed=5)
+    layout = Layout.from_mask(mask, 128)
+    layout = layout.refine(64) if refine else layout
+    kinds, bits = layout.kinds, _unpack_bits(layout.bits)
+    bs = layout.block_size
+    for b in range(kinds.shape[0]):
+        for h in range(kinds.shape[1]):
+            for qb in range(kinds.shape[2]):
+                n = int(layout.part_num[b, h, qb])
+                listed = layout.part_idx[b, h, qb, :n].tolist()
+                assert listed == [kb for kb in range(kinds.shape[3]) if kinds[b, h, qb, kb] == PARTIAL]
+                for t, kb in enumerate(listed):
+                    tile = mask[h, qb * bs:(qb + 1) * bs, kb * bs:(kb + 1) * bs]
+                    got = bits[layout.part_mid[b, h, qb, t]][:tile.shape[0], :tile.shape[1]]
+                    assert torch.equal(got, tile)
+            for kb in range(kinds.shape[3]):
+                n = int(layout.t_part_num[b, h, kb])
+                for t, qb in enumerate(layout.t_part_idx[b, h, kb, :n].tolist()):
+                    assert layout.t_part_mid[b, h, kb, t] == layout.mask_id[b, h, qb, kb] >= 0
+
+
 def test_kernel_layout_choice(monkeypatch):
     coarse = Layout.from_mask(_window(300, 300, 50), 128)
     assert op.kernel_layout(coarse, 64).block_size == 64

@@ -31,7 +31,10 @@ LOG2E = 1.4426950408889634
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # read once: triton itself reads it at import
 # Launch knobs for benchmarks, read from the environment once (a call must not pay for reading it);
 # benchmarks and tests change them here.
-KNOBS = {name: os.environ.get(name) for name in ("FXSPARSE_FWD_CONFIG", "FXSPARSE_BWD_CONFIG", "FXSPARSE_FAST_LAUNCH")}
+# FXSPARSE_FOLD / FXSPARSE_BWD_FOLD = 0: the scores' scale and shift as two operations (FOLD in
+# _fwd_tile and _dkdv_tile).
+KNOBS = {name: os.environ.get(name) for name in ("FXSPARSE_FWD_CONFIG", "FXSPARSE_BWD_CONFIG", "FXSPARSE_FAST_LAUNCH",
+                                                 "FXSPARSE_FOLD", "FXSPARSE_BWD_FOLD")}
 
 
 @triton.jit
@@ -165,18 +168,26 @@ def _fwd_tile(
     NQ, NK, scale_log2,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, PARTIAL: tl.constexpr, BOUNDS: tl.constexpr, HAS_BIAS: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, PRECISION: tl.constexpr, FOLD: tl.constexpr,
 ):
     cols = kb * BLOCK + j + tl.arange(0, BLOCK_N)
     dmask = offs_d < HEAD_DIM
     kt = _load2(K + cols[None, :] * skn + offs_d[:, None] * skd, dmask, cols < NK, D_PAD != HEAD_DIM, BOUNDS)
     v = _load2(V + cols[:, None] * svn + offs_d[None, :] * svd, cols < NK, dmask, BOUNDS, D_PAD != HEAD_DIM)
-    s = _tile_scores(_dot(q, kt, PRECISION) * scale_log2, Bias, BITS, mid, offs_m, rows_in_block, cols, j,
-                     sbm, sbn, NQ, NK, BLOCK, BLOCK_M, BLOCK_N, PARTIAL, HAS_BIAS, IS_CAUSAL)
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.math.exp2(s - m_safe[:, None])
-    alpha = tl.math.exp2(m_i - m_safe)
+    if FOLD and not (PARTIAL or HAS_BIAS or IS_CAUSAL):
+        # a tile with nothing to mask: the row max of the raw scores, scaled after (scale > 0), and the
+        # scale and the shift in one multiply-add per score; the max is finite, no -inf guard
+        qk = _dot(q, kt, PRECISION)
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * scale_log2)
+        p = tl.math.exp2(qk * scale_log2 - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+    else:
+        s = _tile_scores(_dot(q, kt, PRECISION) * scale_log2, Bias, BITS, mid, offs_m, rows_in_block, cols, j,
+                         sbm, sbn, NQ, NK, BLOCK, BLOCK_M, BLOCK_N, PARTIAL, HAS_BIAS, IS_CAUSAL)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION)
     return acc, m_new, l_i
@@ -184,20 +195,20 @@ def _fwd_tile(
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, Out, Lse, Bias, T, O_MASK_ID, O_BITS, O_FULL_NUM, O_FULL_IDX, O_PART_NUM, O_PART_IDX,
+    Q, K, V, Out, Lse, Bias, T, O_PART_MID, O_BITS, O_FULL_NUM, O_FULL_IDX, O_PART_NUM, O_PART_IDX,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
     sbb, sbh, sbm, sbn, SLOT_B, SLOT_H,
     H, G, NQ, NK, NQB, NKB, scale_log2,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, IS_CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
-    PAD: tl.constexpr, RAGGED: tl.constexpr,
+    PAD: tl.constexpr, RAGGED: tl.constexpr, FOLD: tl.constexpr,
 ):
     """One program: BLOCK_M query rows (inside one layout block) of one (batch, head).
 
     Each visited kv block is walked in BLOCK // BLOCK_N tiles, in one flat loop per block kind so
     the compiler can prefetch the next tile while this one computes."""
     SUB: tl.constexpr = BLOCK // BLOCK_N
-    MASK_ID, BITS = T + O_MASK_ID, T + O_BITS
+    PART_MID, BITS = T + O_PART_MID, T + O_BITS
     FULL_NUM, FULL_IDX, PART_NUM, PART_IDX = T + O_FULL_NUM, T + O_FULL_IDX, T + O_PART_NUM, T + O_PART_IDX
     pid_bh, b, h, start_m, qb, rows_in_block, offs_m, offs_d = _query_tile(H, BLOCK, BLOCK_M, D_PAD)
     q = tl.load(
@@ -215,11 +226,11 @@ def _fwd_kernel(
                                    BLOCK, BLOCK_M, IS_CAUSAL, PAD)
     for t in range(n_part * SUB):
         kb = tl.load(PART_IDX + row * NKB + t // SUB)
-        mid = tl.load(MASK_ID + row * NKB + kb)
+        mid = tl.load(PART_MID + row * NKB + t // SUB)
         acc, m_i, l_i = _fwd_tile(
             acc, m_i, l_i, q, K, V, Bias, BITS, kb, (t % SUB) * BLOCK_N, mid,
             offs_m, rows_in_block, offs_d, skn, skd, svn, svd, sbm, sbn, NQ, NK, scale_log2,
-            HEAD_DIM, D_PAD, BLOCK, BLOCK_M, BLOCK_N, True, RAGGED, HAS_BIAS, IS_CAUSAL, PRECISION,
+            HEAD_DIM, D_PAD, BLOCK, BLOCK_M, BLOCK_N, True, RAGGED, HAS_BIAS, IS_CAUSAL, PRECISION, FOLD,
         )
     kb_next = _visit(FULL_IDX + row * NKB, 0, n_full * SUB, SUB)
     for t in range(n_full * SUB):
@@ -227,7 +238,7 @@ def _fwd_kernel(
         acc, m_i, l_i = _fwd_tile(
             acc, m_i, l_i, q, K, V, Bias, BITS, kb, (t % SUB) * BLOCK_N, 0,
             offs_m, rows_in_block, offs_d, skn, skd, svn, svd, sbm, sbn, NQ, NK, scale_log2,
-            HEAD_DIM, D_PAD, BLOCK, BLOCK_M, BLOCK_N, False, False, HAS_BIAS, IS_CAUSAL, PRECISION,
+            HEAD_DIM, D_PAD, BLOCK, BLOCK_M, BLOCK_N, False, False, HAS_BIAS, IS_CAUSAL, PRECISION, FOLD,
         )
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -248,7 +259,7 @@ def _dkdv_tile(
     NQ, NK, scale_log2,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, PARTIAL: tl.constexpr, BOUNDS: tl.constexpr, HAS_BIAS: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, PRECISION: tl.constexpr, FOLD: tl.constexpr,
 ):
     rows = qb * BLOCK + j + tl.arange(0, BLOCK_M)
     rmask = rows < NQ
@@ -263,16 +274,22 @@ def _dkdv_tile(
         m2 = tl.load(Lse + rows)
         log_l = tl.load(Lse + NQ + rows)
         delta = tl.load(Delta + rows)
-    st = _dot(k, qt, PRECISION) * scale_log2  # [kv rows, q rows]
-    if HAS_BIAS:
-        bias = tl.load(Bias + rows[None, :] * sbm + offs_n[:, None] * sbn,
-                       mask=rmask[None, :] & (offs_n[:, None] < NK), other=0.0)
-        st += _bias_log2(bias)
+    if FOLD:  # no bias: the row's max and log-sum are shifted off in the scale's multiply-add
+        st = _dot(k, qt, PRECISION) * scale_log2 - (m2 + log_l)[None, :]  # [kv rows, q rows]
+    else:
+        st = _dot(k, qt, PRECISION) * scale_log2
+        if HAS_BIAS:
+            bias = tl.load(Bias + rows[None, :] * sbm + offs_n[:, None] * sbn,
+                           mask=rmask[None, :] & (offs_n[:, None] < NK), other=0.0)
+            st += _bias_log2(bias)
     if PARTIAL:  # BITS holds the transposed masks: rows are keys
         st = tl.where(_load_bits(BITS, mid, col0 + tl.arange(0, BLOCK_N), j, BLOCK, BLOCK_N, BLOCK_M), st, float("-inf"))
     if IS_CAUSAL:
         st = tl.where(rows[None, :] >= offs_n[:, None], st, float("-inf"))
-    pt = tl.math.exp2((st - m2[None, :]) - log_l[None, :])
+    if FOLD:
+        pt = tl.math.exp2(st)
+    else:  # apart: log_l survives beside a huge max (rows that only see finfo.min padding)
+        pt = tl.math.exp2((st - m2[None, :]) - log_l[None, :])
     dv += _dot(pt.to(do.dtype), do, PRECISION)
     dpt = _dot(v, tl.trans(do), PRECISION)
     dst = pt * (dpt - delta[None, :])
@@ -282,17 +299,17 @@ def _dkdv_tile(
 
 @triton.jit
 def _dkdv_kernel(
-    Q, K, V, DO, Lse, Delta, DK, DV, Bias, T, O_MASK_ID, O_BITS, O_FULL_NUM, O_FULL_IDX, O_PART_NUM, O_PART_IDX,
+    Q, K, V, DO, Lse, Delta, DK, DV, Bias, T, O_PART_MID, O_BITS, O_FULL_NUM, O_FULL_IDX, O_PART_NUM, O_PART_IDX,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdm, sdd,
     sbb, sbh, sbm, sbn, SLOT_B, SLOT_H,
     H, HKV, G, NQ, NK, NQB, NKB, scale, scale_log2,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, IS_CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
-    PAD: tl.constexpr, RAGGED: tl.constexpr,
+    PAD: tl.constexpr, RAGGED: tl.constexpr, FOLD: tl.constexpr,
 ):
     """One program: BLOCK_N kv rows (inside one layout block) of one (batch, kv head), over its query heads."""
     SUB: tl.constexpr = BLOCK // BLOCK_M
-    MASK_ID, BITS = T + O_MASK_ID, T + O_BITS
+    PART_MID, BITS = T + O_PART_MID, T + O_BITS
     T_FULL_NUM, T_FULL_IDX, T_PART_NUM, T_PART_IDX = T + O_FULL_NUM, T + O_FULL_IDX, T + O_PART_NUM, T + O_PART_IDX
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
@@ -326,11 +343,11 @@ def _dkdv_kernel(
             first_full = _count_below(T_FULL_IDX + trow * NQB, n_full, kb, PAD)
         for t in range(first_part * SUB, n_part * SUB):
             qb = tl.load(T_PART_IDX + trow * NQB + t // SUB)
-            mid = tl.load(MASK_ID + (slot * NQB + qb) * NKB + kb)
+            mid = tl.load(PART_MID + trow * NQB + t // SUB)
             dk, dv = _dkdv_tile(
                 dk, dv, k, v, Qh, DOh, Lh, Dh, Bh, BITS, qb, (t % SUB) * BLOCK_M, mid,
                 offs_n, col0, offs_d, sqm, sqd, sdm, sdd, sbm, sbn, NQ, NK, scale_log2,
-                HEAD_DIM, D_PAD, BLOCK, BLOCK_M, BLOCK_N, True, RAGGED, HAS_BIAS, IS_CAUSAL, PRECISION,
+                HEAD_DIM, D_PAD, BLOCK, BLOCK_M, BLOCK_N, True, RAGGED, HAS_BIAS, IS_CAUSAL, PRECISION, FOLD,
             )
         qb_next = _visit(T_FULL_IDX + trow * NQB, first_full * SUB, n_full * SUB, SUB)
         for t in range(first_full * SUB, n_full * SUB):
@@ -338,7 +355,7 @@ def _dkdv_kernel(
             dk, dv = _dkdv_tile(
                 dk, dv, k, v, Qh, DOh, Lh, Dh, Bh, BITS, qb, (t % SUB) * BLOCK_M, 0,
                 offs_n, col0, offs_d, sqm, sqd, sdm, sdd, sbm, sbn, NQ, NK, scale_log2,
-                HEAD_DIM, D_PAD, BLOCK, BLOCK_M, BLOCK_N, False, False, HAS_BIAS, IS_CAUSAL, PRECISION,
+                HEAD_DIM, D_PAD, BLOCK, BLOCK_M, BLOCK_N, False, False, HAS_BIAS, IS_CAUSAL, PRECISION, FOLD,
             )
     tl.store(DK + pid_bh * NK * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :],
              (dk * scale).to(DK.dtype.element_ty), mask=nmask)
@@ -353,15 +370,20 @@ def _dq_tile(
     NQ, NK, scale_log2,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, PARTIAL: tl.constexpr, BOUNDS: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BIAS_GRAD: tl.constexpr, IS_CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+    BIAS_GRAD: tl.constexpr, IS_CAUSAL: tl.constexpr, PRECISION: tl.constexpr, FOLD: tl.constexpr,
 ):
     cols = kb * BLOCK + j + tl.arange(0, BLOCK_N)
     dmask = offs_d < HEAD_DIM
     kt = _load2(K + cols[None, :] * skn + offs_d[:, None] * skd, dmask, cols < NK, D_PAD != HEAD_DIM, BOUNDS)
     vt = _load2(V + cols[None, :] * svn + offs_d[:, None] * svd, dmask, cols < NK, D_PAD != HEAD_DIM, BOUNDS)
-    s = _tile_scores(_dot(q, kt, PRECISION) * scale_log2, Bias, BITS, mid, offs_m, rows_in_block, cols, j,
-                     sbm, sbn, NQ, NK, BLOCK, BLOCK_M, BLOCK_N, PARTIAL, HAS_BIAS, IS_CAUSAL)
-    p = tl.math.exp2((s - m2[:, None]) - log_l[:, None])
+    if FOLD:  # no bias: as in _dkdv_tile
+        s = _tile_scores(_dot(q, kt, PRECISION) * scale_log2 - (m2 + log_l)[:, None], Bias, BITS, mid, offs_m,
+                         rows_in_block, cols, j, sbm, sbn, NQ, NK, BLOCK, BLOCK_M, BLOCK_N, PARTIAL, False, IS_CAUSAL)
+        p = tl.math.exp2(s)
+    else:
+        s = _tile_scores(_dot(q, kt, PRECISION) * scale_log2, Bias, BITS, mid, offs_m, rows_in_block, cols, j,
+                         sbm, sbn, NQ, NK, BLOCK, BLOCK_M, BLOCK_N, PARTIAL, HAS_BIAS, IS_CAUSAL)
+        p = tl.math.exp2((s - m2[:, None]) - log_l[:, None])
     dp = _dot(do, vt, PRECISION)
     ds = p * (dp - delta[:, None])
     dq += _dot(ds.to(kt.dtype), tl.trans(kt), PRECISION)
@@ -373,17 +395,17 @@ def _dq_tile(
 
 @triton.jit
 def _dq_kernel(
-    Q, K, V, DO, Out, Lse, Delta, DQ, Bias, DBias, T, O_MASK_ID, O_BITS, O_FULL_NUM, O_FULL_IDX, O_PART_NUM,
+    Q, K, V, DO, Out, Lse, Delta, DQ, Bias, DBias, T, O_PART_MID, O_BITS, O_FULL_NUM, O_FULL_IDX, O_PART_NUM,
     O_PART_IDX, sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdm, sdd, sob, soh, som, sod,
     sbb, sbh, sbm, sbn, SLOT_B, SLOT_H,
     H, G, NQ, NK, NQB, NKB, scale, scale_log2,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, IS_CAUSAL: tl.constexpr,
-    PRECISION: tl.constexpr, PAD: tl.constexpr, RAGGED: tl.constexpr,
+    PRECISION: tl.constexpr, PAD: tl.constexpr, RAGGED: tl.constexpr, FOLD: tl.constexpr,
 ):
     """One program: BLOCK_M query rows (inside one layout block) of one (batch, head)."""
     SUB: tl.constexpr = BLOCK // BLOCK_N
-    MASK_ID, BITS = T + O_MASK_ID, T + O_BITS
+    PART_MID, BITS = T + O_PART_MID, T + O_BITS
     FULL_NUM, FULL_IDX, PART_NUM, PART_IDX = T + O_FULL_NUM, T + O_FULL_IDX, T + O_PART_NUM, T + O_PART_IDX
     pid_bh, b, h, start_m, qb, rows_in_block, offs_m, offs_d = _query_tile(H, BLOCK, BLOCK_M, D_PAD)
     mmask = (offs_m[:, None] < NQ) & (offs_d[None, :] < HEAD_DIM)
@@ -405,11 +427,11 @@ def _dq_kernel(
                                    BLOCK, BLOCK_M, IS_CAUSAL, PAD)
     for t in range(n_part * SUB):
         kb = tl.load(PART_IDX + row * NKB + t // SUB)
-        mid = tl.load(MASK_ID + row * NKB + kb)
+        mid = tl.load(PART_MID + row * NKB + t // SUB)
         dq = _dq_tile(
             dq, q, do, m2, log_l, delta, K, V, Bias, DBias, BITS, kb, (t % SUB) * BLOCK_N, mid,
             offs_m, rows_in_block, offs_d, skn, skd, svn, svd, sbm, sbn, NQ, NK, scale_log2,
-            HEAD_DIM, D_PAD, BLOCK, BLOCK_M, BLOCK_N, True, RAGGED, HAS_BIAS, BIAS_GRAD, IS_CAUSAL, PRECISION,
+            HEAD_DIM, D_PAD, BLOCK, BLOCK_M, BLOCK_N, True, RAGGED, HAS_BIAS, BIAS_GRAD, IS_CAUSAL, PRECISION, FOLD,
         )
     kb_next = _visit(FULL_IDX + row * NKB, 0, n_full * SUB, SUB)
     for t in range(n_full * SUB):
@@ -417,7 +439,7 @@ def _dq_kernel(
         dq = _dq_tile(
             dq, q, do, m2, log_l, delta, K, V, Bias, DBias, BITS, kb, (t % SUB) * BLOCK_N, 0,
             offs_m, rows_in_block, offs_d, skn, skd, svn, svd, sbm, sbn, NQ, NK, scale_log2,
-            HEAD_DIM, D_PAD, BLOCK, BLOCK_M, BLOCK_N, False, False, HAS_BIAS, BIAS_GRAD, IS_CAUSAL, PRECISION,
+            HEAD_DIM, D_PAD, BLOCK, BLOCK_M, BLOCK_N, False, False, HAS_BIAS, BIAS_GRAD, IS_CAUSAL, PRECISION, FOLD,
         )
     tl.store(DQ + pid_bh * NQ * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :],
              (dq * scale).to(DQ.dtype.element_ty), mask=mmask)
@@ -464,8 +486,8 @@ def _table_args(tables, nqb: int, nkb: int):
 def _offsets(numel: int, bl: int, hl: int, nqb: int, nkb: int):
     off = {n: o for n, (o, _) in table_offsets(bl, hl, nqb, nkb).items()}
     off["bits"], off["t_bits"] = bits_offsets(numel, bl, hl, nqb, nkb)
-    fwd = tuple(off[n] for n in ("mask_id", "bits", "full_num", "full_idx", "part_num", "part_idx"))
-    bwd = tuple(off[n] for n in ("mask_id", "t_bits", "t_full_num", "t_full_idx", "t_part_num", "t_part_idx"))
+    fwd = tuple(off[n] for n in ("part_mid", "bits", "full_num", "full_idx", "part_num", "part_idx"))
+    bwd = tuple(off[n] for n in ("t_part_mid", "t_bits", "t_full_num", "t_full_idx", "t_part_num", "t_part_idx"))
     return fwd, bwd, ((hl if bl > 1 else 0), (1 if hl > 1 else 0))
 
 
@@ -596,7 +618,7 @@ def forward(q, k, v, tables, bias, scale, block, causal, out):
              h, h // hkv, nq, nk, nqb, nkb, scale * LOG2E),
             dict(HEAD_DIM=d, D_PAD=d_pad, BLOCK=block, BLOCK_M=block_m, BLOCK_N=block_n, HAS_BIAS=has_bias,
                  IS_CAUSAL=causal, PRECISION=_precision(q.dtype), PAD=_pad_blocks(nqb, nkb, causal),
-                 RAGGED=_ragged(nq, nk, block)),
+                 RAGGED=_ragged(nq, nk, block), FOLD=scale > 0 and KNOBS["FXSPARSE_FOLD"] != "0"),
             warps, stages,
         )
     return lse
@@ -616,7 +638,8 @@ def backward(dout, q, k, v, out, lse, tables, bias, scale, block, causal, bias_g
     bias_t, bstr, has_bias = _bias_args(bias, q, nk)
     n1, m1, m2, n2, dkdv_ws, dq_ws = _bwd_config(block, d_pad, q.dtype)
     common = dict(HEAD_DIM=d, D_PAD=d_pad, BLOCK=block, HAS_BIAS=has_bias, IS_CAUSAL=causal,
-                  PRECISION=_precision(q.dtype), PAD=_pad_blocks(nqb, nkb, causal), RAGGED=_ragged(nq, nk, block))
+                  PRECISION=_precision(q.dtype), PAD=_pad_blocks(nqb, nkb, causal), RAGGED=_ragged(nq, nk, block),
+                  FOLD=not has_bias and KNOBS["FXSPARSE_BWD_FOLD"] != "0")
     io_strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride())
     bias_slots = (*bstr, slot_b, slot_h)
     with _on_device(q):
