@@ -125,3 +125,42 @@ def test_backward_config_knob_sets_each_kernel(monkeypatch):
     monkeypatch.setitem(kernels.KNOBS, "FXSPARSE_BWD_CONFIG", "64,32,64,16,8,3,4")
     with pytest.raises(ValueError, match="FXSPARSE_BWD_CONFIG"):
         kernels._bwd_config(64, 64, torch.bfloat16)
+
+
+def _launch_consts(monkeypatch, d, scale, bias=False):
+    """The constexprs of the forward and of the backward's kernels for one small problem (launches
+    recorded, not run)."""
+    from fxsparse import Layout
+    from fxsparse.op import kernel_layout
+
+    seen = {}
+    monkeypatch.setattr(kernels, "_launch", lambda kernel, grid, ptrs, scalars, consts, *ws: seen.update(
+        {kernel.fn.__name__: consts}))
+    q, k, v, out = (torch.zeros(1, 2, 64, d) for _ in range(4))
+    i = torch.arange(64)
+    layout = kernel_layout(Layout.from_mask((i[:, None] - i[None, :]).abs() <= 8, block_size=32), d)
+    tables = (layout.data, layout.batch, layout.num_heads)
+    b = torch.zeros(1, 2, 64, 64) if bias else None
+    lse = kernels.forward(q, k, v, tables, b, scale, 32, False, out)
+    kernels.backward(torch.zeros_like(q), q, k, v, out, lse, tables, b, scale, 32, False, False)
+    return seen
+
+
+def test_forward_look_ahead_and_folds_follow_the_problem_and_knobs(monkeypatch):
+    """The forward reads block indices ahead at padded head dims up to 64 (FXSPARSE_FWD_LOOK_AHEAD
+    raises that); it folds the scale into one multiply-add only for scale > 0; the backward folds
+    the row's max and log-sum into it only without a bias (FXSPARSE_FOLD / FXSPARSE_BWD_FOLD = 0 off)."""
+    for name in ("FXSPARSE_FWD_LOOK_AHEAD", "FXSPARSE_FOLD", "FXSPARSE_BWD_FOLD"):
+        monkeypatch.setitem(kernels.KNOBS, name, None)
+    c = _launch_consts(monkeypatch, 64, 0.125)
+    assert c["_fwd_kernel"]["LOOK_AHEAD"] and c["_fwd_kernel"]["FOLD"]
+    assert c["_dq_kernel"]["FOLD"] and c["_dkdv_kernel"]["FOLD"]
+    c = _launch_consts(monkeypatch, 96, -0.125, bias=True)
+    assert not c["_fwd_kernel"]["LOOK_AHEAD"] and not c["_fwd_kernel"]["FOLD"]
+    assert not c["_dq_kernel"]["FOLD"] and not c["_dkdv_kernel"]["FOLD"]
+    monkeypatch.setitem(kernels.KNOBS, "FXSPARSE_FWD_LOOK_AHEAD", "128")
+    monkeypatch.setitem(kernels.KNOBS, "FXSPARSE_FOLD", "0")
+    monkeypatch.setitem(kernels.KNOBS, "FXSPARSE_BWD_FOLD", "0")
+    c = _launch_consts(monkeypatch, 96, 0.125)
+    assert c["_fwd_kernel"]["LOOK_AHEAD"] and not c["_fwd_kernel"]["FOLD"]
+    assert not c["_dq_kernel"]["FOLD"] and not c["_dkdv_kernel"]["FOLD"]

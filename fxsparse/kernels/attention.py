@@ -33,8 +33,9 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # read once: triton itsel
 # benchmarks and tests change them here.
 # FXSPARSE_FOLD / FXSPARSE_BWD_FOLD = 0: the scores' scale and shift as two operations (FOLD in
 # _fwd_tile and _dkdv_tile).
+# FXSPARSE_FWD_LOOK_AHEAD=128: the forward reads block indices ahead up to that padded head dim (64).
 KNOBS = {name: os.environ.get(name) for name in ("FXSPARSE_FWD_CONFIG", "FXSPARSE_BWD_CONFIG", "FXSPARSE_FAST_LAUNCH",
-                                                 "FXSPARSE_FOLD", "FXSPARSE_BWD_FOLD")}
+                                                 "FXSPARSE_FOLD", "FXSPARSE_BWD_FOLD", "FXSPARSE_FWD_LOOK_AHEAD")}
 
 
 @triton.jit
@@ -146,9 +147,10 @@ def _visit(IDX, t, end, SUB: tl.constexpr):
 
     At head dims <= 64 the loops over full blocks ask for the next tile's block one tile ahead: the
     tile's loads depend on it, and a load whose address waits on another load stalls the pipeline
-    (H200, dense forward: 1.112 -> 1.069 ms at 4096, 5.66 -> 5.58 ms at 16384). Not at larger head
-    dims (one 128x128 forward config then needed more shared memory than there is) nor over partial
-    blocks (forward 10-18 % slower at 3-9 % density); RESULTS.md, v7."""
+    (H200, dense forward: 1.112 -> 1.069 ms at 4096, 5.66 -> 5.58 ms at 16384). Not over partial
+    blocks (forward 10-18 % slower at 3-9 % density; RESULTS.md, v7), and not yet at larger head dims:
+    session 3 saw a 128x128 forward config then ask for more shared memory than there is; the current
+    forward fits (RESULTS.md, v8) but is not yet timed: FXSPARSE_FWD_LOOK_AHEAD=128 turns it on."""
     return tl.load(IDX + t // SUB, mask=t < end, other=0)
 
 
@@ -201,7 +203,7 @@ def _fwd_kernel(
     H, G, NQ, NK, NQB, NKB, scale_log2,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, IS_CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
-    PAD: tl.constexpr, RAGGED: tl.constexpr, FOLD: tl.constexpr,
+    PAD: tl.constexpr, RAGGED: tl.constexpr, FOLD: tl.constexpr, LOOK_AHEAD: tl.constexpr,
 ):
     """One program: BLOCK_M query rows (inside one layout block) of one (batch, head).
 
@@ -234,7 +236,7 @@ def _fwd_kernel(
         )
     kb_next = _visit(FULL_IDX + row * NKB, 0, n_full * SUB, SUB)
     for t in range(n_full * SUB):
-        kb, kb_next = _full_visit(FULL_IDX + row * NKB, kb_next, t, n_full * SUB, SUB, D_PAD <= 64)
+        kb, kb_next = _full_visit(FULL_IDX + row * NKB, kb_next, t, n_full * SUB, SUB, LOOK_AHEAD)
         acc, m_i, l_i = _fwd_tile(
             acc, m_i, l_i, q, K, V, Bias, BITS, kb, (t % SUB) * BLOCK_N, 0,
             offs_m, rows_in_block, offs_d, skn, skd, svn, svd, sbm, sbn, NQ, NK, scale_log2,
@@ -618,7 +620,8 @@ def forward(q, k, v, tables, bias, scale, block, causal, out):
              h, h // hkv, nq, nk, nqb, nkb, scale * LOG2E),
             dict(HEAD_DIM=d, D_PAD=d_pad, BLOCK=block, BLOCK_M=block_m, BLOCK_N=block_n, HAS_BIAS=has_bias,
                  IS_CAUSAL=causal, PRECISION=_precision(q.dtype), PAD=_pad_blocks(nqb, nkb, causal),
-                 RAGGED=_ragged(nq, nk, block), FOLD=scale > 0 and KNOBS["FXSPARSE_FOLD"] != "0"),
+                 RAGGED=_ragged(nq, nk, block), FOLD=scale > 0 and KNOBS["FXSPARSE_FOLD"] != "0",
+                 LOOK_AHEAD=d_pad <= int(KNOBS["FXSPARSE_FWD_LOOK_AHEAD"] or 64)),
             warps, stages,
         )
     return lse
