@@ -148,9 +148,9 @@ def _visit(IDX, t, end, SUB: tl.constexpr):
     At head dims <= 64 the loops over full blocks ask for the next tile's block one tile ahead: the
     tile's loads depend on it, and a load whose address waits on another load stalls the pipeline
     (H200, dense forward: 1.112 -> 1.069 ms at 4096, 5.66 -> 5.58 ms at 16384). Not over partial
-    blocks (forward 10-18 % slower at 3-9 % density; RESULTS.md, v7), and not yet at larger head dims:
-    session 3 saw a 128x128 forward config then ask for more shared memory than there is; the current
-    forward fits (RESULTS.md, v8) but is not yet timed: FXSPARSE_FWD_LOOK_AHEAD=128 turns it on."""
+    blocks (forward 10-18 % slower at 3-9 % density: 3 programs per SM instead of 4; RESULTS.md, v7
+    and v8), and not yet at larger head dims: the D = 128 forward fits in shared memory with it but
+    is not yet timed (RESULTS.md, v8); FXSPARSE_FWD_LOOK_AHEAD=128 turns it on."""
     return tl.load(IDX + t // SUB, mask=t < end, other=0)
 
 
