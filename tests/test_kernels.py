@@ -209,7 +209,7 @@ def test_sub_tiles_inside_a_block(fwd, bwd, monkeypatch):
     monkeypatch.setitem(kernels.KNOBS, "FXSPARSE_FWD_CONFIG", fwd)
     monkeypatch.setitem(kernels.KNOBS, "FXSPARSE_BWD_CONFIG", bwd)
 
-    assert kernels._fwd_config(64, 32, torch.float32)[:2] == tuple(int(x) for x in fwd.split(",")[:2])
+    assert kernels._fwd_plans(64, 32, torch.float32)[0][:2] == tuple(int(x) for x in fwd.split(",")[:2])
     q, k, v = qkv(1, 2, 1, 100, 90, 24, seed=11)
     bias = torch.randn(1, 2, 100, 90, generator=gen(12)).requires_grad_()
     mask = mixed_mask((2,), 100, 90, 64, seed=13)

@@ -146,21 +146,52 @@ def _launch_consts(monkeypatch, d, scale, bias=False):
     return seen
 
 
-def test_forward_look_ahead_and_folds_follow_the_problem_and_knobs(monkeypatch):
-    """The forward reads block indices ahead at padded head dims up to 64 (FXSPARSE_FWD_LOOK_AHEAD
-    raises that); it folds the scale into one multiply-add only for scale > 0; the backward folds
-    the row's max and log-sum into it only without a bias (FXSPARSE_FOLD / FXSPARSE_BWD_FOLD = 0 off)."""
-    for name in ("FXSPARSE_FWD_LOOK_AHEAD", "FXSPARSE_FOLD", "FXSPARSE_BWD_FOLD"):
+def test_look_ahead_and_folds_follow_the_problem_and_knobs(monkeypatch):
+    """The forward reads block indices ahead at padded head dims up to 128, the backward's kernels up
+    to 64 (FXSPARSE_FWD/DQ/DKDV_LOOK_AHEAD move those); the forward folds the scale into one
+    multiply-add only for scale > 0; the backward folds the row's max and log-sum into it only
+    without a bias (FXSPARSE_FOLD / FXSPARSE_BWD_FOLD = 0 off)."""
+    for name in ("FXSPARSE_FWD_LOOK_AHEAD", "FXSPARSE_DQ_LOOK_AHEAD", "FXSPARSE_DKDV_LOOK_AHEAD",
+                 "FXSPARSE_FOLD", "FXSPARSE_BWD_FOLD"):
         monkeypatch.setitem(kernels.KNOBS, name, None)
     c = _launch_consts(monkeypatch, 64, 0.125)
-    assert c["_fwd_kernel"]["LOOK_AHEAD"] and c["_fwd_kernel"]["FOLD"]
-    assert c["_dq_kernel"]["FOLD"] and c["_dkdv_kernel"]["FOLD"]
+    assert all(c[k]["LOOK_AHEAD"] for k in ("_fwd_kernel", "_dq_kernel", "_dkdv_kernel"))
+    assert c["_fwd_kernel"]["FOLD"] and c["_dq_kernel"]["FOLD"] and c["_dkdv_kernel"]["FOLD"]
     c = _launch_consts(monkeypatch, 96, -0.125, bias=True)
-    assert not c["_fwd_kernel"]["LOOK_AHEAD"] and not c["_fwd_kernel"]["FOLD"]
-    assert not c["_dq_kernel"]["FOLD"] and not c["_dkdv_kernel"]["FOLD"]
-    monkeypatch.setitem(kernels.KNOBS, "FXSPARSE_FWD_LOOK_AHEAD", "128")
+    assert c["_fwd_kernel"]["LOOK_AHEAD"] and not c["_dq_kernel"]["LOOK_AHEAD"] and not c["_dkdv_kernel"]["LOOK_AHEAD"]
+    assert not c["_fwd_kernel"]["FOLD"] and not c["_dq_kernel"]["FOLD"] and not c["_dkdv_kernel"]["FOLD"]
+    c = _launch_consts(monkeypatch, 192, 0.125)
+    assert not any(c[k]["LOOK_AHEAD"] for k in ("_fwd_kernel", "_dq_kernel", "_dkdv_kernel"))
+    monkeypatch.setitem(kernels.KNOBS, "FXSPARSE_FWD_LOOK_AHEAD", "64")
+    monkeypatch.setitem(kernels.KNOBS, "FXSPARSE_DQ_LOOK_AHEAD", "128")
     monkeypatch.setitem(kernels.KNOBS, "FXSPARSE_FOLD", "0")
     monkeypatch.setitem(kernels.KNOBS, "FXSPARSE_BWD_FOLD", "0")
     c = _launch_consts(monkeypatch, 96, 0.125)
-    assert c["_fwd_kernel"]["LOOK_AHEAD"] and not c["_fwd_kernel"]["FOLD"]
-    assert not c["_dq_kernel"]["FOLD"] and not c["_dkdv_kernel"]["FOLD"]
+    assert not c["_fwd_kernel"]["LOOK_AHEAD"] and c["_dq_kernel"]["LOOK_AHEAD"] and not c["_dkdv_kernel"]["LOOK_AHEAD"]
+    assert not c["_fwd_kernel"]["FOLD"] and not c["_dq_kernel"]["FOLD"] and not c["_dkdv_kernel"]["FOLD"]
+
+
+def test_a_plan_that_does_not_fit_the_gpu_gives_way_to_the_next(monkeypatch):
+    """Triton refuses a kernel that asks for more shared memory than the GPU has (the D = 128
+    forward's look-ahead needs 229376 B: an H100 or H200, not an A100); the launch then takes the
+    next plan, and later calls of that problem start there."""
+    monkeypatch.setattr(kernels, "_FITTED", {})
+    limit = 2  # this stand-in GPU fits plans up to 2
+    tried = []
+
+    def launch(plan):
+        tried.append(plan)
+        if plan > limit:
+            raise triton.runtime.errors.OutOfResources(plan, limit, "shared memory")
+
+    kernels._launch_fitting(("k", "p"), lambda: [4, 3, 2, 1], launch)
+    assert tried == [4, 3, 2]
+    tried.clear()
+    kernels._launch_fitting(("k", "p"), lambda: [4, 3, 2, 1], launch)
+    assert tried == [2]  # straight to the plan that fitted
+    tried.clear()
+    kernels._launch_fitting(("k", "other"), lambda: [2, 1], launch)  # each key on its own
+    assert tried == [2]
+    limit = 0
+    with pytest.raises(RuntimeError, match="no launch plan of k fits this GPU"):
+        kernels._launch_fitting(("k", "none"), lambda: [2, 1], launch)

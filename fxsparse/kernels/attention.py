@@ -33,9 +33,11 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # read once: triton itsel
 # benchmarks and tests change them here.
 # FXSPARSE_FOLD / FXSPARSE_BWD_FOLD = 0: the scores' scale and shift as two operations (FOLD in
 # _fwd_tile and _dkdv_tile).
-# FXSPARSE_FWD_LOOK_AHEAD=128: the forward reads block indices ahead up to that padded head dim (64).
-KNOBS = {name: os.environ.get(name) for name in ("FXSPARSE_FWD_CONFIG", "FXSPARSE_BWD_CONFIG", "FXSPARSE_FAST_LAUNCH",
-                                                 "FXSPARSE_FOLD", "FXSPARSE_BWD_FOLD", "FXSPARSE_FWD_LOOK_AHEAD")}
+# FXSPARSE_FWD_LOOK_AHEAD / FXSPARSE_DQ_LOOK_AHEAD / FXSPARSE_DKDV_LOOK_AHEAD: the padded head dim up
+# to which that kernel reads the next full block's index one tile ahead (128 / 64 / 64; 0 = never).
+KNOBS = {name: os.environ.get(name) for name in (
+    "FXSPARSE_FWD_CONFIG", "FXSPARSE_BWD_CONFIG", "FXSPARSE_FAST_LAUNCH", "FXSPARSE_FOLD", "FXSPARSE_BWD_FOLD",
+    "FXSPARSE_FWD_LOOK_AHEAD", "FXSPARSE_DQ_LOOK_AHEAD", "FXSPARSE_DKDV_LOOK_AHEAD")}
 
 
 @triton.jit
@@ -145,12 +147,12 @@ def _count_below(IDX, num, limit, PAD: tl.constexpr):
 def _visit(IDX, t, end, SUB: tl.constexpr):
     """The block of tile t of a visit list (0 once t reaches `end`: a look-ahead past the last tile).
 
-    At head dims <= 64 the loops over full blocks ask for the next tile's block one tile ahead: the
-    tile's loads depend on it, and a load whose address waits on another load stalls the pipeline
-    (H200, dense forward: 1.112 -> 1.069 ms at 4096, 5.66 -> 5.58 ms at 16384). Not over partial
-    blocks (forward 10-18 % slower at 3-9 % density: 3 programs per SM instead of 4; RESULTS.md, v7
-    and v8), and not yet at larger head dims: the D = 128 forward fits in shared memory with it but
-    is not yet timed (RESULTS.md, v8); FXSPARSE_FWD_LOOK_AHEAD=128 turns it on."""
+    The loops over full blocks may ask for the next tile's block one tile ahead (LOOK_AHEAD): the
+    tile's loads depend on it, and a load whose address waits on another load takes a pipeline
+    stage. H200: the dense forward at D = 64 1.112 -> 1.069 ms (4096); at D = 128 the stage it frees
+    lets K and V be triple-buffered instead of double, 19.5 -> 17.0 ms (32768, RESULTS.md v9). Not
+    over partial blocks (forward 10-18 % slower at 3-9 % density: 3 programs per SM instead of 4;
+    RESULTS.md, v7 to v9), and in the backward only at D <= 64 (at 128 it halves the programs per SM)."""
     return tl.load(IDX + t // SUB, mask=t < end, other=0)
 
 
@@ -307,7 +309,7 @@ def _dkdv_kernel(
     H, HKV, G, NQ, NK, NQB, NKB, scale, scale_log2,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, IS_CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
-    PAD: tl.constexpr, RAGGED: tl.constexpr, FOLD: tl.constexpr,
+    PAD: tl.constexpr, RAGGED: tl.constexpr, FOLD: tl.constexpr, LOOK_AHEAD: tl.constexpr,
 ):
     """One program: BLOCK_N kv rows (inside one layout block) of one (batch, kv head), over its query heads."""
     SUB: tl.constexpr = BLOCK // BLOCK_M
@@ -353,7 +355,7 @@ def _dkdv_kernel(
             )
         qb_next = _visit(T_FULL_IDX + trow * NQB, first_full * SUB, n_full * SUB, SUB)
         for t in range(first_full * SUB, n_full * SUB):
-            qb, qb_next = _full_visit(T_FULL_IDX + trow * NQB, qb_next, t, n_full * SUB, SUB, D_PAD <= 64)
+            qb, qb_next = _full_visit(T_FULL_IDX + trow * NQB, qb_next, t, n_full * SUB, SUB, LOOK_AHEAD)
             dk, dv = _dkdv_tile(
                 dk, dv, k, v, Qh, DOh, Lh, Dh, Bh, BITS, qb, (t % SUB) * BLOCK_M, 0,
                 offs_n, col0, offs_d, sqm, sqd, sdm, sdd, sbm, sbn, NQ, NK, scale_log2,
@@ -404,6 +406,7 @@ def _dq_kernel(
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, IS_CAUSAL: tl.constexpr,
     PRECISION: tl.constexpr, PAD: tl.constexpr, RAGGED: tl.constexpr, FOLD: tl.constexpr,
+    LOOK_AHEAD: tl.constexpr,
 ):
     """One program: BLOCK_M query rows (inside one layout block) of one (batch, head)."""
     SUB: tl.constexpr = BLOCK // BLOCK_N
@@ -437,7 +440,7 @@ def _dq_kernel(
         )
     kb_next = _visit(FULL_IDX + row * NKB, 0, n_full * SUB, SUB)
     for t in range(n_full * SUB):
-        kb, kb_next = _full_visit(FULL_IDX + row * NKB, kb_next, t, n_full * SUB, SUB, D_PAD <= 64)
+        kb, kb_next = _full_visit(FULL_IDX + row * NKB, kb_next, t, n_full * SUB, SUB, LOOK_AHEAD)
         dq = _dq_tile(
             dq, q, do, m2, log_l, delta, K, V, Bias, DBias, BITS, kb, (t % SUB) * BLOCK_N, 0,
             offs_m, rows_in_block, offs_d, skn, skd, svn, svd, sbm, sbn, NQ, NK, scale_log2,
@@ -568,20 +571,34 @@ def _launch(kernel, grid, ptrs, scalars, consts, num_warps, num_stages):
                  None, None, None, *ptrs, *scalars, *tail)
 
 
-def _fwd_config(block: int, d_pad: int, dtype):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages); FXSPARSE_FWD_CONFIG="m,n,w,s" overrides it (benchmarks)."""
+def _fwd_plans(block: int, d_pad: int, dtype):
+    """Launch plans (BLOCK_M, BLOCK_N, num_warps, num_stages, LOOK_AHEAD), fastest first; a plan whose
+    kernel does not fit the GPU's shared memory gives way to the next (`_launch_fitting`).
+    FXSPARSE_FWD_CONFIG="m,n,w,s" sets the only plan (benchmarks)."""
+    look_ahead = d_pad <= int(KNOBS["FXSPARSE_FWD_LOOK_AHEAD"] or 128)
     env = KNOBS["FXSPARSE_FWD_CONFIG"]
     if env:
         m, n, w, s = (int(x) for x in env.split(","))
+        plans = [(m, n, w, s, look_ahead)]
     elif INTERPRET:
-        m, n, w, s = block, block, 4, 1
+        plans = [(block, block, 4, 1, look_ahead)]
     elif dtype == torch.float32 or d_pad > 128:
-        m, n, w, s = 64, 64, 4, 2
+        plans = [(64, 64, 4, 2, look_ahead), (32, 32, 4, 1, False)]
     elif d_pad <= 64:  # H200, bf16, D = 64: 64x64 tiles beat 128x128 by 1.5x at 9 % density (RESULTS.md)
-        m, n, w, s = 64, 64, 4, 3
-    else:
-        m, n, w, s = 128, 128, 8, 3
-    return min(m, block), min(n, block), w, s
+        plans = [(64, 64, 4, 3, look_ahead), (64, 64, 4, 2, False)]
+    else:  # D = 128 with the look-ahead: q + 3 K + 3 V tiles, 229376 B (an H100/H200; an A100 has 166912 B)
+        plans = [(128, 128, 8, 3, look_ahead), (128, 128, 8, 3, False), (64, 64, 4, 2, False)]
+    return [(min(m, block), min(n, block), w, s, la) for m, n, w, s, la in plans]
+
+
+def _bwd_plans(block: int, d_pad: int, dtype):
+    """Launch plans of the dq kernel and of the dk/dv kernel, fastest first, each (rows, cols,
+    num_warps, num_stages, LOOK_AHEAD): rows are the program's own (q rows for dq, kv rows for dk/dv).
+    The last plan fits any GPU."""
+    n1, m1, m2, n2, dkdv_ws, dq_ws = _bwd_config(block, d_pad, dtype)
+    small = (min(32, block), min(32, block), 4, 1, False)
+    return ([(m2, n2, *dq_ws, d_pad <= int(KNOBS["FXSPARSE_DQ_LOOK_AHEAD"] or 64)), small],
+            [(n1, m1, *dkdv_ws, d_pad <= int(KNOBS["FXSPARSE_DKDV_LOOK_AHEAD"] or 64)), small])
 
 
 def _bwd_config(block: int, d_pad: int, dtype):
@@ -603,6 +620,30 @@ def _bwd_config(block: int, d_pad: int, dtype):
     return min(n1, block), min(m1, block), min(m2, block), min(n2, block), (w, s), tuple(dq_ws) or (w, s)
 
 
+_FITTED: dict = {}  # (kernel name, device, dtype, constexprs, knobs) -> the first launch plan that fitted the GPU
+
+
+def _launch_fitting(key, plans, launch):
+    """launch(plan) with the first plan of `plans()` whose compiled kernel fits the GPU. Triton raises
+    OutOfResources before it launches a kernel that asks for more shared memory than the GPU has.
+    The plan that fitted is remembered per key (which holds everything the compiled kernel depends
+    on but the plan), so later calls go straight to it."""
+    plan = _FITTED.get(key)
+    if plan is not None:
+        return launch(plan)
+    plans = plans()
+    for i, plan in enumerate(plans):
+        try:
+            launch(plan)
+        except triton.runtime.errors.OutOfResources as e:
+            if i + 1 < len(plans):
+                continue
+            raise RuntimeError(f"fxsparse: no launch plan of {key[0]} fits this GPU "
+                               f"({e}); try a smaller head dim or block size") from e
+        _FITTED[key] = plan
+        return
+
+
 def forward(q, k, v, tables, bias, scale, block, causal, out):
     b, h, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
@@ -611,19 +652,21 @@ def forward(q, k, v, tables, bias, scale, block, causal, out):
     d_pad = _pad_dim(d)
     lse = torch.empty(b, h, 2, nq, dtype=torch.float32, device=q.device)
     bias_t, bstr, has_bias = _bias_args(bias, q, nk)
-    block_m, block_n, warps, stages = _fwd_config(block, d_pad, q.dtype)
+    consts = dict(HEAD_DIM=d, D_PAD=d_pad, BLOCK=block, HAS_BIAS=has_bias, IS_CAUSAL=causal,
+                  PRECISION=_precision(q.dtype), PAD=_pad_blocks(nqb, nkb, causal), RAGGED=_ragged(nq, nk, block),
+                  FOLD=scale > 0 and KNOBS["FXSPARSE_FOLD"] != "0")
+    ptrs = (q, k, v, out, lse, bias_t, data)
+    scalars = (*fwd_offsets, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *bstr, slot_b, slot_h,
+               h, h // hkv, nq, nk, nqb, nkb, scale * LOG2E)
+
+    def launch(plan):
+        block_m, block_n, warps, stages, look_ahead = plan
+        _launch(_fwd_kernel, (nqb * (block // block_m), b * h), ptrs, scalars,
+                dict(consts, BLOCK_M=block_m, BLOCK_N=block_n, LOOK_AHEAD=look_ahead), warps, stages)
+
+    key = ("_fwd_kernel", q.device, q.dtype, *consts.values(), KNOBS["FXSPARSE_FWD_CONFIG"], KNOBS["FXSPARSE_FWD_LOOK_AHEAD"])
     with _on_device(q):
-        _launch(
-            _fwd_kernel, (nqb * (block // block_m), b * h),
-            (q, k, v, out, lse, bias_t, data),
-            (*fwd_offsets, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *bstr, slot_b, slot_h,
-             h, h // hkv, nq, nk, nqb, nkb, scale * LOG2E),
-            dict(HEAD_DIM=d, D_PAD=d_pad, BLOCK=block, BLOCK_M=block_m, BLOCK_N=block_n, HAS_BIAS=has_bias,
-                 IS_CAUSAL=causal, PRECISION=_precision(q.dtype), PAD=_pad_blocks(nqb, nkb, causal),
-                 RAGGED=_ragged(nq, nk, block), FOLD=scale > 0 and KNOBS["FXSPARSE_FOLD"] != "0",
-                 LOOK_AHEAD=d_pad <= int(KNOBS["FXSPARSE_FWD_LOOK_AHEAD"] or 64)),
-            warps, stages,
-        )
+        _launch_fitting(key, lambda: _fwd_plans(block, d_pad, q.dtype), launch)
     return lse
 
 
@@ -639,23 +682,30 @@ def backward(dout, q, k, v, out, lse, tables, bias, scale, block, causal, bias_g
     dv = torch.empty(b, hkv, nk, d, dtype=v.dtype, device=q.device)
     dbias = torch.zeros(b, h, nq, nk, dtype=torch.float32, device=q.device) if bias_grad else None
     bias_t, bstr, has_bias = _bias_args(bias, q, nk)
-    n1, m1, m2, n2, dkdv_ws, dq_ws = _bwd_config(block, d_pad, q.dtype)
     common = dict(HEAD_DIM=d, D_PAD=d_pad, BLOCK=block, HAS_BIAS=has_bias, IS_CAUSAL=causal,
                   PRECISION=_precision(q.dtype), PAD=_pad_blocks(nqb, nkb, causal), RAGGED=_ragged(nq, nk, block),
                   FOLD=not has_bias and KNOBS["FXSPARSE_BWD_FOLD"] != "0")
     io_strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride())
     bias_slots = (*bstr, slot_b, slot_h)
+    dq_ptrs = (q, k, v, dout, out, lse, delta, dq, bias_t, dbias if bias_grad else q, data)
+    dq_scalars = (*fwd_offsets, *io_strides, *out.stride(), *bias_slots, h, h // hkv, nq, nk, nqb, nkb,
+                  scale, scale * LOG2E)
+    dkdv_ptrs = (q, k, v, dout, lse, delta, dk, dv, bias_t, data)
+    dkdv_scalars = (*bwd_offsets, *io_strides, *bias_slots, h, hkv, h // hkv, nq, nk, nqb, nkb, scale, scale * LOG2E)
+
+    def launch_dq(plan):
+        rows, cols, warps, stages, look_ahead = plan
+        _launch(_dq_kernel, (nqb * (block // rows), b * h), dq_ptrs, dq_scalars,
+                dict(common, BLOCK_M=rows, BLOCK_N=cols, BIAS_GRAD=bias_grad, LOOK_AHEAD=look_ahead), warps, stages)
+
+    def launch_dkdv(plan):
+        rows, cols, warps, stages, look_ahead = plan
+        _launch(_dkdv_kernel, (nkb * (block // rows), b * hkv), dkdv_ptrs, dkdv_scalars,
+                dict(common, BLOCK_M=cols, BLOCK_N=rows, LOOK_AHEAD=look_ahead), warps, stages)
+
+    key = (q.device, q.dtype, bias_grad, *common.values(), KNOBS["FXSPARSE_BWD_CONFIG"],
+           KNOBS["FXSPARSE_DQ_LOOK_AHEAD"], KNOBS["FXSPARSE_DKDV_LOOK_AHEAD"])
     with _on_device(q):
-        _launch(
-            _dq_kernel, (nqb * (block // m2), b * h),
-            (q, k, v, dout, out, lse, delta, dq, bias_t, dbias if bias_grad else q, data),
-            (*fwd_offsets, *io_strides, *out.stride(), *bias_slots, h, h // hkv, nq, nk, nqb, nkb, scale, scale * LOG2E),
-            dict(BLOCK_M=m2, BLOCK_N=n2, BIAS_GRAD=bias_grad, **common), *dq_ws,
-        )
-        _launch(
-            _dkdv_kernel, (nkb * (block // n1), b * hkv),
-            (q, k, v, dout, lse, delta, dk, dv, bias_t, data),
-            (*bwd_offsets, *io_strides, *bias_slots, h, hkv, h // hkv, nq, nk, nqb, nkb, scale, scale * LOG2E),
-            dict(BLOCK_M=m1, BLOCK_N=n1, **common), *dkdv_ws,
-        )
+        _launch_fitting(("_dq_kernel", *key), lambda: _bwd_plans(block, d_pad, q.dtype)[0], launch_dq)
+        _launch_fitting(("_dkdv_kernel", *key), lambda: _bwd_plans(block, d_pad, q.dtype)[1], launch_dkdv)
     return dq, dk, dv, dbias
