@@ -10,6 +10,7 @@ are compiled exactly as a launch of that problem would compile them (the op's ow
 backward run with the launch intercepted). Uses the triton installed here, which may be newer than
 the GPU machine's: at 8x12x4096x64, triton 3.8 here gave 128 / 162 / 230 registers (forward, dq,
 dk/dv) where ncu read 123 / 165 / 230 under triton 3.6 on the H200. STACK > 0 means spills.
+MAXNREG=n in the environment compiles with the registers capped at n (triton's maxnreg).
 """
 from __future__ import annotations
 
@@ -91,8 +92,8 @@ def main():
                 if which != "all" and (name == "_fwd_kernel") != (which == "fwd"):
                     continue  # only the kernels whose config was asked for
                 try:
-                    compiled = kernel.warmup(*[t.dtype for t in ptrs], *scalars, grid=grid, **consts,
-                                             num_warps=warps, num_stages=stages)
+                    compiled = kernel.warmup(*[t.dtype if isinstance(t, torch.Tensor) else t for t in ptrs], *scalars, grid=grid, **consts,
+                                             num_warps=warps, num_stages=stages, **({"maxnreg": int(os.environ["MAXNREG"])} if os.environ.get("MAXNREG") else {}))
                     usage = _usage(compiled)
                 except Exception as e:  # e.g. out of shared memory
                     usage = f"{type(e).__name__}: {str(e)[:80]}"

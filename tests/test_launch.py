@@ -195,3 +195,25 @@ def test_a_plan_that_does_not_fit_the_gpu_gives_way_to_the_next(monkeypatch):
     limit = 0
     with pytest.raises(RuntimeError, match="no launch plan of k fits this GPU"):
         kernels._launch_fitting(("k", "none"), lambda: [2, 1], launch)
+
+
+def test_tensor_descriptors_only_where_they_fit_and_pay(monkeypatch):
+    """K and V go through tensor descriptors at D = 128 by default (2-byte elements, unit stride along
+    the head dim, 16-byte aligned rows); FXSPARSE_TMA=1 allows any unpadded head dim, 0 none."""
+    monkeypatch.setitem(kernels.KNOBS, "FXSPARSE_TMA", None)
+    use = kernels._use_descriptors
+
+    def qkv(d, dtype=torch.bfloat16, n=16):
+        return [torch.zeros(1, 2, n, d, dtype=dtype) for _ in range(3)]
+
+    assert use(*qkv(128), 128, 128)
+    assert not use(*qkv(64), 64, 64)  # slower there (RESULTS.md, v10)
+    assert not use(*qkv(128, torch.float32), 128, 128)
+    q, k, v = qkv(128)
+    assert not use(q, k.transpose(-1, -2).contiguous().transpose(-1, -2), v, 128, 128)  # head dim not unit stride
+    rows = torch.zeros(1, 2, 16, 132, dtype=torch.bfloat16)[..., :128]  # 264-byte rows: not 16-byte aligned
+    assert not use(q, rows, v, 128, 128)
+    monkeypatch.setitem(kernels.KNOBS, "FXSPARSE_TMA", "1")
+    assert use(*qkv(64), 64, 64) and not use(*qkv(80), 80, 128)  # a padded head dim never
+    monkeypatch.setitem(kernels.KNOBS, "FXSPARSE_TMA", "0")
+    assert not use(*qkv(128), 128, 128)
