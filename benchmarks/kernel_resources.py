@@ -51,6 +51,12 @@ def _usage(compiled) -> str:
     return f"registers {fields['REG']:>3}  stack {fields['STACK']:>3}  shared {compiled.metadata.shared:>6} B"
 
 
+def _maxnreg(launched) -> dict:
+    """The register cap a launch asked for (the op's knobs), or MAXNREG from the environment."""
+    cap = int(os.environ.get("MAXNREG") or 0) or (launched[0] if launched else 0)
+    return {"maxnreg": cap} if cap else {}
+
+
 def launches(spec: str):
     """The (kernel, grid, ptrs, scalars, constexprs, warps, stages) of one forward and backward."""
     from fxsparse import Layout
@@ -87,13 +93,13 @@ def main():
         for which, cfg in runs or [("all", "")]:
             kernels.KNOBS["FXSPARSE_FWD_CONFIG"] = cfg if which == "fwd" else None
             kernels.KNOBS["FXSPARSE_BWD_CONFIG"] = cfg if which == "bwd" else None
-            for kernel, grid, ptrs, scalars, consts, warps, stages in launches(spec):
+            for kernel, grid, ptrs, scalars, consts, warps, stages, *maxnreg in launches(spec):
                 name = kernel.fn.__name__
                 if which != "all" and (name == "_fwd_kernel") != (which == "fwd"):
                     continue  # only the kernels whose config was asked for
                 try:
                     compiled = kernel.warmup(*[t.dtype if isinstance(t, torch.Tensor) else t for t in ptrs], *scalars, grid=grid, **consts,
-                                             num_warps=warps, num_stages=stages, **({"maxnreg": int(os.environ["MAXNREG"])} if os.environ.get("MAXNREG") else {}))
+                                             num_warps=warps, num_stages=stages, **_maxnreg(maxnreg))
                     usage = _usage(compiled)
                 except Exception as e:  # e.g. out of shared memory
                     usage = f"{type(e).__name__}: {str(e)[:80]}"

@@ -219,12 +219,14 @@ def test_sub_tiles_inside_a_block(fwd, bwd, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("packed", [False, True], ids=["gqa_ragged", "packed_qkv"])
 def test_kv_through_tensor_descriptors(dtype, packed, monkeypatch):
-    """The forward's K and V read through tensor descriptors (on by default at D = 128 on Hopper;
-    forced here at a small head dim): rows past the sequence's end read as zeros, GQA heads and
-    strided views address the right rows, with causality, a bias and partial blocks."""
+    """K and V (forward, dq) and q and the output's gradient (dk/dv) read through tensor descriptors
+    (the forward's on by default at D = 128 on Hopper; forced here at a small head dim): rows past
+    the sequence's end read as zeros, GQA heads and strided views address the right rows, with
+    causality, a bias and partial blocks."""
     from fxsparse.kernels import attention as kernels
 
     monkeypatch.setitem(kernels.KNOBS, "FXSPARSE_TMA", "1")
+    monkeypatch.setitem(kernels.KNOBS, "FXSPARSE_BWD_TMA", "1")
     used = []
     make = kernels._kv_descriptors
     monkeypatch.setattr(kernels, "_kv_descriptors", lambda *a: used.append(a[2:]) or make(*a))
@@ -233,4 +235,4 @@ def test_kv_through_tensor_descriptors(dtype, packed, monkeypatch):
     bias = torch.randn(1, H, Nq, Nk, generator=gen(22)).to(DEVICE).requires_grad_()
     mask = mixed_mask((H,), Nq, Nk, 32, seed=23, device=DEVICE)
     compare_with_oracle(op, q, k, v, mask, op_mask=_layout(mask, 32), bias=bias, causal=True, tols=_tols(dtype))
-    assert used and all(d_pad == D for _, d_pad in used)
+    assert len(used) == 3 and all(d_pad == D for _, d_pad in used)  # forward, dq, dk/dv

@@ -213,6 +213,7 @@ def test_tensor_descriptors_only_where_they_fit_and_pay(monkeypatch):
     assert not use(q, k.transpose(-1, -2).contiguous().transpose(-1, -2), v, 128, 128)  # head dim not unit stride
     rows = torch.zeros(1, 2, 16, 132, dtype=torch.bfloat16)[..., :128]  # 264-byte rows: not 16-byte aligned
     assert not use(q, rows, v, 128, 128)
+    assert not use(q, torch.zeros(1, 1, 16, 128, dtype=torch.bfloat16).expand(1, 2, 16, 128), v, 128, 128)  # stride 0
     monkeypatch.setitem(kernels.KNOBS, "FXSPARSE_TMA", "1")
     assert use(*qkv(64), 64, 64) and not use(*qkv(80), 80, 128)  # a padded head dim never
     monkeypatch.setitem(kernels.KNOBS, "FXSPARSE_TMA", "0")

@@ -38,11 +38,12 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # read once: triton itsel
 # FXSPARSE_FWD_LOOK_AHEAD / FXSPARSE_DQ_LOOK_AHEAD / FXSPARSE_DKDV_LOOK_AHEAD: the padded head dim up
 # to which that kernel reads the next full block's index one tile ahead (128 / 64 / 64; 0 = never).
 # FXSPARSE_TMA: the forward reads K and V through tensor descriptors (`_kv_descriptors`) at D = 128
-# (unset), wherever they fit (1), or never (0).
+# (unset), wherever they fit (1), or never (0). FXSPARSE_BWD_TMA=1: the dq kernel reads K and V, the
+# dk/dv kernel q and the output's gradient through them too, wherever they fit (not yet timed).
 # FXSPARSE_FWD_MAXNREG / FXSPARSE_DKDV_MAXNREG=n: that kernel's threads hold at most n registers.
 KNOBS = {name: os.environ.get(name) for name in (
     "FXSPARSE_FWD_CONFIG", "FXSPARSE_BWD_CONFIG", "FXSPARSE_FAST_LAUNCH", "FXSPARSE_FOLD", "FXSPARSE_BWD_FOLD",
-    "FXSPARSE_FWD_LOOK_AHEAD", "FXSPARSE_DQ_LOOK_AHEAD", "FXSPARSE_DKDV_LOOK_AHEAD", "FXSPARSE_TMA",
+    "FXSPARSE_FWD_LOOK_AHEAD", "FXSPARSE_DQ_LOOK_AHEAD", "FXSPARSE_DKDV_LOOK_AHEAD", "FXSPARSE_TMA", "FXSPARSE_BWD_TMA",
     "FXSPARSE_FWD_MAXNREG", "FXSPARSE_DKDV_MAXNREG")}
 
 
@@ -87,6 +88,25 @@ def _load2(ptrs, row_ok, col_ok, ROWS: tl.constexpr, COLS: tl.constexpr):
         return tl.load(ptrs, mask=col_ok[None, :], other=0.0)
     else:
         return tl.load(ptrs)
+
+
+@triton.jit
+def _rows(P, DESC, b, hh, first, rows, offs_d, s_row, s_d, N, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+          ROWS: tl.constexpr, BOUNDS: tl.constexpr, TRANS: tl.constexpr, TMA: tl.constexpr):
+    """Rows `rows` (first .. first + ROWS) of one head's [N, HEAD_DIM] slice as [ROWS, D_PAD], or
+    transposed: through the tensor descriptor DESC over [B, H, N, D] at (b, hh) when TMA (rows past N
+    read as zeros), else through pointers from P (the head's slice) with the bounds that can cut."""
+    if TMA:
+        x = DESC.load([b, hh, first, 0]).reshape(ROWS, D_PAD)
+        if TRANS:
+            x = tl.trans(x)
+    elif TRANS:
+        x = _load2(P + rows[None, :] * s_row + offs_d[:, None] * s_d, offs_d < HEAD_DIM, rows < N, D_PAD != HEAD_DIM,
+                   BOUNDS)
+    else:
+        x = _load2(P + rows[:, None] * s_row + offs_d[None, :] * s_d, rows < N, offs_d < HEAD_DIM, BOUNDS,
+                   D_PAD != HEAD_DIM)
+    return x
 
 
 @triton.jit
@@ -180,15 +200,10 @@ def _fwd_tile(
     BLOCK_N: tl.constexpr, PARTIAL: tl.constexpr, BOUNDS: tl.constexpr, HAS_BIAS: tl.constexpr,
     IS_CAUSAL: tl.constexpr, PRECISION: tl.constexpr, FOLD: tl.constexpr, TMA: tl.constexpr,
 ):
-    cols = kb * BLOCK + j + tl.arange(0, BLOCK_N)
-    if TMA:  # tensor descriptors over [B, Hkv, N, D]: rows past N read as zeros
-        first = (kb * BLOCK + j).to(tl.int32)
-        kt = tl.trans(KD.load([b, hk, first, 0]).reshape(BLOCK_N, D_PAD))
-        v = VD.load([b, hk, first, 0]).reshape(BLOCK_N, D_PAD)
-    else:
-        dmask = offs_d < HEAD_DIM
-        kt = _load2(K + cols[None, :] * skn + offs_d[:, None] * skd, dmask, cols < NK, D_PAD != HEAD_DIM, BOUNDS)
-        v = _load2(V + cols[:, None] * svn + offs_d[None, :] * svd, cols < NK, dmask, BOUNDS, D_PAD != HEAD_DIM)
+    first = kb * BLOCK + j
+    cols = first + tl.arange(0, BLOCK_N)
+    kt = _rows(K, KD, b, hk, first, cols, offs_d, skn, skd, NK, HEAD_DIM, D_PAD, BLOCK_N, BOUNDS, True, TMA)
+    v = _rows(V, VD, b, hk, first, cols, offs_d, svn, svd, NK, HEAD_DIM, D_PAD, BLOCK_N, BOUNDS, False, TMA)
     if FOLD and not (PARTIAL or HAS_BIAS or IS_CAUSAL):
         # a tile with nothing to mask: the row max of the raw scores, scaled after (scale > 0), and the
         # scale and the shift in one multiply-add per score; the max is finite, no -inf guard
@@ -270,18 +285,18 @@ def _fwd_kernel(
 
 @triton.jit
 def _dkdv_tile(
-    dk, dv, k, v, Q, DO, Lse, Delta, Bias, BITS, qb, j, mid,
+    dk, dv, k, v, Q, DO, QD, DOD, b, h, Lse, Delta, Bias, BITS, qb, j, mid,
     offs_n, col0, offs_d, sqm, sqd, sdm, sdd, sbm, sbn,
     NQ, NK, scale_log2,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, PARTIAL: tl.constexpr, BOUNDS: tl.constexpr, HAS_BIAS: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, PRECISION: tl.constexpr, FOLD: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, PRECISION: tl.constexpr, FOLD: tl.constexpr, TMA: tl.constexpr,
 ):
-    rows = qb * BLOCK + j + tl.arange(0, BLOCK_M)
+    first = qb * BLOCK + j
+    rows = first + tl.arange(0, BLOCK_M)
     rmask = rows < NQ
-    dmask = offs_d < HEAD_DIM
-    qt = _load2(Q + rows[None, :] * sqm + offs_d[:, None] * sqd, dmask, rmask, D_PAD != HEAD_DIM, BOUNDS)
-    do = _load2(DO + rows[:, None] * sdm + offs_d[None, :] * sdd, rmask, dmask, BOUNDS, D_PAD != HEAD_DIM)
+    qt = _rows(Q, QD, b, h, first, rows, offs_d, sqm, sqd, NQ, HEAD_DIM, D_PAD, BLOCK_M, BOUNDS, True, TMA)
+    do = _rows(DO, DOD, b, h, first, rows, offs_d, sdm, sdd, NQ, HEAD_DIM, D_PAD, BLOCK_M, BOUNDS, False, TMA)
     if BOUNDS:
         m2 = tl.load(Lse + rows, mask=rmask, other=0.0)
         log_l = tl.load(Lse + NQ + rows, mask=rmask, other=float("inf"))
@@ -315,13 +330,13 @@ def _dkdv_tile(
 
 @triton.jit
 def _dkdv_kernel(
-    Q, K, V, DO, Lse, Delta, DK, DV, Bias, T, O_PART_MID, O_BITS, O_FULL_NUM, O_FULL_IDX, O_PART_NUM, O_PART_IDX,
+    Q, K, V, DO, QD, DOD, Lse, Delta, DK, DV, Bias, T, O_PART_MID, O_BITS, O_FULL_NUM, O_FULL_IDX, O_PART_NUM, O_PART_IDX,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdm, sdd,
     sbb, sbh, sbm, sbn, SLOT_B, SLOT_H,
     H, HKV, G, NQ, NK, NQB, NKB, scale, scale_log2,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, IS_CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
-    PAD: tl.constexpr, RAGGED: tl.constexpr, FOLD: tl.constexpr, LOOK_AHEAD: tl.constexpr,
+    PAD: tl.constexpr, RAGGED: tl.constexpr, FOLD: tl.constexpr, LOOK_AHEAD: tl.constexpr, TMA: tl.constexpr,
 ):
     """One program: BLOCK_N kv rows (inside one layout block) of one (batch, kv head), over its query heads."""
     SUB: tl.constexpr = BLOCK // BLOCK_M
@@ -331,6 +346,7 @@ def _dkdv_kernel(
     pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // HKV
     hk = pid_bh % HKV
+    b32 = b.to(tl.int32)
     start_n = pid_n * BLOCK_N
     kb = start_n // BLOCK
     col0 = start_n - kb * BLOCK
@@ -361,17 +377,17 @@ def _dkdv_kernel(
             qb = tl.load(T_PART_IDX + trow * NQB + t // SUB)
             mid = tl.load(PART_MID + trow * NQB + t // SUB)
             dk, dv = _dkdv_tile(
-                dk, dv, k, v, Qh, DOh, Lh, Dh, Bh, BITS, qb, (t % SUB) * BLOCK_M, mid,
+                dk, dv, k, v, Qh, DOh, QD, DOD, b32, h.to(tl.int32), Lh, Dh, Bh, BITS, qb, (t % SUB) * BLOCK_M, mid,
                 offs_n, col0, offs_d, sqm, sqd, sdm, sdd, sbm, sbn, NQ, NK, scale_log2,
-                HEAD_DIM, D_PAD, BLOCK, BLOCK_M, BLOCK_N, True, RAGGED, HAS_BIAS, IS_CAUSAL, PRECISION, FOLD,
+                HEAD_DIM, D_PAD, BLOCK, BLOCK_M, BLOCK_N, True, RAGGED, HAS_BIAS, IS_CAUSAL, PRECISION, FOLD, TMA,
             )
         qb_next = _visit(T_FULL_IDX + trow * NQB, first_full * SUB, n_full * SUB, SUB)
         for t in range(first_full * SUB, n_full * SUB):
             qb, qb_next = _full_visit(T_FULL_IDX + trow * NQB, qb_next, t, n_full * SUB, SUB, LOOK_AHEAD)
             dk, dv = _dkdv_tile(
-                dk, dv, k, v, Qh, DOh, Lh, Dh, Bh, BITS, qb, (t % SUB) * BLOCK_M, 0,
+                dk, dv, k, v, Qh, DOh, QD, DOD, b32, h.to(tl.int32), Lh, Dh, Bh, BITS, qb, (t % SUB) * BLOCK_M, 0,
                 offs_n, col0, offs_d, sqm, sqd, sdm, sdd, sbm, sbn, NQ, NK, scale_log2,
-                HEAD_DIM, D_PAD, BLOCK, BLOCK_M, BLOCK_N, False, False, HAS_BIAS, IS_CAUSAL, PRECISION, FOLD,
+                HEAD_DIM, D_PAD, BLOCK, BLOCK_M, BLOCK_N, False, False, HAS_BIAS, IS_CAUSAL, PRECISION, FOLD, TMA,
             )
     tl.store(DK + pid_bh * NK * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :],
              (dk * scale).to(DK.dtype.element_ty), mask=nmask)
@@ -381,17 +397,18 @@ def _dkdv_kernel(
 
 @triton.jit
 def _dq_tile(
-    dq, q, do, m2, log_l, delta, K, V, Bias, DBias, BITS, kb, j, mid,
+    dq, q, do, m2, log_l, delta, K, V, KD, VD, b, hk, Bias, DBias, BITS, kb, j, mid,
     offs_m, rows_in_block, offs_d, skn, skd, svn, svd, sbm, sbn,
     NQ, NK, scale_log2,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, PARTIAL: tl.constexpr, BOUNDS: tl.constexpr, HAS_BIAS: tl.constexpr,
     BIAS_GRAD: tl.constexpr, IS_CAUSAL: tl.constexpr, PRECISION: tl.constexpr, FOLD: tl.constexpr,
+    TMA: tl.constexpr,
 ):
-    cols = kb * BLOCK + j + tl.arange(0, BLOCK_N)
-    dmask = offs_d < HEAD_DIM
-    kt = _load2(K + cols[None, :] * skn + offs_d[:, None] * skd, dmask, cols < NK, D_PAD != HEAD_DIM, BOUNDS)
-    vt = _load2(V + cols[None, :] * svn + offs_d[:, None] * svd, dmask, cols < NK, D_PAD != HEAD_DIM, BOUNDS)
+    first = kb * BLOCK + j
+    cols = first + tl.arange(0, BLOCK_N)
+    kt = _rows(K, KD, b, hk, first, cols, offs_d, skn, skd, NK, HEAD_DIM, D_PAD, BLOCK_N, BOUNDS, True, TMA)
+    vt = _rows(V, VD, b, hk, first, cols, offs_d, svn, svd, NK, HEAD_DIM, D_PAD, BLOCK_N, BOUNDS, True, TMA)
     if FOLD:  # no bias: as in _dkdv_tile
         s = _tile_scores(_dot(q, kt, PRECISION) * scale_log2 - (m2 + log_l)[:, None], Bias, BITS, mid, offs_m,
                          rows_in_block, cols, j, sbm, sbn, NQ, NK, BLOCK, BLOCK_M, BLOCK_N, PARTIAL, False, IS_CAUSAL)
@@ -411,14 +428,14 @@ def _dq_tile(
 
 @triton.jit
 def _dq_kernel(
-    Q, K, V, DO, Out, Lse, Delta, DQ, Bias, DBias, T, O_PART_MID, O_BITS, O_FULL_NUM, O_FULL_IDX, O_PART_NUM,
+    Q, K, V, KD, VD, DO, Out, Lse, Delta, DQ, Bias, DBias, T, O_PART_MID, O_BITS, O_FULL_NUM, O_FULL_IDX, O_PART_NUM,
     O_PART_IDX, sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdm, sdd, sob, soh, som, sod,
     sbb, sbh, sbm, sbn, SLOT_B, SLOT_H,
     H, G, NQ, NK, NQB, NKB, scale, scale_log2,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, IS_CAUSAL: tl.constexpr,
     PRECISION: tl.constexpr, PAD: tl.constexpr, RAGGED: tl.constexpr, FOLD: tl.constexpr,
-    LOOK_AHEAD: tl.constexpr,
+    LOOK_AHEAD: tl.constexpr, TMA: tl.constexpr,
 ):
     """One program: BLOCK_M query rows (inside one layout block) of one (batch, head)."""
     SUB: tl.constexpr = BLOCK // BLOCK_N
@@ -438,6 +455,7 @@ def _dq_kernel(
     V += b * svb + (h // G) * svh
     Bias += b * sbb + h * sbh
     DBias += pid_bh * NQ * NK
+    b32, hk32 = b.to(tl.int32), (h // G).to(tl.int32)
     row = (b * SLOT_B + h * SLOT_H) * NQB + qb
     dq = tl.zeros([BLOCK_M, D_PAD], tl.float32)
     n_part, n_full = _visit_counts(PART_NUM, PART_IDX, FULL_NUM, FULL_IDX, row, NKB, start_m,
@@ -446,17 +464,19 @@ def _dq_kernel(
         kb = tl.load(PART_IDX + row * NKB + t // SUB)
         mid = tl.load(PART_MID + row * NKB + t // SUB)
         dq = _dq_tile(
-            dq, q, do, m2, log_l, delta, K, V, Bias, DBias, BITS, kb, (t % SUB) * BLOCK_N, mid,
+            dq, q, do, m2, log_l, delta, K, V, KD, VD, b32, hk32, Bias, DBias, BITS, kb, (t % SUB) * BLOCK_N, mid,
             offs_m, rows_in_block, offs_d, skn, skd, svn, svd, sbm, sbn, NQ, NK, scale_log2,
             HEAD_DIM, D_PAD, BLOCK, BLOCK_M, BLOCK_N, True, RAGGED, HAS_BIAS, BIAS_GRAD, IS_CAUSAL, PRECISION, FOLD,
+            TMA,
         )
     kb_next = _visit(FULL_IDX + row * NKB, 0, n_full * SUB, SUB)
     for t in range(n_full * SUB):
         kb, kb_next = _full_visit(FULL_IDX + row * NKB, kb_next, t, n_full * SUB, SUB, LOOK_AHEAD)
         dq = _dq_tile(
-            dq, q, do, m2, log_l, delta, K, V, Bias, DBias, BITS, kb, (t % SUB) * BLOCK_N, 0,
+            dq, q, do, m2, log_l, delta, K, V, KD, VD, b32, hk32, Bias, DBias, BITS, kb, (t % SUB) * BLOCK_N, 0,
             offs_m, rows_in_block, offs_d, skn, skd, svn, svd, sbm, sbn, NQ, NK, scale_log2,
             HEAD_DIM, D_PAD, BLOCK, BLOCK_M, BLOCK_N, False, False, HAS_BIAS, BIAS_GRAD, IS_CAUSAL, PRECISION, FOLD,
+            TMA,
         )
     tl.store(DQ + pid_bh * NQ * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :],
              (dq * scale).to(DQ.dtype.element_ty), mask=mmask)
@@ -675,11 +695,15 @@ def _descriptors_fit(q, k, v, d: int, d_pad: int) -> bool:
         return False
     if q.is_cuda and _capability(q.device.index)[0] < 9:
         return False
-    for t in (k, v):  # 2-byte elements: 16-byte aligned strides are multiples of 8
-        sb, sh, sn, sd = t.stride()
-        if sd != 1 or sb % 8 or sh % 8 or sn % 8 or t.data_ptr() % 16 or t.numel() == 0:
-            return False
-    return True
+    return all(_descriptor_fits(t) for t in (k, v))
+
+
+def _descriptor_fits(t) -> bool:
+    """A [B, H, N, D] tensor of 2-byte elements: unit stride along D, the other strides positive
+    multiples of 8 (16 bytes; a broadcast dim's 0 stride does not pass), a 16-byte aligned base."""
+    sb, sh, sn, sd = t.stride()
+    return (sd == 1 and sb > 0 and sh > 0 and sn > 0 and not (sb % 8 or sh % 8 or sn % 8 or t.data_ptr() % 16)
+            and t.numel() > 0)
 
 
 def _use_descriptors(q, k, v, d: int, d_pad: int) -> bool:
@@ -694,8 +718,8 @@ def _use_descriptors(q, k, v, d: int, d_pad: int) -> bool:
 
 
 def _kv_descriptors(k, v, block_n: int, d_pad: int):
-    """Descriptors of [B, Hkv, N, D] K and V that load [1, 1, block_n, d_pad] tiles (about 2 µs of host
-    time each: triton's constructor checks again what `_descriptors_fit` has checked)."""
+    """Descriptors of two [B, H, N, D] tensors that load [1, 1, block_n, d_pad] tiles (about 2 µs of
+    host time each: triton's constructor checks again what `_descriptors_fit` has checked)."""
     return [TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, block_n, d_pad]) for t in (k, v)]
 
 
@@ -746,24 +770,29 @@ def backward(dout, q, k, v, out, lse, tables, bias, scale, block, causal, bias_g
                   FOLD=not has_bias and KNOBS["FXSPARSE_BWD_FOLD"] != "0")
     io_strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride())
     bias_slots = (*bstr, slot_b, slot_h)
-    dq_ptrs = (q, k, v, dout, out, lse, delta, dq, bias_t, dbias if bias_grad else q, data)
+    # descriptors: K and V for dq, q and dout for dk/dv (FXSPARSE_BWD_TMA=1, not yet timed)
+    dq_tma = KNOBS["FXSPARSE_BWD_TMA"] == "1" and _descriptors_fit(q, k, v, d, d_pad)
+    dkdv_tma = KNOBS["FXSPARSE_BWD_TMA"] == "1" and _descriptors_fit(q, q, dout, d, d_pad)
     dq_scalars = (*fwd_offsets, *io_strides, *out.stride(), *bias_slots, h, h // hkv, nq, nk, nqb, nkb,
                   scale, scale * LOG2E)
-    dkdv_ptrs = (q, k, v, dout, lse, delta, dk, dv, bias_t, data)
     dkdv_scalars = (*bwd_offsets, *io_strides, *bias_slots, h, hkv, h // hkv, nq, nk, nqb, nkb, scale, scale * LOG2E)
 
     def launch_dq(plan):
         rows, cols, warps, stages, look_ahead = plan
-        _launch(_dq_kernel, (nqb * (block // rows), b * h), dq_ptrs, dq_scalars,
-                dict(common, BLOCK_M=rows, BLOCK_N=cols, BIAS_GRAD=bias_grad, LOOK_AHEAD=look_ahead), warps, stages)
+        kd, vd = _kv_descriptors(k, v, cols, d_pad) if dq_tma else (k, v)
+        _launch(_dq_kernel, (nqb * (block // rows), b * h),
+                (q, k, v, kd, vd, dout, out, lse, delta, dq, bias_t, dbias if bias_grad else q, data), dq_scalars,
+                dict(common, BLOCK_M=rows, BLOCK_N=cols, BIAS_GRAD=bias_grad, LOOK_AHEAD=look_ahead, TMA=dq_tma),
+                warps, stages)
 
     def launch_dkdv(plan):
         rows, cols, warps, stages, look_ahead = plan
-        _launch(_dkdv_kernel, (nkb * (block // rows), b * hkv), dkdv_ptrs, dkdv_scalars,
-                dict(common, BLOCK_M=cols, BLOCK_N=rows, LOOK_AHEAD=look_ahead), warps, stages,
-                int(KNOBS["FXSPARSE_DKDV_MAXNREG"] or 0))
+        qd, dod = _kv_descriptors(q, dout, cols, d_pad) if dkdv_tma else (q, dout)
+        _launch(_dkdv_kernel, (nkb * (block // rows), b * hkv), (q, k, v, dout, qd, dod, lse, delta, dk, dv, bias_t, data),
+                dkdv_scalars, dict(common, BLOCK_M=cols, BLOCK_N=rows, LOOK_AHEAD=look_ahead, TMA=dkdv_tma),
+                warps, stages, int(KNOBS["FXSPARSE_DKDV_MAXNREG"] or 0))
 
-    key = (q.device, q.dtype, bias_grad, *common.values(), KNOBS["FXSPARSE_BWD_CONFIG"],
+    key = (q.device, q.dtype, bias_grad, dq_tma, dkdv_tma, *common.values(), KNOBS["FXSPARSE_BWD_CONFIG"],
            KNOBS["FXSPARSE_DQ_LOOK_AHEAD"], KNOBS["FXSPARSE_DKDV_LOOK_AHEAD"], KNOBS["FXSPARSE_DKDV_MAXNREG"])
     with _on_device(q):
         _launch_fitting(("_dq_kernel", *key), lambda: _bwd_plans(block, d_pad, q.dtype)[0], launch_dq)
