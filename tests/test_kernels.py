@@ -228,8 +228,8 @@ def test_kv_through_tensor_descriptors(dtype, packed, monkeypatch):
     monkeypatch.setitem(kernels.KNOBS, "FXSPARSE_TMA", "1")
     monkeypatch.setitem(kernels.KNOBS, "FXSPARSE_BWD_TMA", "1")
     used = []
-    make = kernels._kv_descriptors
-    monkeypatch.setattr(kernels, "_kv_descriptors", lambda *a: used.append(a[2:]) or make(*a))
+    make = kernels._tile_descriptors
+    monkeypatch.setattr(kernels, "_tile_descriptors", lambda *a: used.append(a[2:]) or make(*a))
     B, H, Hkv, Nq, Nk, D = (2, 2, 2, 80, 80, 32) if packed else (1, 4, 2, 90, 75, 32)
     q, k, v = qkv(B, H, Hkv, Nq, Nk, D, dtype=dtype, device=DEVICE, packed=packed, seed=21)
     bias = torch.randn(1, H, Nq, Nk, generator=gen(22)).to(DEVICE).requires_grad_()

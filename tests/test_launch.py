@@ -203,18 +203,18 @@ def test_tensor_descriptors_only_where_they_fit_and_pay(monkeypatch):
     monkeypatch.setitem(kernels.KNOBS, "FXSPARSE_TMA", None)
     use = kernels._use_descriptors
 
-    def qkv(d, dtype=torch.bfloat16, n=16):
-        return [torch.zeros(1, 2, n, d, dtype=dtype) for _ in range(3)]
+    def kv(d, dtype=torch.bfloat16):
+        return [torch.zeros(1, 2, 16, d, dtype=dtype) for _ in range(2)]
 
-    assert use(*qkv(128), 128, 128)
-    assert not use(*qkv(64), 64, 64)  # slower there (RESULTS.md, v10)
-    assert not use(*qkv(128, torch.float32), 128, 128)
-    q, k, v = qkv(128)
-    assert not use(q, k.transpose(-1, -2).contiguous().transpose(-1, -2), v, 128, 128)  # head dim not unit stride
+    assert use(128, 128, *kv(128))
+    assert not use(64, 64, *kv(64))  # slower there (RESULTS.md, v10)
+    assert not use(128, 128, *kv(128, torch.float32))
+    k, v = kv(128)
+    assert not use(128, 128, k.transpose(-1, -2).contiguous().transpose(-1, -2), v)  # head dim not unit stride
     rows = torch.zeros(1, 2, 16, 132, dtype=torch.bfloat16)[..., :128]  # 264-byte rows: not 16-byte aligned
-    assert not use(q, rows, v, 128, 128)
-    assert not use(q, torch.zeros(1, 1, 16, 128, dtype=torch.bfloat16).expand(1, 2, 16, 128), v, 128, 128)  # stride 0
+    assert not use(128, 128, rows, v)
+    assert not use(128, 128, torch.zeros(1, 1, 16, 128, dtype=torch.bfloat16).expand(1, 2, 16, 128), v)  # stride 0
     monkeypatch.setitem(kernels.KNOBS, "FXSPARSE_TMA", "1")
-    assert use(*qkv(64), 64, 64) and not use(*qkv(80), 80, 128)  # a padded head dim never
+    assert use(64, 64, *kv(64)) and not use(80, 128, *kv(80))  # a padded head dim never
     monkeypatch.setitem(kernels.KNOBS, "FXSPARSE_TMA", "0")
-    assert not use(*qkv(128), 128, 128)
+    assert not use(128, 128, *kv(128))

@@ -37,7 +37,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # read once: triton itsel
 # _fwd_tile and _dkdv_tile).
 # FXSPARSE_FWD_LOOK_AHEAD / FXSPARSE_DQ_LOOK_AHEAD / FXSPARSE_DKDV_LOOK_AHEAD: the padded head dim up
 # to which that kernel reads the next full block's index one tile ahead (128 / 64 / 64; 0 = never).
-# FXSPARSE_TMA: the forward reads K and V through tensor descriptors (`_kv_descriptors`) at D = 128
+# FXSPARSE_TMA: the forward reads K and V through tensor descriptors (`_tile_descriptors`) at D = 128
 # (unset), wherever they fit (1), or never (0). FXSPARSE_BWD_TMA=1: the dq kernel reads K and V, the
 # dk/dv kernel q and the output's gradient through them too, wherever they fit (not yet timed).
 # FXSPARSE_FWD_MAXNREG / FXSPARSE_DKDV_MAXNREG=n: that kernel's threads hold at most n registers.
@@ -688,14 +688,14 @@ def _capability(index: int):
     return torch.cuda.get_device_capability(index)
 
 
-def _descriptors_fit(q, k, v, d: int, d_pad: int) -> bool:
-    """Whether K and V can be read through tensor descriptors (TMA, Hopper and newer): 2-byte
-    elements, an unpadded head dim, unit stride along it, and 16-byte aligned base and strides."""
-    if TensorDescriptor is None or d != d_pad or q.dtype not in (torch.float16, torch.bfloat16):
+def _descriptors_fit(d: int, d_pad: int, a, b) -> bool:
+    """Whether two [B, H, N, D] tensors can be read through tensor descriptors (TMA, Hopper and newer):
+    2-byte elements, an unpadded head dim, unit stride along it, and 16-byte aligned base and strides."""
+    if TensorDescriptor is None or d != d_pad or a.dtype not in (torch.float16, torch.bfloat16):
         return False
-    if q.is_cuda and _capability(q.device.index)[0] < 9:
+    if a.is_cuda and _capability(a.device.index)[0] < 9:
         return False
-    return all(_descriptor_fits(t) for t in (k, v))
+    return _descriptor_fits(a) and _descriptor_fits(b)
 
 
 def _descriptor_fits(t) -> bool:
@@ -706,7 +706,7 @@ def _descriptor_fits(t) -> bool:
             and t.numel() > 0)
 
 
-def _use_descriptors(q, k, v, d: int, d_pad: int) -> bool:
+def _use_descriptors(d: int, d_pad: int, k, v) -> bool:
     """Tensor descriptors for the forward's K and V: at D = 128 by default (H200, v10: 5.8 % faster at
     10 % density, 7 % dense); at D = 64 they were 2-9 % slower (139 registers against 119, one
     program fewer per SM, and no better with the registers capped at 128). FXSPARSE_TMA=1 / 0:
@@ -714,13 +714,13 @@ def _use_descriptors(q, k, v, d: int, d_pad: int) -> bool:
     knob = KNOBS["FXSPARSE_TMA"]
     if knob == "0" or (knob != "1" and d != 128):
         return False
-    return _descriptors_fit(q, k, v, d, d_pad)
+    return _descriptors_fit(d, d_pad, k, v)
 
 
-def _kv_descriptors(k, v, block_n: int, d_pad: int):
-    """Descriptors of two [B, H, N, D] tensors that load [1, 1, block_n, d_pad] tiles (about 2 µs of
-    host time each: triton's constructor checks again what `_descriptors_fit` has checked)."""
-    return [TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, block_n, d_pad]) for t in (k, v)]
+def _tile_descriptors(a, b, rows: int, d_pad: int):
+    """Descriptors of two [B, H, N, D] tensors that load [1, 1, rows, d_pad] tiles (about 2 µs of host
+    time each: triton's constructor checks again what `_descriptors_fit` has checked)."""
+    return [TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, d_pad]) for t in (a, b)]
 
 
 def forward(q, k, v, tables, bias, scale, block, causal, out):
@@ -734,14 +734,14 @@ def forward(q, k, v, tables, bias, scale, block, causal, out):
     consts = dict(HEAD_DIM=d, D_PAD=d_pad, BLOCK=block, HAS_BIAS=has_bias, IS_CAUSAL=causal,
                   PRECISION=_precision(q.dtype), PAD=_pad_blocks(nqb, nkb, causal), RAGGED=_ragged(nq, nk, block),
                   FOLD=scale > 0 and KNOBS["FXSPARSE_FOLD"] != "0")
-    tma = _use_descriptors(q, k, v, d, d_pad)
+    tma = _use_descriptors(d, d_pad, k, v)
     consts["TMA"] = tma
     scalars = (*fwd_offsets, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *bstr, slot_b, slot_h,
                h, h // hkv, nq, nk, nqb, nkb, scale * LOG2E)
 
     def launch(plan):
         block_m, block_n, warps, stages, look_ahead = plan
-        kd, vd = _kv_descriptors(k, v, block_n, d_pad) if tma else (k, v)
+        kd, vd = _tile_descriptors(k, v, block_n, d_pad) if tma else (k, v)
         _launch(_fwd_kernel, (nqb * (block // block_m), b * h), (q, k, v, kd, vd, out, lse, bias_t, data), scalars,
                 dict(consts, BLOCK_M=block_m, BLOCK_N=block_n, LOOK_AHEAD=look_ahead), warps, stages,
                 int(KNOBS["FXSPARSE_FWD_MAXNREG"] or 0))
@@ -771,15 +771,15 @@ def backward(dout, q, k, v, out, lse, tables, bias, scale, block, causal, bias_g
     io_strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride())
     bias_slots = (*bstr, slot_b, slot_h)
     # descriptors: K and V for dq, q and dout for dk/dv (FXSPARSE_BWD_TMA=1, not yet timed)
-    dq_tma = KNOBS["FXSPARSE_BWD_TMA"] == "1" and _descriptors_fit(q, k, v, d, d_pad)
-    dkdv_tma = KNOBS["FXSPARSE_BWD_TMA"] == "1" and _descriptors_fit(q, q, dout, d, d_pad)
+    dq_tma = KNOBS["FXSPARSE_BWD_TMA"] == "1" and _descriptors_fit(d, d_pad, k, v)
+    dkdv_tma = KNOBS["FXSPARSE_BWD_TMA"] == "1" and _descriptors_fit(d, d_pad, q, dout)
     dq_scalars = (*fwd_offsets, *io_strides, *out.stride(), *bias_slots, h, h // hkv, nq, nk, nqb, nkb,
                   scale, scale * LOG2E)
     dkdv_scalars = (*bwd_offsets, *io_strides, *bias_slots, h, hkv, h // hkv, nq, nk, nqb, nkb, scale, scale * LOG2E)
 
     def launch_dq(plan):
         rows, cols, warps, stages, look_ahead = plan
-        kd, vd = _kv_descriptors(k, v, cols, d_pad) if dq_tma else (k, v)
+        kd, vd = _tile_descriptors(k, v, cols, d_pad) if dq_tma else (k, v)
         _launch(_dq_kernel, (nqb * (block // rows), b * h),
                 (q, k, v, kd, vd, dout, out, lse, delta, dq, bias_t, dbias if bias_grad else q, data), dq_scalars,
                 dict(common, BLOCK_M=rows, BLOCK_N=cols, BIAS_GRAD=bias_grad, LOOK_AHEAD=look_ahead, TMA=dq_tma),
@@ -787,7 +787,7 @@ def backward(dout, q, k, v, out, lse, tables, bias, scale, block, causal, bias_g
 
     def launch_dkdv(plan):
         rows, cols, warps, stages, look_ahead = plan
-        qd, dod = _kv_descriptors(q, dout, cols, d_pad) if dkdv_tma else (q, dout)
+        qd, dod = _tile_descriptors(q, dout, cols, d_pad) if dkdv_tma else (q, dout)
         _launch(_dkdv_kernel, (nkb * (block // rows), b * hkv), (q, k, v, dout, qd, dod, lse, delta, dk, dv, bias_t, data),
                 dkdv_scalars, dict(common, BLOCK_M=cols, BLOCK_N=rows, LOOK_AHEAD=look_ahead, TMA=dkdv_tma),
                 warps, stages, int(KNOBS["FXSPARSE_DKDV_MAXNREG"] or 0))
