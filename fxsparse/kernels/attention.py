@@ -579,15 +579,19 @@ def _hooked(hook) -> bool:
     return hook is not None and bool(getattr(hook, "calls", True))
 
 
+def _options(num_warps, num_stages, maxnreg) -> dict:
+    """Triton's launch options (only the slow path builds them: the fast path has a compiled kernel)."""
+    return dict(num_warps=num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg else {}))
+
+
 def _launch(kernel, grid, ptrs, scalars, consts, num_warps, num_stages, maxnreg=None):
     """``kernel[grid](*ptrs, *scalars, **consts, num_warps=..., num_stages=...[, maxnreg=...])``; after the first call
     with a given key, straight to the compiled kernel's launcher (FXSPARSE_FAST_LAUNCH=0 turns that
     off, and a launch hook, e.g. a profiler's, sends every call through triton). ptrs: the tensor
-    parameters, which come first (their device is the current one: see `_on_device`); scalars: the int
-    and float ones after them (tensors, or tensor descriptors). maxnreg caps the registers a thread holds."""
-    options = dict(num_warps=num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg else {}))
+    parameters (tensors or tensor descriptors), which come first (their device is the current one: see
+    `_on_device`); scalars: the int and float ones after them. maxnreg caps the registers a thread holds."""
     if not _FAST_LAUNCH or KNOBS["FXSPARSE_FAST_LAUNCH"] == "0":
-        kernel[grid](*ptrs, *scalars, **consts, **options)
+        kernel[grid](*ptrs, *scalars, **consts, **_options(num_warps, num_stages, maxnreg))
         return
     device = ptrs[0].device.index
     key = (id(kernel), device, num_warps, num_stages, maxnreg, *consts.values(), *scalars,
@@ -595,7 +599,7 @@ def _launch(kernel, grid, ptrs, scalars, consts, num_warps, num_stages, maxnreg=
     hit = _COMPILED.get(key)
     rt = triton.knobs.runtime
     if hit is None or _hooked(rt.launch_enter_hook) or _hooked(rt.launch_exit_hook):
-        compiled = kernel[grid](*ptrs, *scalars, **consts, **options)
+        compiled = kernel[grid](*ptrs, *scalars, **consts, **_options(num_warps, num_stages, maxnreg))
         if hit is None and len(_COMPILED) < 4096 and hasattr(compiled, "packed_metadata"):  # a few hundred bytes each
             _COMPILED[key] = (compiled, tuple(consts[n] for n in kernel.arg_names[len(ptrs) + len(scalars):]))
         return
