@@ -199,7 +199,8 @@ def test_a_plan_that_does_not_fit_the_gpu_gives_way_to_the_next(monkeypatch):
 
 def test_tensor_descriptors_only_where_they_fit_and_pay(monkeypatch):
     """K and V go through tensor descriptors at D = 128 by default (2-byte elements, unit stride along
-    the head dim, 16-byte aligned rows); FXSPARSE_TMA=1 allows any unpadded head dim, 0 none."""
+    the head dim, 16-byte aligned rows); FXSPARSE_TMA=1 allows any unpadded head dim, 0 none; the
+    backward's FXSPARSE_BWD_TMA likewise."""
     monkeypatch.setitem(kernels.KNOBS, "FXSPARSE_TMA", None)
     use = kernels._use_descriptors
 
@@ -218,3 +219,8 @@ def test_tensor_descriptors_only_where_they_fit_and_pay(monkeypatch):
     assert use(64, 64, *kv(64)) and not use(80, 128, *kv(80))  # a padded head dim never
     monkeypatch.setitem(kernels.KNOBS, "FXSPARSE_TMA", "0")
     assert not use(128, 128, *kv(128))
+    # the backward's choice is its own knob, with the same default
+    monkeypatch.setitem(kernels.KNOBS, "FXSPARSE_BWD_TMA", None)
+    assert use(128, 128, *kv(128), "FXSPARSE_BWD_TMA") and not use(64, 64, *kv(64), "FXSPARSE_BWD_TMA")
+    monkeypatch.setitem(kernels.KNOBS, "FXSPARSE_BWD_TMA", "0")
+    assert not use(128, 128, *kv(128), "FXSPARSE_BWD_TMA")

@@ -38,8 +38,8 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # read once: triton itsel
 # FXSPARSE_FWD_LOOK_AHEAD / FXSPARSE_DQ_LOOK_AHEAD / FXSPARSE_DKDV_LOOK_AHEAD: the padded head dim up
 # to which that kernel reads the next full block's index one tile ahead (128 / 64 / 64; 0 = never).
 # FXSPARSE_TMA: the forward reads K and V through tensor descriptors (`_tile_descriptors`) at D = 128
-# (unset), wherever they fit (1), or never (0). FXSPARSE_BWD_TMA=1: the dq kernel reads K and V, the
-# dk/dv kernel q and the output's gradient through them too, wherever they fit (not yet timed).
+# (unset), wherever they fit (1), or never (0). FXSPARSE_BWD_TMA: the same choice for the backward,
+# where the dq kernel reads K and V and the dk/dv kernel q and the output's gradient through them.
 # FXSPARSE_FWD_MAXNREG / FXSPARSE_DKDV_MAXNREG=n: that kernel's threads hold at most n registers.
 KNOBS = {name: os.environ.get(name) for name in (
     "FXSPARSE_FWD_CONFIG", "FXSPARSE_BWD_CONFIG", "FXSPARSE_FAST_LAUNCH", "FXSPARSE_FOLD", "FXSPARSE_BWD_FOLD",
@@ -710,15 +710,16 @@ def _descriptor_fits(t) -> bool:
             and t.numel() > 0)
 
 
-def _use_descriptors(d: int, d_pad: int, k, v) -> bool:
-    """Tensor descriptors for the forward's K and V: at D = 128 by default (H200, v10: 5.8 % faster at
-    10 % density, 7 % dense); at D = 64 they were 2-9 % slower (139 registers against 119, one
-    program fewer per SM, and no better with the registers capped at 128). FXSPARSE_TMA=1 / 0:
-    wherever they fit / never."""
-    knob = KNOBS["FXSPARSE_TMA"]
-    if knob == "0" or (knob != "1" and d != 128):
+def _use_descriptors(d: int, d_pad: int, a, b, knob: str = "FXSPARSE_TMA") -> bool:
+    """Tensor descriptors for two of a kernel's inputs: at D = 128 by default; `knob` = 1 / 0 in the
+    environment: wherever they fit / never. H200: the forward's K and V 5.8 % faster at 10 % density
+    and 7 % dense (v10), 2-9 % slower at D = 64 (139 registers against 119, one program fewer per SM,
+    no better with the registers capped at 128); the backward's (FXSPARSE_BWD_TMA) 1-1.5 % faster at
+    D = 128 and 2 % slower at D = 64, 9 % density (RESULTS.md, v11)."""
+    setting = KNOBS[knob]
+    if setting == "0" or (setting != "1" and d != 128):
         return False
-    return _descriptors_fit(d, d_pad, k, v)
+    return _descriptors_fit(d, d_pad, a, b)
 
 
 def _tile_descriptors(a, b, rows: int, d_pad: int):
@@ -774,9 +775,9 @@ def backward(dout, q, k, v, out, lse, tables, bias, scale, block, causal, bias_g
                   FOLD=not has_bias and KNOBS["FXSPARSE_BWD_FOLD"] != "0")
     io_strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride())
     bias_slots = (*bstr, slot_b, slot_h)
-    # descriptors: K and V for dq, q and dout for dk/dv (FXSPARSE_BWD_TMA=1, not yet timed)
-    dq_tma = KNOBS["FXSPARSE_BWD_TMA"] == "1" and _descriptors_fit(d, d_pad, k, v)
-    dkdv_tma = KNOBS["FXSPARSE_BWD_TMA"] == "1" and _descriptors_fit(d, d_pad, q, dout)
+    # descriptors: K and V for dq, q and dout for dk/dv
+    dq_tma = _use_descriptors(d, d_pad, k, v, "FXSPARSE_BWD_TMA")
+    dkdv_tma = _use_descriptors(d, d_pad, q, dout, "FXSPARSE_BWD_TMA")
     dq_scalars = (*fwd_offsets, *io_strides, *out.stride(), *bias_slots, h, h // hkv, nq, nk, nqb, nkb,
                   scale, scale * LOG2E)
     dkdv_scalars = (*bwd_offsets, *io_strides, *bias_slots, h, hkv, h // hkv, nq, nk, nqb, nkb, scale, scale * LOG2E)
