@@ -7,7 +7,8 @@ against SDPA (flash) on the same inputs. Prints ms, TFLOP/s and the error agains
     python3 benchmarks/ws_probe.py 8,12,4096,64 128,64,4,2,1   # one config (ws 0 / 1)
 
 On triton 3.6 the Hopper pass runs only at num_warps=4 (it adds the other groups) and only on a
-kernel with one loop whose loads are all tensor-descriptor loads.
+kernel with one loop whose loads are all tensor-descriptor loads. On the H200 with triton 3.6 the
+warp-specialized kernels compile and then hang (RESULTS.md, v11): run each config under `timeout`.
 """
 from __future__ import annotations
 
