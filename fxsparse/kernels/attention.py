@@ -4,8 +4,9 @@ Each query tile visits the kv blocks its layout row lists: partial blocks first 
 the packed element mask), then full blocks (no per-element work). Softmax runs in base 2 with
 log2(e) folded into the scale. The head dim is padded to a power of two inside the kernel by
 masked loads, never by copying the inputs. Grouped-query heads index their kv head (h // G). At
-D = 128 on Hopper the forward reads K and V through tensor descriptors (TMA) when their strides
-allow it, and pointer loads otherwise.
+D = 128 on Hopper the kernels read their streamed tiles (K and V in the forward and dq, q and the
+output's gradient in dk/dv) through tensor descriptors (TMA) when the strides allow it, and
+through pointer loads otherwise.
 
 The forward saves two row statistics, base 2: the row max and log2 of the row sum (kept apart so
 the log-sum survives beside a huge max, e.g. rows that only see finfo.min padding). The backward
