@@ -15,6 +15,7 @@ from torch import fx
 
 from . import match, rewrite
 from .rewrite import prepare_sites
+from .site import site_modules
 
 
 class Backend:
@@ -49,7 +50,7 @@ class Backend:
         return compile_fx(gm, example_inputs)
 
     def site_modules(self):
-        return [mod for gm in self.graphs for mod in rewrite.site_modules(gm)]
+        return [mod for gm in self.graphs for mod in site_modules(gm)]
 
     @property
     def fxsparse_skipped(self):

@@ -46,7 +46,8 @@ def calibrate(model, batches, *, density: float = 0.1, block_size: int = 128, pe
     if not 0.0 < density <= 1.0:
         raise ValueError(f"calibrate: density is the fraction of blocks to keep, in (0, 1], got {density!r}")
     block_size = _check_block_size(block_size)
-    from .rewrite import site_modules, transform
+    from .rewrite import transform
+    from .site import site_modules
 
     sparse = transform(model, lambda site: None, example_inputs=example_inputs, concrete_args=concrete_args)
     sparse.eval()

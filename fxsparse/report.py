@@ -79,7 +79,7 @@ class Report:
 
 def report(obj) -> Report:
     """The report of a module returned by ``fxsparse.transform`` (or of a ``fxsparse.backend``)."""
-    from .rewrite import site_modules
+    from .site import site_modules
 
     rows = []
     for site, reason in getattr(obj, "fxsparse_skipped", []):

@@ -9,169 +9,16 @@ bias, masks and causality are computed in the graph by the small functions below
 """
 from __future__ import annotations
 
-import dataclasses
 import operator
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
 from . import capture, match
-from .layout import Layout
-from .op import kernel_layout, sparse_attention
-from .match import AttentionSite, Match
-
-_MISSING = object()
-
-
-class SiteError(ValueError):
-    pass
-
-
-# ------------------------------------------------------------------------------ the site module
-class SiteAttention(nn.Module):
-    """One rewritten attention: mask_fn(site) -> Layout, built once per (q_len, kv_len).
-
-    The layout's flat table tensor is a non-persistent buffer (``layout_<q>x<kv>``), so ``.to(device)``
-    moves it with the model, compilers see it as module state, and the state_dict is unchanged.
-    """
-
-    def __init__(self, site: AttentionSite, mask_fn: Callable):
-        super().__init__()
-        self.site = site
-        self.mask_fn = mask_fn
-        self._layouts: dict = {}  # (q_len, kv_len) -> None (dense) | (buffer name, block_size, density, Layout)
-        self.recorder = None  # fxsparse.calibrate: called with (site, q, k, bias, scale, causal) before each call
-
-    @property
-    def status(self) -> str:
-        return "dense" if self._layouts.get((self.site.q_len, self.site.kv_len), _MISSING) is None else "rewritten"
-
-    def built(self):
-        """(block_size, density) of the layout at the site's latest lengths, or None."""
-        entry = self._layouts.get((self.site.q_len, self.site.kv_len))
-        return None if entry is None else entry[1:3]
-
-    def extra_repr(self) -> str:
-        return f"{self.site.name!r}, kind={self.site.kind!r}"
-
-    def forward(self, q, k, v, bias=None, scale=None, causal=False):
-        if self.training and self.site.dropout > 0:
-            raise RuntimeError(
-                f"{self.site.where}: attention dropout p={self.site.dropout} is active in training mode, but this "
-                "site was rewritten in eval mode; transform the model in training mode (the site is then kept "
-                "as it was) or set the dropout to 0"
-            )
-        rank, lead = q.dim(), q.shape[:-3]
-        q, k, v, bias = _as_4d(q, k, v, bias)
-        if self.recorder is not None:
-            self.recorder(self.site, q, k, bias, scale, causal)
-        shape = (q.shape[-2], k.shape[-2])
-        entry = self._layouts.get(shape, _MISSING)
-        if entry is _MISSING:
-            entry = self._prepare(q, k)
-        try:
-            if entry is None:
-                out = _dense_attention(q, k, v, bias, scale, causal)
-            else:
-                name, _, _, built = entry  # the tables come from the buffer, which follows .to(device)
-                layout = dataclasses.replace(built, data=getattr(self, name))
-                out = sparse_attention(q, k, v, layout, scale=scale, bias=bias, causal=causal)
-        except (ValueError, TypeError) as err:
-            raise SiteError(f"{self.site.where}: {err}") from err
-        return _from_4d(out, rank, lead)
-
-    @torch.compiler.disable
-    def _prepare(self, q, k):
-        """First call at these lengths: ask mask_fn, check it, build the Layout."""
-        return self.prepare(q.shape[1], k.shape[1], q.shape[2], k.shape[2], q.shape[3], q.device)
-
-    def prepare(self, num_heads, num_kv_heads, q_len, kv_len, head_dim, device):
-        site = dataclasses.replace(self.site, num_heads=num_heads, num_kv_heads=num_kv_heads, q_len=q_len,
-                                   kv_len=kv_len, head_dim=head_dim)
-        self.site = site
-        if (q_len, kv_len) in self._layouts:
-            return self._layouts[(q_len, kv_len)]
-        layout = _layout_from(self.mask_fn, site)
-        entry = None
-        if layout is not None:
-            name = f"layout_{q_len}x{kv_len}"
-            tables = kernel_layout(layout, head_dim)  # what the kernels walk; the report shows mask_fn's layout
-            self.register_buffer(name, tables.data.to(device), persistent=False)
-            entry = (name, layout.block_size, layout.density, dataclasses.replace(tables, data=tables.data[:0]))
-        self._layouts[(q_len, kv_len)] = entry
-        return entry
-
-
-def _as_4d(q, k, v, bias):
-    """q, k, v as [B, H, N, D] (the op's form) from [N, D], [B*H, N, D] (bmm-style) or [..., H, N, D]."""
-    if q.dim() == 4:
-        return q, k, v, bias
-    if q.dim() < 4:
-        extra = 4 - q.dim()
-        fix = (lambda t: t.reshape(*t.shape[:-2], *([1] * extra), *t.shape[-2:])) if q.dim() == 3 else (
-            lambda t: t.reshape(*([1] * extra), *t.shape))
-        if bias is not None and bias.dim() == q.dim():
-            bias = fix(bias)
-        return fix(q), fix(k), fix(v), bias
-    if bias is not None and bias.dim() > 4:
-        bias = bias.expand(*q.shape[:-1], k.shape[-2]).flatten(0, -4)
-    return q.flatten(0, -4), k.flatten(0, -4), v.flatten(0, -4), bias
-
-
-def _from_4d(out, rank: int, lead):
-    """The op's [B, H, N, D] output back in the site's own form (see _as_4d)."""
-    if rank == 4:
-        return out
-    if rank == 3:  # [B*H, N, D]
-        return out.squeeze(1)
-    if rank == 2:  # [N, D]
-        return out[0, 0]
-    return out.reshape(*lead, *out.shape[1:])
-
-
-def _dense_attention(q, k, v, bias, scale, causal):
-    """A site that mask_fn keeps dense runs PyTorch's fused attention (flash or memory-efficient on
-    a GPU), as fast as the model was before; the site's bias and causality stay in force."""
-    mask = bias
-    if causal and bias is not None:  # SDPA takes one or the other: fold causality into the bias
-        keep = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
-        mask = torch.where(keep, bias, float("-inf"))
-    if mask is not None:
-        mask = mask.to(q.dtype)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and bias is None, scale=scale,
-                                          enable_gqa=k.shape[1] != q.shape[1])
-
-
-def _layout_from(mask_fn, site: AttentionSite) -> Optional[Layout]:
-    """mask_fn(site), checked, as a Layout (or None for dense)."""
-    try:
-        mask = mask_fn(site)
-    except Exception as err:
-        raise SiteError(f"{site.where}: mask_fn raised {type(err).__name__}: {err}") from err
-    H, nq, nk = site.num_heads, site.q_len, site.kv_len
-    expected = f"expected broadcastable to (H|1, {nq}, {nk}) with H={H}"
-    if mask is None:
-        return None
-    if isinstance(mask, Layout):
-        if tuple(mask.shape) != (nq, nk) or mask.num_heads not in (1, H) or mask.batch != 1:
-            raise SiteError(
-                f"{site.where}: mask_fn returned a Layout for (q_len, kv_len) = {tuple(mask.shape)} with "
-                f"{mask.num_heads} heads; expected ({nq}, {nk}) with 1 or {H} heads"
-            )
-        return mask
-    if not isinstance(mask, torch.Tensor):
-        raise SiteError(f"{site.where}: mask_fn returned {type(mask).__name__}; expected None, a bool tensor or a Layout")
-    if mask.dtype != torch.bool:
-        raise SiteError(f"{site.where}: mask_fn returned a mask of dtype {mask.dtype}; expected torch.bool (True = may attend)")
-    shape = tuple(mask.shape)
-    if mask.dim() > 3 or mask.dim() < 1:
-        raise SiteError(f"{site.where}: mask_fn returned shape {shape}, {expected}")
-    mask3 = mask.reshape((1,) * (3 - mask.dim()) + shape)
-    if mask3.shape[0] not in (1, H) or mask3.shape[1] not in (1, nq) or mask3.shape[2] not in (1, nk):
-        raise SiteError(f"{site.where}: mask_fn returned shape {shape}, {expected}")
-    return Layout.from_mask(mask3.expand(mask3.shape[0], nq, nk))
+from .site import SiteAttention, is_transformed, site_modules  # noqa: F401  (re-exported)
+from .match import Match
 
 
 # ------------------------------------------------------------------------------ graph helpers
@@ -454,10 +301,3 @@ def _mha_shapes(m: Match):
     seq = 1 if mod.batch_first else 0
     m.site.q_len, m.site.kv_len = qs[seq], ks[seq]
 
-
-def is_transformed(module: nn.Module) -> bool:
-    return hasattr(module, "fxsparse_skipped") or any(isinstance(x, SiteAttention) for x in module.modules())
-
-
-def site_modules(module: nn.Module) -> list[SiteAttention]:
-    return [x for x in module.modules() if isinstance(x, SiteAttention)]
