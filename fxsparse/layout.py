@@ -18,7 +18,9 @@ be 1 and broadcast.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import numbers
 import math
 from dataclasses import dataclass, field
 
@@ -126,8 +128,12 @@ class Layout:
     num_heads: int  # 1 or H
     data: torch.Tensor  # flat int32: the tables of TABLE_NAMES, see table_offsets
     density: float = 1.0
+    # the mask lies inside the top-left causal triangle (key j <= query i): the op's causal flag adds nothing
+    causal: bool = False
     # refinements of this layout already built (block size -> Layout), see `refine`
     refined: dict = field(default_factory=dict, init=False, repr=False)
+    # the mask function this layout was built from, if any (to_block_mask hands it to FlexAttention)
+    mask_mod: object = field(default=None, init=False, repr=False)
 
     def __getattr__(self, name):  # the named tables, as views of `data`
         if name in TABLE_NAMES and "data" in self.__dict__:
@@ -188,7 +194,7 @@ class Layout:
             mask_id[..., :, -1] = 1
         if rows_left < bs and cols_left < bs:
             mask_id[..., -1, -1] = 2
-        return cls._from_kinds(kinds, mask_id, bits, bs, (q_len, kv_len), density=1.0)
+        return cls._from_kinds(kinds, mask_id, bits, bs, (q_len, kv_len), density=1.0, causal=False)
 
     @classmethod
     def from_blocks(cls, blocks: torch.Tensor, block_size: int, shape: tuple | None = None) -> "Layout":
@@ -218,31 +224,143 @@ class Layout:
         return cls.from_mask(tok, bs)
 
     @classmethod
-    def _from_kinds(cls, kinds, mask_id, bits, bs, shape, density: float | None = None) -> "Layout":
-        full, partial = kinds == FULL, kinds == PARTIAL
-        full_num, full_idx = _block_lists(full)
-        part_num, part_idx = _block_lists(partial)
-        t_full_num, t_full_idx = _block_lists(full.transpose(-1, -2))
-        t_part_num, t_part_idx = _block_lists(partial.transpose(-1, -2))
-        # the kernels read a partial block's mask id beside its index, not through it: a load whose
-        # address waits on another load stalls the pipeline (padding entries point at real blocks)
-        part_mid = mask_id.gather(-1, part_idx.long())
-        t_part_mid = mask_id.transpose(-1, -2).gather(-1, t_part_idx.long())
-        nq, nk = shape
-        if density is None:  # scores computed: every visited block, cut to the sequence
-            rows = torch.full((kinds.shape[-2],), bs, dtype=torch.float64, device=kinds.device)
-            cols = torch.full((kinds.shape[-1],), bs, dtype=torch.float64, device=kinds.device)
-            rows[-1] = nq - bs * (kinds.shape[-2] - 1)
-            cols[-1] = nk - bs * (kinds.shape[-1] - 1)
-            visited = (kinds != EMPTY).to(torch.float64)
-            density = float((visited * rows[:, None] * cols[None, :]).sum((-1, -2)).mean()) / (nq * nk)
-        tables = dict(kinds=kinds, mask_id=mask_id, full_num=full_num, full_idx=full_idx, part_num=part_num,
-                      part_idx=part_idx, part_mid=part_mid, t_full_num=t_full_num, t_full_idx=t_full_idx,
-                      t_part_num=t_part_num, t_part_idx=t_part_idx, t_part_mid=t_part_mid, bits=bits,
-                      t_bits=_pack_bits(_unpack_bits(bits).transpose(-1, -2)))
-        data = torch.cat([tables[n].reshape(-1).to(torch.int32) for n in TABLE_NAMES])  # the order of table_offsets
-        return cls(block_size=bs, shape=(int(nq), int(nk)), batch=kinds.shape[0], num_heads=kinds.shape[1],
-                   data=data, density=density)
+    def _from_kinds(cls, kinds, mask_id, bits, bs, shape, density: float | None = None,
+                    causal: bool | None = None) -> "Layout":
+        """The flat tables from block kinds [Bl, Hl, NQB, NKB], mask ids and distinct packed masks.
+
+        Written straight into one preallocated tensor, a bounded number of block rows at a time:
+        the memory beyond the result is O(_CHUNK), whatever the number of blocks. ``density`` and
+        ``causal`` (the mask lies in the top-left causal triangle) are computed unless given."""
+        bl, hl, nqb, nkb = kinds.shape
+        dev = kinds.device
+        nq, nk = int(shape[0]), int(shape[1])
+        offsets = table_offsets(bl, hl, nqb, nkb)
+        words = bits.numel()
+        data = torch.empty(offsets["bits"][0] + 2 * words, dtype=torch.int32, device=dev)
+
+        def view(name):
+            off, size = offsets[name]
+            return data[off: off + math.prod(size)].view(size)
+
+        view("kinds").copy_(kinds)
+        view("mask_id").copy_(mask_id)
+        lists = dict(full=(FULL, "full_num", "full_idx", None), part=(PARTIAL, "part_num", "part_idx", "part_mid"))
+        step = max(1, _CHUNK // max(1, bl * hl * nkb))
+        for qb0 in range(0, nqb, step):  # forward tables: per query block, its kv blocks
+            k = kinds[:, :, qb0: qb0 + step]
+            for kind, num_name, idx_name, mid_name in lists.values():
+                num, idx = _block_lists(k == kind)
+                view(num_name)[:, :, qb0: qb0 + step] = num
+                view(idx_name)[:, :, qb0: qb0 + step] = idx
+                if mid_name:  # a partial block's mask id beside its index (see part_mid above)
+                    view(mid_name)[:, :, qb0: qb0 + step] = mask_id[:, :, qb0: qb0 + step].gather(-1, idx.long())
+        step = max(1, _CHUNK // max(1, bl * hl * nqb))
+        for kb0 in range(0, nkb, step):  # backward tables: per kv block, the query blocks visiting it
+            k = kinds[:, :, :, kb0: kb0 + step].transpose(-1, -2)
+            for kind, num_name, idx_name, mid_name in lists.values():
+                num, idx = _block_lists(k == kind)
+                view("t_" + num_name)[:, :, kb0: kb0 + step] = num
+                view("t_" + idx_name)[:, :, kb0: kb0 + step] = idx
+                if mid_name:
+                    mid = mask_id[:, :, :, kb0: kb0 + step].transpose(-1, -2)
+                    view("t_" + mid_name)[:, :, kb0: kb0 + step] = mid.gather(-1, idx.long())
+        bits_at = offsets["bits"][0]
+        data[bits_at: bits_at + words] = bits.reshape(-1)
+        data[bits_at + words:] = _pack_bits(_unpack_bits(bits).transpose(-1, -2)).reshape(-1)
+        if density is None:
+            density = _density(kinds, bs, nq, nk)
+        if causal is None:
+            causal = _within_causal(kinds, mask_id, bits, bs)
+        return cls(block_size=bs, shape=(nq, nk), batch=bl, num_heads=hl, data=data, density=density,
+                   causal=causal)
+
+    @classmethod
+    def from_mask_mod(cls, mask_mod, q_len: int, kv_len: int, *, batch: int | None = None, heads: int | None = None,
+                      block_size: int = DEFAULT_BLOCK_SIZE, device=None) -> "Layout":
+        """Exact layout of a mask function, FlexAttention's ``mask_mod(b, h, q_idx, kv_idx) -> bool``.
+
+        It is called as FlexAttention's ``create_mask`` calls it: under ``torch.vmap``, each index a 0-d
+        integer tensor, so index arithmetic and indexing a captured tensor (``doc_ids[b, q_idx]``) work.
+        ``batch`` / ``heads``: None when the mask does not depend on ``b`` / ``h`` (it is called with 0
+        and the layout broadcasts), else the count to evaluate. Built on ``device`` (default CPU) a
+        bounded tile at a time: memory is O(blocks + distinct partial blocks x block_size^2), never an
+        [q_len, kv_len] tensor. A mask_mod from ``fxsparse.patterns`` (``pattern.mask_mod(q_len, kv_len)``)
+        knows which blocks are full or empty without evaluating them; only its partial blocks are
+        evaluated. A generic mask_mod is evaluated at every position (O(q_len x kv_len) work).
+        """
+        if not callable(mask_mod):
+            raise TypeError(f"mask_mod must be a function (b, h, q_idx, kv_idx) -> bool, got {type(mask_mod).__name__}")
+        nq, nk = _count(q_len, "q_len", 1), _count(kv_len, "kv_len", 1)
+        bl = 1 if batch is None else _count(batch, "batch", 1)
+        hl = 1 if heads is None else _count(heads, "heads", 1)
+        bs = _check_block_size_any(block_size)
+        classify = None
+        if hasattr(mask_mod, "block_kinds"):
+            classify = mask_mod.block_kinds(nq, nk, bs, torch.device("cpu") if device is None else torch.device(device))
+        out = _build(mask_mod, nq, nk, bl, hl, bs, device, classify)
+        out.mask_mod = mask_mod
+        return out
+
+    @classmethod
+    def from_block_mask(cls, block_mask, mask_mod=None) -> "Layout":
+        """The layout of a FlexAttention ``BlockMask``: its full blocks stay full, its other listed blocks
+        are evaluated with ``mask_mod`` (default: the BlockMask's own), unlisted blocks are empty.
+        The BlockMask's query and kv block sizes must be equal and one of 32, 64, 128, 256."""
+        qbs, kbs = block_mask.BLOCK_SIZE
+        if qbs != kbs:
+            raise ValueError(f"from_block_mask: the BlockMask's query and kv block sizes differ ({qbs}, {kbs}); "
+                             "build it with one BLOCK_SIZE of 32, 64, 128 or 256")
+        bs = _check_block_size_any(qbs, "the BlockMask's BLOCK_SIZE")
+        nq, nk = (int(n) for n in block_mask.seq_lengths)
+        mask_mod = block_mask.mask_mod if mask_mod is None else mask_mod
+        num, idx = block_mask.kv_num_blocks, block_mask.kv_indices
+        bl, hl, nqb = num.shape
+        nkb = math.ceil(nk / bs)
+        if nqb != math.ceil(nq / bs):
+            raise ValueError(f"from_block_mask: the BlockMask lists {nqb} query blocks for {nq} queries in blocks of "
+                             f"{bs}; expected {math.ceil(nq / bs)} (was it sliced?)")
+        kinds = torch.zeros(bl, hl, nqb, nkb + 1, dtype=torch.int8, device=num.device)  # column nkb: unused slots
+
+        def mark(num, idx, kind):
+            slots = torch.arange(idx.shape[-1], device=idx.device)
+            cols = torch.where(slots < num[..., None], idx.long(), nkb)
+            kinds.scatter_(-1, cols, torch.full(cols.shape, kind, dtype=torch.int8, device=cols.device))
+
+        mark(num, idx, PARTIAL)
+        if block_mask.full_kv_num_blocks is not None:
+            mark(block_mask.full_kv_num_blocks, block_mask.full_kv_indices, FULL)
+        kinds = kinds[..., :nkb].contiguous()
+        out = _build(mask_mod, nq, nk, bl, hl, bs, num.device, lambda qb0, qb1: kinds[:, :, qb0:qb1])
+        out.mask_mod = mask_mod
+        return out
+
+    def to_block_mask(self):
+        """This layout as a FlexAttention ``BlockMask`` (same blocks; its mask_mod gives the exact mask)."""
+        from torch.nn.attention.flex_attention import BlockMask
+
+        mod = self.mask_mod if self.mask_mod is not None else _TableMaskMod(self)
+        return BlockMask.from_kv_blocks(
+            self.part_num.clone(), self.part_idx.clone(), self.full_num.clone(), self.full_idx.clone(),
+            BLOCK_SIZE=self.block_size, mask_mod=mod, seq_lengths=tuple(self.shape))
+
+    def __and__(self, other: "Layout") -> "Layout":
+        """The intersection: allowed where both layouts allow (batch and heads broadcast)."""
+        return _combine(self, other, True)
+
+    def __or__(self, other: "Layout") -> "Layout":
+        """The union: allowed where either layout allows (batch and heads broadcast)."""
+        return _combine(self, other, False)
+
+    def fold_causal(self) -> "Layout":
+        """This layout with the op's ``causal=True`` folded in (key j <= query i, top-left as SDPA's
+        ``is_causal``). The result has ``causal`` True, so ``sparse_attention(..., causal=True)`` skips
+        the kernels' per-element causal test: the layout already holds it."""
+        if self.causal:
+            return self
+        nq, nk = self.shape
+        tri = _build(_causal_mod(0), nq, nk, 1, 1, self.block_size, self.device,
+                     _causal_classify(nq, nk, self.block_size, self.device))
+        return self & tri
 
     def refine(self, block_size: int) -> "Layout":
         """The same mask in smaller blocks (``block_size`` divides this layout's block size).
@@ -301,7 +419,8 @@ class Layout:
 
     def to(self, device) -> "Layout":
         moved = Layout(block_size=self.block_size, shape=self.shape, batch=self.batch, num_heads=self.num_heads,
-                       data=self.data.to(device), density=self.density)
+                       data=self.data.to(device), density=self.density, causal=self.causal)
+        moved.mask_mod = self.mask_mod
         moved.refined.update({bs: fine.to(device) for bs, fine in self.refined.items()})
         return moved
 
@@ -341,3 +460,277 @@ def _check_block_size(bs) -> int:
     if not isinstance(bs, int) or bs not in (32, 64, 128, 256):
         raise ValueError(f"block_size must be one of 32, 64, 128, 256, got {bs!r}")
     return bs
+
+
+def _check_block_size_any(bs, what: str = "block_size") -> int:
+    """An integral block size (Python or numpy int, or an integral 0-d tensor), as an int."""
+    if isinstance(bs, bool) or not isinstance(bs, numbers.Integral):
+        if not (isinstance(bs, torch.Tensor) and bs.dim() == 0 and not bs.is_floating_point() and bs.dtype != torch.bool):
+            raise ValueError(f"{what} must be one of 32, 64, 128, 256, got {bs!r}")
+    return _check_block_size(int(bs))
+
+
+# ------------------------------------------------------------------------------ sizes and checks
+_CHUNK = 1 << 21  # elements (blocks or mask entries) handled at once while building: bounds the scratch memory
+
+
+def _density(kinds: torch.Tensor, bs: int, nq: int, nk: int) -> float:
+    """Share of the [nq, nk] scores that visited blocks compute (edge blocks cut to the sequence),
+    averaged over the mask's batch and heads."""
+    bl, hl, nqb, nkb = kinds.shape
+    last_cols = nk - bs * (nkb - 1)
+    total = torch.zeros(bl, hl, dtype=torch.int64, device=kinds.device)
+    step = max(1, _CHUNK // max(1, bl * hl * nkb))
+    for qb0 in range(0, nqb, step):
+        visited = kinds[:, :, qb0: qb0 + step] != EMPTY
+        cols = bs * visited.sum(-1) - (bs - last_cols) * visited[..., -1]  # scores per row of each block row
+        heights = torch.full((visited.shape[2],), bs, dtype=torch.int64, device=kinds.device)
+        if qb0 + step >= nqb:
+            heights[-1] = nq - bs * (nqb - 1)
+        total += (cols * heights).sum(-1)
+    return float(total.double().mean()) / (nq * nk)
+
+
+def _strict_upper(bs: int, device) -> torch.Tensor:
+    """The packed [bs, bs // 32] mask of the entries above a block's diagonal (key > query)."""
+    r = torch.arange(bs, device=device)
+    return _pack_bits((r[None, :] > r[:, None])[None])[0]
+
+
+def _within_causal(kinds, mask_id, bits, bs: int) -> bool:
+    """Whether every allowed entry has key j <= query i (token indices, top-left as SDPA's is_causal)."""
+    bl, hl, nqb, nkb = kinds.shape
+    step = max(1, _CHUNK // max(1, bl * hl * nkb))
+    cols = torch.arange(nkb, device=kinds.device)
+    for qb0 in range(0, nqb, step):
+        k = kinds[:, :, qb0: qb0 + step]
+        rows = torch.arange(qb0, qb0 + k.shape[2], device=kinds.device)
+        if bool(((k != EMPTY) & (cols[None, :] > rows[:, None])).any()):
+            return False
+    diag = kinds.diagonal(dim1=-2, dim2=-1)
+    if bool((diag == FULL).any()):
+        return False
+    mids = mask_id.diagonal(dim1=-2, dim2=-1)[diag == PARTIAL]
+    if mids.numel() == 0:
+        return True
+    return not bool((bits[mids.long()] & _strict_upper(bs, bits.device)).any())
+
+
+def _count(x, what: str, minimum: int = 0) -> int:
+    """An integral count (Python or numpy int), as an int; a clear error otherwise."""
+    if isinstance(x, bool) or not isinstance(x, numbers.Integral):
+        raise ValueError(f"{what} must be an integer, got {x!r}")
+    if int(x) < minimum:
+        raise ValueError(f"{what} must be >= {minimum}, got {int(x)}")
+    return int(x)
+
+
+# ------------------------------------------------------------------------------ mask functions
+try:  # FlexAttention evaluates mask_mods under this context so that `tensor[idx]` works inside vmap
+    from torch._dynamo._trace_wrapped_higher_order_op import TransformGetItemToIndex as _getitem_as_index
+except ImportError:  # pragma: no cover - older torch
+    _getitem_as_index = contextlib.nullcontext
+
+
+def _mod_error(mask_mod, err) -> ValueError:
+    name = getattr(mask_mod, "__name__", type(mask_mod).__name__)
+    return ValueError(
+        f"mask_mod {name} failed: {type(err).__name__}: {err}. A mask_mod is called as FlexAttention calls it, "
+        "mask_mod(b, h, q_idx, kv_idx) -> bool, each index a 0-d integer tensor under torch.vmap: use tensor "
+        "operations (&, |, ~, torch.where, indexing a captured tensor), not Python `if`, `and` or `.item()`")
+
+
+def _run_mod(mask_mod, fn, dims, args) -> torch.Tensor:
+    """fn(*args) vmapped over ``dims`` (innermost first), each 0-d to the mask_mod; a bool tensor."""
+    for d in dims:
+        fn = torch.vmap(fn, in_dims=d, out_dims=0)
+    try:
+        with _getitem_as_index():
+            out = fn(*args)
+    except Exception as err:
+        raise _mod_error(mask_mod, err) from err
+    if out.dtype != torch.bool:
+        raise TypeError(f"mask_mod {getattr(mask_mod, '__name__', '')} returned {out.dtype}; it must return a "
+                        "bool tensor (True = may attend)")
+    return out
+
+
+def _eval_grid(mask_mod, b, h, q, kv) -> torch.Tensor:
+    """mask_mod on the grid b x h x q x kv (1-D index tensors): bool [len(b), len(h), len(q), len(kv)]."""
+    dims = [(None, None, None, 0), (None, None, 0, None), (None, 0, None, None), (0, None, None, None)]
+    return _run_mod(mask_mod, mask_mod, dims, (b, h, q, kv))
+
+
+def _eval_tiles(mask_mod, b, h, q0, k0, bs: int, nq: int, nk: int) -> torch.Tensor:
+    """mask_mod on P blocks of bs x bs starting at (q0[p], k0[p]) for batch b[p], head h[p]: bool [P, bs, bs];
+    positions past the sequence are False (and the mask_mod sees the last position there instead)."""
+    r = torch.arange(bs, device=q0.device)
+
+    def one(b, h, q0, k0, i, j):
+        return mask_mod(b, h, torch.clamp(q0 + i, max=nq - 1), torch.clamp(k0 + j, max=nk - 1))
+
+    dims = [(None, None, None, None, None, 0), (None, None, None, None, 0, None), (0, 0, 0, 0, None, None)]
+    out = _run_mod(mask_mod, one, dims, (b, h, q0, k0, r, r))
+    inside = ((q0[:, None] + r) < nq)[:, :, None] & ((k0[:, None] + r) < nk)[:, None, :]
+    return out & inside
+
+
+def _build(mask_mod, nq: int, nk: int, bl: int, hl: int, bs: int, device, classify=None) -> "Layout":
+    """The exact Layout of ``mask_mod`` on [bl, hl, nq, nk], in bs-blocks.
+
+    ``classify(qb0, qb1)``, when given, says per block of query blocks [qb0, qb1) x all kv blocks
+    (int8 [bl|1, hl|1, qb1 - qb0, NKB]) which blocks are surely EMPTY or FULL; PARTIAL means "evaluate":
+    only those blocks are evaluated, element by element. Without it every block is evaluated, a
+    bounded tile at a time. Either way evaluated blocks that turn out all True or all False become
+    FULL or EMPTY, so the result equals ``from_mask`` of the materialized mask. Memory: the tables
+    (O(blocks)), the distinct partial blocks' packed masks, and O(_CHUNK) scratch.
+    """
+    device = torch.device("cpu") if device is None else torch.device(device)
+    nqb, nkb = math.ceil(nq / bs), math.ceil(nk / bs)
+    kinds = torch.empty(bl, hl, nqb, nkb, dtype=torch.int8, device=device)
+    mask_id = torch.full((bl, hl, nqb, nkb), -1, dtype=torch.int32, device=device)
+    packed, where = [], []  # packed masks of partial blocks, and their flat block positions
+    if classify is not None:
+        step = max(1, _CHUNK // max(1, bl * hl * nkb))
+        for qb0 in range(0, nqb, step):
+            qb1 = min(nqb, qb0 + step)
+            kinds[:, :, qb0:qb1] = classify(qb0, qb1)
+        todo = (kinds.view(-1) == PARTIAL).nonzero().flatten()  # evaluate these blocks
+        per = max(1, _CHUNK // (bs * bs))
+        for p0 in range(0, todo.numel(), per):
+            flat = todo[p0: p0 + per]
+            kb, rest = flat % nkb, flat // nkb
+            qb, rest = rest % nqb, rest // nqb
+            hi, bi = rest % hl, rest // hl
+            tiles = _eval_tiles(mask_mod, bi, hi, qb * bs, kb * bs, bs, nq, nk)
+            _sort_tiles(tiles, flat, kinds.view(-1), packed, where)
+    else:
+        b, h = torch.arange(bl, device=device), torch.arange(hl, device=device)
+        kv_step = max(1, min(nkb, _CHUNK // (bl * hl * bs * bs)))
+        q_step = max(1, _CHUNK // (bl * hl * bs * bs * kv_step))
+        for qb0 in range(0, nqb, q_step):
+            qb1 = min(nqb, qb0 + q_step)
+            rows = torch.arange(qb0 * bs, qb1 * bs, device=device)
+            for kb0 in range(0, nkb, kv_step):
+                kb1 = min(nkb, kb0 + kv_step)
+                cols = torch.arange(kb0 * bs, kb1 * bs, device=device)
+                m = _eval_grid(mask_mod, b, h, rows.clamp(max=nq - 1), cols.clamp(max=nk - 1))
+                m = m & (rows < nq)[:, None] & (cols < nk)[None, :]
+                tiles = m.reshape(bl, hl, qb1 - qb0, bs, kb1 - kb0, bs).transpose(3, 4)
+                bh = torch.arange(bl * hl, device=device)[:, None, None] * nqb
+                qbs = torch.arange(qb0, qb1, device=device)[None, :, None]
+                blocks = (bh + qbs) * nkb + torch.arange(kb0, kb1, device=device)[None, None, :]
+                _sort_tiles(tiles.reshape(-1, bs, bs), blocks.reshape(-1), kinds.view(-1), packed, where)
+    if packed:
+        allp = torch.cat(packed)
+        uniq, inverse = torch.unique(allp.reshape(allp.shape[0], -1), dim=0, return_inverse=True)
+        mask_id.view(-1)[torch.cat(where)] = inverse.to(torch.int32)
+        bits = uniq.reshape(-1, bs, bs // 32).contiguous()
+    else:
+        bits = torch.zeros(1, bs, bs // 32, dtype=torch.int32, device=device)
+    return Layout._from_kinds(kinds, mask_id, bits, bs, (nq, nk))
+
+
+def _sort_tiles(tiles, flat, kinds_flat, packed: list, where: list) -> None:
+    """Evaluated blocks (bool [P, bs, bs] at flat positions ``flat``) into FULL / EMPTY / PARTIAL;
+    the partial ones' packed masks and positions are appended to ``packed`` and ``where``."""
+    count = tiles.sum((-1, -2))
+    full = count == tiles.shape[-1] * tiles.shape[-2]
+    part = (count > 0) & ~full
+    kinds_flat[flat] = torch.where(full, FULL, torch.where(part, PARTIAL, EMPTY)).to(torch.int8)
+    if bool(part.any()):
+        packed.append(_pack_bits(tiles[part]))
+        where.append(flat[part])
+
+
+def _causal_classify(nq: int, nk: int, bs: int, device, offset: int = 0):
+    """classify for key j <= query i + offset (offset 0: top-left as SDPA's is_causal)."""
+    nkb = math.ceil(nk / bs)
+    c = torch.arange(nkb, device=device)
+
+    def classify(qb0, qb1):
+        a = torch.arange(qb0, qb1, device=device)[:, None]
+        first_q, last_q = a * bs + offset, torch.clamp((a + 1) * bs, max=nq) - 1 + offset
+        first_k, last_k = c * bs, torch.clamp((c + 1) * bs, max=nk) - 1
+        full = (last_k <= first_q) & ((a + 1) * bs <= nq) & ((c + 1) * bs <= nk)
+        empty = first_k > last_q
+        return torch.where(full, FULL, torch.where(empty, EMPTY, PARTIAL)).to(torch.int8)[None, None]
+    return classify
+
+
+def _causal_mod(offset: int = 0):
+    def causal(b, h, q_idx, kv_idx):
+        return kv_idx <= q_idx + offset
+    return causal
+
+
+class _TableMaskMod:
+    """A mask_mod that reads a Layout's tables: the exact mask, for FlexAttention."""
+
+    def __init__(self, layout: "Layout"):
+        self.kinds, self.mask_id, self.bits = layout.kinds, layout.mask_id, layout.bits
+        self.bs, self.batch, self.heads = layout.block_size, layout.batch, layout.num_heads
+        self.__name__ = "layout_mask"
+
+    def __call__(self, b, h, q_idx, kv_idx):
+        b = b if self.batch > 1 else b * 0
+        h = h if self.heads > 1 else h * 0
+        kind = self.kinds[b, h, q_idx // self.bs, kv_idx // self.bs]
+        mid = self.mask_id[b, h, q_idx // self.bs, kv_idx // self.bs].clamp(min=0)
+        word = self.bits[mid, q_idx % self.bs, (kv_idx % self.bs) // 32]
+        bit = (word >> (kv_idx % 32)) & 1
+        return (kind == FULL) | ((kind == PARTIAL) & (bit == 1))
+
+
+def _codes(layout: "Layout", bl: int, hl: int) -> torch.Tensor:
+    """Per block: its partial mask id, -1 for full, -2 for empty (int64 [bl, hl, NQB, NKB])."""
+    k = layout.kinds.expand(bl, hl, -1, -1)
+    mid = layout.mask_id.expand(bl, hl, -1, -1).long()
+    return torch.where(k == PARTIAL, mid, torch.where(k == FULL, -1, -2))
+
+
+def _words(bits: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
+    """Packed masks of blocks by code (see _codes): [U, bs, bs // 32]."""
+    w = bits[code.clamp(min=0)]
+    return torch.where((code >= 0)[:, None, None], w, torch.where((code == -1)[:, None, None], -1, 0).to(w.dtype))
+
+
+def _combine(a: "Layout", b: "Layout", both: bool) -> "Layout":
+    if not isinstance(b, Layout):
+        return NotImplemented
+    op = "&" if both else "|"
+    if tuple(a.shape) != tuple(b.shape):
+        raise ValueError(f"layout {op} layout: shapes (q_len, kv_len) differ, {tuple(a.shape)} and {tuple(b.shape)}")
+    if a.device != b.device:
+        raise ValueError(f"layout {op} layout: devices differ, {a.device} and {b.device}; move one with .to()")
+    for what, x, y in (("batch", a.batch, b.batch), ("heads", a.num_heads, b.num_heads)):
+        if x != y and 1 not in (x, y):
+            raise ValueError(f"layout {op} layout: {what} {x} and {y} do not broadcast (each must be equal or 1)")
+    bs = min(a.block_size, b.block_size)
+    a, b = a.refine(bs), b.refine(bs)
+    bl, hl = max(a.batch, b.batch), max(a.num_heads, b.num_heads)
+    ca, cb = _codes(a, bl, hl), _codes(b, bl, hl)
+    if both:
+        full, empty = (ca == -1) & (cb == -1), (ca == -2) | (cb == -2)
+    else:
+        full, empty = (ca == -1) | (cb == -1), (ca == -2) & (cb == -2)
+    kinds = torch.where(full, FULL, torch.where(empty, EMPTY, PARTIAL)).to(torch.int8)
+    mask_id = torch.full(kinds.shape, -1, dtype=torch.int32, device=kinds.device)
+    cand = kinds == PARTIAL
+    bits = torch.zeros(1, bs, bs // 32, dtype=torch.int32, device=kinds.device)
+    if bool(cand.any()):
+        width = b.bits.shape[0] + 2
+        pairs, inverse = torch.unique((ca[cand] + 2) * width + (cb[cand] + 2), return_inverse=True)
+        wa, wb = _words(a.bits, pairs // width - 2), _words(b.bits, pairs % width - 2)
+        words = wa & wb if both else wa | wb
+        is_full, is_empty = (words == -1).flatten(1).all(1), (words == 0).flatten(1).all(1)
+        pair_kind = torch.where(is_full, FULL, torch.where(is_empty, EMPTY, PARTIAL)).to(torch.int8)
+        pair_mid = torch.full(pair_kind.shape, -1, dtype=torch.int32, device=kinds.device)
+        part = pair_kind == PARTIAL
+        if bool(part.any()):
+            uniq, ids = torch.unique(words[part].flatten(1), dim=0, return_inverse=True)
+            pair_mid[part] = ids.to(torch.int32)
+            bits = uniq.reshape(-1, bs, bs // 32).contiguous()
+        kinds[cand] = pair_kind[inverse]
+        mask_id[cand] = pair_mid[inverse]
+    return Layout._from_kinds(kinds, mask_id, bits, bs, a.shape)
