@@ -2,13 +2,15 @@
 from . import patterns
 from .backend import backend
 from .calibrate import calibrate
-from .layout import Layout
+from .kernels.configs import LaunchConfig
+from .layout import Layout, clear_caches
 from .match import AttentionSite
 from .op import sparse_attention
+from .options import KernelOptions
 from .report import Report, SiteReport, report
-from .rewrite import transform
+from .pipeline import transform
 
 __all__ = [
-    "AttentionSite", "Layout", "Report", "SiteReport", "backend", "calibrate", "patterns", "report",
+    "AttentionSite", "KernelOptions", "Layout", "LaunchConfig", "Report", "SiteReport", "backend", "calibrate", "clear_caches", "patterns", "report",
     "sparse_attention", "transform",
 ]

@@ -20,7 +20,9 @@ class CaptureError(RuntimeError):
     pass
 
 
-class _Tracer(fx.Tracer):
+class Tracer(fx.Tracer):
+    """fx's tracer, proxying buffers too, with the leaf modules and functions libraries ask for."""
+
     proxy_buffer_attributes = True
 
     def __init__(self, leaf_types=(), autowrap_functions=()):
@@ -31,7 +33,7 @@ class _Tracer(fx.Tracer):
         return isinstance(m, self.leaf_types) or super().is_leaf_module(m, qualname)
 
 
-def _library_hints():
+def library_hints():
     """Leaf modules and no-trace functions that libraries registered for fx (timm)."""
     leaf, fns = [], []
     timm_fx = sys.modules.get("timm.layers._fx")
@@ -43,7 +45,7 @@ def _library_hints():
 
 def capture(model: nn.Module, example_inputs=None, concrete_args: Optional[dict] = None) -> fx.GraphModule:
     """The model's forward as a GraphModule; with example inputs, nodes carry shape metadata."""
-    args, kwargs = _split_inputs(example_inputs)
+    args, kwargs = split_inputs(example_inputs)
     try:
         gm = _symbolic(model, concrete_args)
     except Exception as err:  # tracing fails on data-dependent Python control flow
@@ -53,7 +55,7 @@ def capture(model: nn.Module, example_inputs=None, concrete_args: Optional[dict]
                 "Pass `example_inputs=` so fxsparse can capture it with torch.export, or use "
                 "`torch.compile(model, backend=fxsparse.backend(mask_fn))`."
             ) from err
-        gm = _exported(model, args, kwargs, err)
+        gm = _exported(clone_model(model), args, kwargs, err)  # export runs the modules: never the user's
         _clone_module_objects(gm, model)
         _keep_unused_state(gm, model)
         return gm
@@ -64,7 +66,7 @@ def capture(model: nn.Module, example_inputs=None, concrete_args: Optional[dict]
     return gm
 
 
-def _split_inputs(example_inputs):
+def split_inputs(example_inputs):
     if example_inputs is None:
         return (), {}
     if isinstance(example_inputs, dict):
@@ -75,8 +77,8 @@ def _split_inputs(example_inputs):
 
 
 def _symbolic(model: nn.Module, concrete_args) -> fx.GraphModule:
-    leaf, fns = _library_hints()
-    tracer = _Tracer(leaf, fns)
+    leaf, fns = library_hints()
+    tracer = Tracer(leaf, fns)
     graph = tracer.trace(model, concrete_args=concrete_args)
     return fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
 
@@ -180,8 +182,22 @@ def _alias(p, aliases: dict):
     return aliases[id(p)]
 
 
+def clone_model(model: nn.Module) -> nn.Module:
+    """A copy of the module tree that shares the weights' memory and nothing mutable: new module
+    objects of the same classes, new Parameter objects over the same storage (tied weights stay
+    tied), the same buffer tensors, and copies of the modules' Python containers (caches that a
+    forward fills, such as timm's attention-bias dicts, must not be shared with the user's model)."""
+    return _shallow_copy(model, {})
+
+
+_REBUILT = ("_parameters", "_buffers", "_modules")
+
+
 def _shallow_copy(mod: nn.Module, aliases: dict) -> nn.Module:
     new = copy.copy(mod)
+    for key, value in list(new.__dict__.items()):
+        if key not in _REBUILT and isinstance(value, (dict, list, set)):
+            new.__dict__[key] = copy.copy(value)
     new._parameters = type(mod._parameters)((k, _alias(p, aliases)) for k, p in mod._parameters.items())
     new._buffers = type(mod._buffers)(mod._buffers)
     new._non_persistent_buffers_set = set(mod._non_persistent_buffers_set)
@@ -225,7 +241,7 @@ def _keep_unused_state(gm: fx.GraphModule, model: nn.Module):
 
 
 def example_device(example_inputs: Any) -> Optional[torch.device]:
-    args, kwargs = _split_inputs(example_inputs)
+    args, kwargs = split_inputs(example_inputs)
     for x in list(args) + list(kwargs.values()):
         if isinstance(x, torch.Tensor):
             return x.device

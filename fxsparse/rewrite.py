@@ -38,9 +38,28 @@ def fill_bias(bias, mask, value, keep, like):
     return torch.where(masked, torch.as_tensor(value, dtype=base.dtype, device=base.device), base)
 
 
-def zero_scores(q, k):
-    """Zeros shaped like the scores q kᵀ, with no memory behind them."""
-    return q.new_zeros(()).expand(*q.shape[:-1], k.shape[-2])
+def zero_scores(q, k, addend=None, beta=1):
+    """Zeros shaped like the scores q kᵀ, with no memory behind them; plus ``beta * addend``
+    (the input of ``baddbmm``) when given."""
+    lead = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2])
+    zeros = q.new_zeros(()).expand(*lead, q.shape[-2], k.shape[-2])
+    return zeros if addend is None else zeros + (addend if beta == 1 else beta * addend)
+
+
+def split_heads(x, heads):
+    """bmm's [B*H, N, D] as [B, H, N, D] (a view); 4-D tensors as they are."""
+    return x.unflatten(0, (-1, heads)) if x.dim() == 3 else x
+
+
+def merge_heads(out, v):
+    """The op's [B, H, N, D] output back to bmm's [B*H, N, D] when v came in that way."""
+    return out.flatten(0, 1) if v.dim() == 3 and out.dim() == 4 else out
+
+
+def broadcast_query(q, k):
+    """Queries computed from parameters (a pooling head's probe) expanded to the keys' batch."""
+    lead = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2])
+    return q.expand(*lead, *q.shape[-2:])
 
 
 def scale_bias(bias, s, divide):
@@ -115,6 +134,8 @@ def rewrite(gm: fx.GraphModule, matches: list[Match], mask_fn: Callable) -> list
         with gm.graph.inserting_before(m.out):
             if m.mha is not None:
                 new = _emit_mha(gm, m, name)
+            elif m.mha_fn:
+                new = _emit_mha_fn(gm, m, name)
             else:
                 new = _emit_attention(gm, m, name)
         m.out.replace_all_uses_with(new)
@@ -134,6 +155,11 @@ def _emit_attention(gm: fx.GraphModule, m: Match, name: str) -> fx.Node:
         v = g.call_function(torch.einsum, (v_eq, v))
     elif m.k_transposed:
         k = g.call_method("transpose", (k, -2, -1))
+    q0, k0 = q, k  # the product's own operands: the replayed scores have its shape
+    if m.broadcast_q:
+        q = g.call_function(broadcast_query, (q, k))
+    if m.split_heads is not None:
+        q, k, v = (g.call_function(split_heads, (x, m.split_heads)) for x in (q, k, v))
     for s, divide in m.q_scales:
         q = g.call_function(operator.truediv if divide else operator.mul, (q, s))
     for helper, index in m.retarget:
@@ -150,23 +176,39 @@ def _emit_attention(gm: fx.GraphModule, m: Match, name: str) -> fx.Node:
         else:
             bias = g.call_function(scale_bias, (bias, step[1], step[2]))
     if m.replay is not None:
-        bias = _emit_replay(g, m, q, k)
+        bias = _emit_replay(g, m, q0, k0)
     if m.sdpa_mask is not None:
         bias = g.call_function(sdpa_bias, (m.sdpa_mask, q))
     scale = _emit_scale(g, m)
     out = g.call_module(name, (q, k, v), {"bias": bias, "scale": scale, "causal": m.causal})
     if m.einsum is not None:
         out = g.call_function(torch.einsum, (out_eq, out))
+    if m.split_heads is not None:
+        out = g.call_function(merge_heads, (out, m.v))
     return out
 
 
 def _emit_replay(g: fx.Graph, m: Match, q, k):
     """The score steps recomputed on zero scores: their result is the additive bias."""
-    env = {m.scores: g.call_function(zero_scores, (q, k))}
+    addend = m.addend or (None, 1)
+    env = {m.scores: g.call_function(zero_scores, (q, k) + tuple(addend))}
     for node in m.replay:
-        env[node] = g.node_copy(node, lambda n: env.get(n, n))
+        env[node] = new = g.node_copy(node, lambda n: env.get(n, n))
+        new.target = _OUT_OF_PLACE.get(new.target, new.target)  # the zeros are a broadcast view
     m.site.has_bias = True
-    return env[m.replay[-1]]
+    return env[m.replay[-1] if m.replay else m.scores]
+
+
+_aten = torch.ops.aten
+_OUT_OF_PLACE = {
+    operator.imul: operator.mul, operator.itruediv: operator.truediv, operator.iadd: operator.add,
+    _aten.mul_.Tensor: _aten.mul.Tensor, _aten.mul_.Scalar: _aten.mul.Scalar,
+    _aten.div_.Tensor: _aten.div.Tensor, _aten.div_.Scalar: _aten.div.Scalar,
+    _aten.add_.Tensor: _aten.add.Tensor, _aten.add_.Scalar: _aten.add.Scalar,
+    _aten.masked_fill_.Scalar: _aten.masked_fill.Scalar, _aten.masked_fill_.Tensor: _aten.masked_fill.Tensor,
+    "mul_": "mul", "__imul__": "__mul__", "div_": "div", "__itruediv__": "__truediv__", "add_": "add", "__iadd__": "__add__",
+    "masked_fill_": "masked_fill",
+}
 
 
 def _emit_scale(g: fx.Graph, m: Match):
@@ -206,6 +248,22 @@ def _emit_mha(gm: fx.GraphModule, m: Match, name: str) -> fx.Node:
     return g.call_function(mha_output, (out, mod.batch_first, out_w, out_b))
 
 
+def _emit_mha_fn(gm: fx.GraphModule, m: Match, name: str) -> fx.Node:
+    """``F.multi_head_attention_forward`` (inputs and output (seq, batch, embed)) as the op."""
+    g, a = gm.graph, match.mha_fn_args(m.out)
+    if a["use_separate_proj_weight"]:
+        proj = (None, a["in_proj_bias"], a["q_proj_weight"], a["k_proj_weight"], a["v_proj_weight"])
+    else:
+        proj = (a["in_proj_weight"], a["in_proj_bias"])
+    heads = g.call_function(mha_heads, (a["query"], a["key"], a["value"], a["num_heads"], False) + proj)
+    q, k, v = (g.call_function(operator.getitem, (heads, i)) for i in range(3))
+    bias = None
+    if a["key_padding_mask"] is not None or a["attn_mask"] is not None:
+        bias = g.call_function(mha_bias, (a["key_padding_mask"], a["attn_mask"], q))
+    out = g.call_module(name, (q, k, v), {"bias": bias})
+    return g.call_function(mha_output, (out, False, a["out_proj_weight"], a["out_proj_bias"]))
+
+
 def _erase(graph: fx.Graph, m: Match):
     """Erase the attention's own nodes, and any of their inputs left unused."""
     todo = list(m.nodes | m.extra_nodes)
@@ -232,45 +290,7 @@ def _is_pure_view(node: fx.Node) -> bool:
     )
 
 
-# ------------------------------------------------------------------------------ the entry point
-def transform(model: nn.Module, mask_fn: Callable, *, example_inputs=None, concrete_args=None,
-              verbose: bool = False) -> fx.GraphModule:
-    """Rewrite every attention of ``model`` to fxsparse's block-sparse op; ``model`` is untouched.
-
-    ``mask_fn(site)`` returns None (keep the site dense), a bool token mask broadcastable to
-    ``[H|1, site.q_len, site.kv_len]`` (True = may attend) or a ``fxsparse.Layout``. It is called
-    once per site and per sequence length: at transform time when ``example_inputs`` are given,
-    else at the first forward. The result shares the model's parameters and keeps their names.
-    """
-    if is_transformed(model):
-        raise ValueError("this module was already transformed by fxsparse; transform the original model instead")
-    if not callable(mask_fn):
-        raise TypeError(f"mask_fn must be callable (site -> None | bool mask | Layout), got {type(mask_fn).__name__}")
-    gm = capture.capture(model, example_inputs, concrete_args)
-    matches = match.find(gm)
-    skipped = rewrite(gm, matches, mask_fn)
-    gm.fxsparse_skipped = [(m.site, m.skip) for m in skipped]
-    gm.training = model.training
-    for mod in site_modules(gm):  # new modules: in the mode of the module they stand in for
-        mod.training = _owner_training(model, mod.site.name)
-    if example_inputs is not None:
-        device = capture.example_device(example_inputs)
-        if device is not None:
-            prepare_sites(gm, matches, lambda m: device)
-    if verbose:
-        from .report import report
-
-        print(report(gm))
-    return gm
-
-
-def _owner_training(model: nn.Module, name: str) -> bool:
-    try:
-        return model.get_submodule(name).training
-    except AttributeError:
-        return model.training
-
-
+# ------------------------------------------------------------------------------ layouts for the backend
 def prepare_sites(gm: fx.GraphModule, matches: list[Match], device_of: Callable, *, static: bool = False):
     """Lengths are known (example inputs, or a Dynamo graph): call mask_fn now and build the Layouts.
     A site whose lengths are not known waits for its first forward; with ``static`` (the compiler

@@ -4,6 +4,7 @@ keeps the site dense)."""
 from __future__ import annotations
 
 import dataclasses
+from collections import OrderedDict
 from typing import Callable, Optional
 
 import torch
@@ -17,22 +18,30 @@ from .op import kernel_layout, sparse_attention
 _MISSING = object()
 
 
-class SiteError(ValueError):
-    pass
+class SiteError(ValueError, RuntimeError):
+    """A site cannot run as asked; the message names the site and says what to do."""
 
 
 class SiteAttention(nn.Module):
     """One rewritten attention: mask_fn(site) -> Layout, built once per (q_len, kv_len).
 
-    The layout's flat table tensor is a non-persistent buffer (``layout_<q>x<kv>``), so ``.to(device)``
-    moves it with the model, compilers see it as module state, and the state_dict is unchanged.
+    A site keeps the layouts of its ``MAX_LAYOUTS`` most recent (q_len, kv_len) pairs (least
+    recently used first out; ``clear()`` drops them all). Each layout's flat table tensor is a
+    non-persistent buffer (``layout_<q>x<kv>``), so ``.to(device)`` moves it with the model and
+    the state_dict is unchanged. Calls with at most ``SMALL_Q`` queries (decoding with a KV cache)
+    run PyTorch's SDPA with mask_fn's mask as a token mask: exact, and no layout per step.
     """
+
+    MAX_LAYOUTS = 8
+    SMALL_Q = 16
 
     def __init__(self, site: AttentionSite, mask_fn: Callable):
         super().__init__()
         self.site = site
         self.mask_fn = mask_fn
-        self._layouts: dict = {}  # (q_len, kv_len) -> None (dense) | (buffer name, block_size, density, Layout)
+        self.owner = ""  # path of the module whose forward calls this site
+        self.options = None  # fxsparse.KernelOptions for the op, or None
+        self._layouts: OrderedDict = OrderedDict()  # (q_len, kv_len) -> None (dense) | (buffer, block, density, Layout)
         self.recorder = None  # fxsparse.calibrate: called with (site, q, k, bias, scale, causal) before each call
 
     @property
@@ -44,15 +53,21 @@ class SiteAttention(nn.Module):
         entry = self._layouts.get((self.site.q_len, self.site.kv_len))
         return None if entry is None else entry[1:3]
 
+    def clear(self) -> None:
+        """Forget every layout built so far (they are built again on demand)."""
+        for entry in self._layouts.values():
+            if entry is not None and entry[0] is not None:
+                delattr(self, entry[0])
+        self._layouts.clear()
+
     def extra_repr(self) -> str:
         return f"{self.site.name!r}, kind={self.site.kind!r}"
 
     def forward(self, q, k, v, bias=None, scale=None, causal=False):
         if self.training and self.site.dropout > 0:
-            raise RuntimeError(
-                f"{self.site.where}: attention dropout p={self.site.dropout} is active in training mode, but this "
-                "site was rewritten in eval mode; transform the model in training mode (the site is then kept "
-                "as it was) or set the dropout to 0"
+            raise SiteError(
+                f"{self.site.where}: attention dropout p={self.site.dropout} is active in training mode; the sparse "
+                "op has no dropout: set the attention dropout to 0, or keep this site dense (mask_fn returns None)"
             )
         rank, lead = q.dim(), q.shape[:-3]
         q, k, v, bias = _as_4d(q, k, v, bias)
@@ -65,11 +80,18 @@ class SiteAttention(nn.Module):
         try:
             if entry is None:
                 out = _dense_attention(q, k, v, bias, scale, causal)
+            elif entry[0] is None:  # few queries: the token mask on SDPA
+                out = _dense_attention(q, k, v, _mask_bias(entry[3], bias, q), scale, causal)
             else:
                 name, _, _, built = entry  # the tables come from the buffer, which follows .to(device)
                 layout = dataclasses.replace(built, data=getattr(self, name))
-                out = sparse_attention(q, k, v, layout, scale=scale, bias=bias, causal=causal)
+                if self.options is not None:
+                    out = sparse_attention(q, k, v, layout, scale=scale, bias=bias, causal=causal, options=self.options)
+                else:
+                    out = sparse_attention(q, k, v, layout, scale=scale, bias=bias, causal=causal)
         except (ValueError, TypeError) as err:
+            if isinstance(err, SiteError):
+                raise
             raise SiteError(f"{self.site.where}: {err}") from err
         return _from_4d(out, rank, lead)
 
@@ -82,17 +104,33 @@ class SiteAttention(nn.Module):
         site = dataclasses.replace(self.site, num_heads=num_heads, num_kv_heads=num_kv_heads, q_len=q_len,
                                    kv_len=kv_len, head_dim=head_dim)
         self.site = site
-        if (q_len, kv_len) in self._layouts:
-            return self._layouts[(q_len, kv_len)]
+        key = (q_len, kv_len)
+        if key in self._layouts:
+            self._layouts.move_to_end(key)
+            return self._layouts[key]
         layout = _layout_from(self.mask_fn, site)
         entry = None
-        if layout is not None:
+        if layout is not None and q_len <= self.SMALL_Q:
+            entry = (None, layout.block_size, layout.density, layout.to_mask().to(device))
+        elif layout is not None:
             name = f"layout_{q_len}x{kv_len}"
             tables = kernel_layout(layout, head_dim)  # what the kernels walk; the report shows mask_fn's layout
             self.register_buffer(name, tables.data.to(device), persistent=False)
             entry = (name, layout.block_size, layout.density, dataclasses.replace(tables, data=tables.data[:0]))
-        self._layouts[(q_len, kv_len)] = entry
+        self._layouts[key] = entry
+        while len(self._layouts) > self.MAX_LAYOUTS:
+            _, old = self._layouts.popitem(last=False)
+            if old is not None and old[0] is not None:
+                delattr(self, old[0])
         return entry
+
+
+def _mask_bias(mask, bias, like):
+    """A token mask [B|1, H|1, Nq, Nk] (True = may attend) added to an additive bias."""
+    while mask.dim() < 4:
+        mask = mask.unsqueeze(0)
+    base = like.new_zeros(()) if bias is None else bias
+    return torch.where(mask, base, torch.tensor(float("-inf"), dtype=like.dtype, device=like.device))
 
 
 def _as_4d(q, k, v, bias):

@@ -1,0 +1,327 @@
+"""The modules that hold attention sites, rewritten in place of the user's own.
+
+``transform`` finds sites in a graph of the whole model, then gives each site to the smallest
+module whose forward computes all of it: its *owner* (timm's ``Attention``, HF's
+``LlamaAttention``, a user's block). Only owners change; every other module stays the user's
+object and Python code. An owner keeps its class as a base (``isinstance`` holds, attributes and
+methods stay) and gains the site modules as children ``fxsparse_site_<k>``; its forward runs
+the original code with the attention redirected to those site modules, by one of two routes:
+
+* **redirect** (sites that are ``scaled_dot_product_attention`` or ``nn.MultiheadAttention``):
+  the original forward runs under a ``TorchFunctionMode`` that hands the k-th SDPA (or
+  ``multi_head_attention_forward``) call of that forward to the k-th site module. Nothing is
+  traced, so any argument works: KV caches, optional masks, any shape.
+* **graph** (matmul-softmax and einsum sites): the owner's forward is traced with torch.fx once
+  per *call signature* (which arguments are tensors, the values of the others, train/eval), the
+  attention in that graph is rewritten, and the generated code runs with ``self`` being the
+  owner, so parameters are looked up at call time (FSDP2 swaps them in and out).
+
+Both routes are plain Python that Dynamo inlines: ``torch.compile(sparse)`` sees the op.
+"""
+from __future__ import annotations
+
+import functools
+import threading
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.overrides import TorchFunctionMode
+
+from . import capture, match, rewrite
+from .site import SiteAttention, SiteError
+
+_REDIRECTED = {F.scaled_dot_product_attention: "sdpa", F.multi_head_attention_forward: "mha"}
+_local = threading.local()
+
+
+class OwnerState:
+    """What an owner keeps besides its own attributes: its path, sites, route and traced graphs."""
+
+    def __init__(self, path: str, sites: list, kinds: list, route: str):
+        self.path = path
+        self.sites = sites  # per match of this owner, in graph order: site module name, or None (skipped)
+        self.kinds = kinds  # per match: "sdpa", "mha", "matmul-softmax", "einsum"
+        self.route = route  # "redirect" or "graph"
+        self.graphs: dict = {}  # call signature -> generated forward function
+        self.code: dict = {}  # call signature -> the rewritten forward's Python source
+
+    def __getstate__(self):  # traced graphs are rebuilt on first use (deepcopy, pickle)
+        state = dict(self.__dict__)
+        state["graphs"], state["code"] = {}, {}
+        return state
+
+
+# ------------------------------------------------------------------------------ owner classes
+_CLASSES: dict = {}
+
+
+def owner_class(base: type) -> type:
+    """``base`` with its forward redirected to the sites; one class per base, so pickling works."""
+    if base in _CLASSES:
+        return _CLASSES[base]
+
+    @functools.wraps(base.forward)
+    def forward(self, *args, **kwargs):
+        return _owner_forward(self, base, args, kwargs)
+
+    def __reduce_ex__(self, protocol):
+        return _rebuild_owner, (base, self.__dict__)
+
+    cls = type(base.__name__, (base,), {
+        "forward": forward, "__reduce_ex__": __reduce_ex__, "__module__": base.__module__,
+        "__qualname__": base.__qualname__, "_fxsparse_base": base,
+    })
+    _CLASSES[base] = cls
+    return cls
+
+
+def _rebuild_owner(base: type, state: dict):
+    obj = object.__new__(owner_class(base))
+    obj.__dict__.update(state)
+    return obj
+
+
+def make_owner(module: nn.Module, state: OwnerState, site_modules: dict) -> None:
+    """Turn ``module`` (already the transform's own copy) into an owner of ``site_modules``."""
+    for name, site in site_modules.items():
+        module.add_module(name, site)
+    module.__dict__["_fxsparse_owner"] = state
+    module.__class__ = owner_class(type(module))
+
+
+def owner_state(module: nn.Module) -> Optional[OwnerState]:
+    return module.__dict__.get("_fxsparse_owner")
+
+
+def _owner_forward(self, base: type, args, kwargs):
+    state = self.__dict__["_fxsparse_owner"]
+    if state.route == "redirect":
+        with _Redirect(self, state):
+            return base.forward(self, *args, **kwargs)
+    return _graph_forward(self, base, state, args, kwargs)
+
+
+# ------------------------------------------------------------------------------ redirect route
+class _Redirect(TorchFunctionMode):
+    """Hands the k-th SDPA / multi-head attention call of one owner's forward to its k-th site."""
+
+    def __init__(self, owner: nn.Module, state: OwnerState):
+        super().__init__()
+        self.owner, self.state, self.count = owner, state, 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        kind = _REDIRECTED.get(func)
+        if kind is None:
+            return func(*args, **kwargs)
+        k = self.count
+        self.count += 1
+        sites = self.state.sites
+        if k >= len(sites) or sites[k] is None or self.state.kinds[k] != kind:
+            return func(*args, **kwargs)
+        site = getattr(self.owner, sites[k])
+        if kind == "sdpa":
+            return _sdpa_to_site(site, *args, **kwargs)
+        return _mha_to_site(site, *args, **kwargs)
+
+
+def _sdpa_to_site(site: SiteAttention, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
+                  scale=None, enable_gqa=False):
+    if dropout_p:
+        raise SiteError(
+            f"{site.site.where}: attention dropout p={dropout_p} is active (training mode); the sparse op has no "
+            "dropout: set the model's attention dropout to 0 (HF: `attention_dropout=0.0`), or call `.eval()`")
+    bias = rewrite.sdpa_bias(attn_mask, query)
+    return site(query, key, value, bias=bias, scale=scale, causal=bool(is_causal))
+
+
+def _mha_to_site(site: SiteAttention, query, key, value, embed_dim_to_check, num_heads, in_proj_weight,
+                 in_proj_bias, bias_k, bias_v, add_zero_attn, dropout_p, out_proj_weight, out_proj_bias,
+                 training=True, key_padding_mask=None, need_weights=True, attn_mask=None,
+                 use_separate_proj_weight=False, q_proj_weight=None, k_proj_weight=None, v_proj_weight=None,
+                 static_k=None, static_v=None, average_attn_weights=True, is_causal=False):
+    where = site.site.where
+    if bias_k is not None or add_zero_attn or static_k is not None or static_v is not None:
+        raise SiteError(f"{where}: nn.MultiheadAttention with add_bias_kv / add_zero_attn / static k, v is not "
+                        "supported by the rewrite; keep this site dense (mask_fn returns None for it)")
+    if training and dropout_p:
+        raise SiteError(f"{where}: attention dropout p={dropout_p} is active (training mode); the sparse op has no "
+                        "dropout: set the module's dropout to 0, or call `.eval()`")
+    # nn.MultiheadAttention.forward hands this function (seq, batch, embed) inputs
+    if not use_separate_proj_weight:
+        q, k, v = rewrite.mha_heads(query, key, value, num_heads, False, in_proj_weight, in_proj_bias)
+    else:
+        q, k, v = rewrite.mha_heads(query, key, value, num_heads, False, None, in_proj_bias,
+                                    q_proj_weight, k_proj_weight, v_proj_weight)
+    bias = rewrite.mha_bias(key_padding_mask, attn_mask, q)
+    out = site(q, k, v, bias=bias)
+    y, _ = rewrite.mha_output(out, False, out_proj_weight, out_proj_bias)
+    return y, None
+
+
+# ------------------------------------------------------------------------------ graph route
+class _Slot:
+    """Where a tensor argument goes in a call signature."""
+
+    __slots__ = ("i",)
+
+    def __init__(self, i):
+        self.i = i
+
+    def __eq__(self, other):
+        return isinstance(other, _Slot) and other.i == self.i
+
+    def __hash__(self):
+        return hash(("slot", self.i))
+
+
+def _split(obj, tensors: list):
+    """obj with its tensors replaced by slots (hashable), and the tensors in order; _UNTRACEABLE if an
+    argument is neither a tensor nor a plain value (a cache object: the signature is not traceable)."""
+    if isinstance(obj, torch.Tensor):
+        tensors.append(obj)
+        return _Slot(len(tensors) - 1)
+    if obj is None or isinstance(obj, (bool, int, float, str, torch.dtype, torch.device)):
+        return obj
+    if isinstance(obj, (tuple, list)):
+        parts = tuple(_split(x, tensors) for x in obj)
+        return _UNTRACEABLE if any(p is _UNTRACEABLE for p in parts) else (type(obj), parts)
+    if isinstance(obj, dict):
+        items = tuple((k, _split(v, tensors)) for k, v in obj.items())
+        return _UNTRACEABLE if any(p is _UNTRACEABLE for _, p in items) else (dict, items)
+    return _UNTRACEABLE
+
+
+_UNTRACEABLE = object()
+
+
+def _fill(template, tensors):
+    if isinstance(template, _Slot):
+        return tensors[template.i]
+    if isinstance(template, tuple) and len(template) == 2 and template[0] in (tuple, list):
+        return template[0](_fill(x, tensors) for x in template[1])
+    if isinstance(template, tuple) and len(template) == 2 and template[0] is dict:
+        return {k: _fill(v, tensors) for k, v in template[1]}
+    return template
+
+
+def _graph_forward(self, base: type, state: OwnerState, args, kwargs):
+    tensors: list = []
+    arg_t = tuple(_split(a, tensors) for a in args)
+    kw_t = tuple((k, _split(v, tensors)) for k, v in kwargs.items())
+    untraceable = [a for a in arg_t if a is _UNTRACEABLE] + [k for k, v in kw_t if v is _UNTRACEABLE]
+    if untraceable:
+        raise SiteError(
+            f"{state.path or '(root)'}: fxsparse traces this module's forward per call signature, but an argument "
+            f"is neither a tensor nor a plain value ({untraceable[0] if isinstance(untraceable[0], str) else 'positional'}"
+            "); call it with tensors and plain values only")
+    key = (arg_t, kw_t, self.training)
+    fn = state.graphs.get(key)
+    if fn is None:
+        fn = _trace_signature(self, base, state, arg_t, kw_t, len(tensors))
+        state.graphs[key] = fn
+    return fn(self, *tensors)
+
+
+@torch.compiler.disable
+def _trace_signature(owner: nn.Module, base: type, state: OwnerState, arg_t, kw_t, n: int):
+    """Trace the owner's forward for one call signature and rewrite its sites; returns the
+    generated function, to be called as ``fn(owner, *tensors)``."""
+    where = state.path or "(root)"
+
+    def body(self, *tensors):
+        return base.forward(self, *(_fill(a, tensors) for a in arg_t), **{k: _fill(v, tensors) for k, v in kw_t})
+
+    names = ", ".join(f"t{i}" for i in range(n))
+    fwd = eval(f"lambda self{', ' if n else ''}{names}: body(self{', ' if n else ''}{names})", {"body": body})
+    shim = object.__new__(type(base.__name__, (base,), {"forward": fwd}))
+    shim.__dict__.update(owner.__dict__)
+    leaf, fns = capture.library_hints()
+    tracer = capture.Tracer(leaf, fns)
+    try:
+        graph = tracer.trace(shim)
+    except Exception as err:
+        raise SiteError(
+            f"{where}: torch.fx could not trace {base.__name__}.forward on its own ({type(err).__name__}: {err}); "
+            "keep its sites dense (mask_fn returns None for them)") from err
+    gm = fx.GraphModule(shim, graph, class_name=base.__name__)
+    found = match.find(gm)
+    if len(found) != len(state.sites) or any(
+            k != m.site.kind and not (k == "mha" and m.mha is not None) for k, m in zip(state.kinds, found)):
+        raise SiteError(
+            f"{where}: traced on its own, {base.__name__}.forward has {len(found)} attention(s) where the whole "
+            f"model showed {len(state.sites)}; this call signature takes another path through the code")
+    todo = []
+    for k, (m, name) in enumerate(zip(found, state.sites)):
+        if name is None:
+            continue
+        if m.skip is not None:
+            site = getattr(owner, name).site
+            if site.dropout or "dropout" in m.skip:
+                raise SiteError(
+                    f"{site.where}: attention dropout p={m.site.dropout} is active in training mode; the sparse op "
+                    "has no dropout: set the attention dropout to 0, or keep this site dense (mask_fn returns None)")
+            raise SiteError(f"{site.where}: in this call the attention cannot be rewritten: {m.skip}")
+        m.site.index = int(name.rsplit("_", 1)[1])
+        todo.append(m)
+    rewrite.rewrite(gm, todo, _unused_mask_fn)
+    _check_resolvable(gm, owner, where)
+    state.code[(arg_t, kw_t, owner.training)] = gm.code
+    return type(gm).forward
+
+
+def _unused_mask_fn(site):  # the owner's own site modules (with the user's mask_fn) run, not these
+    raise AssertionError("unreachable")
+
+
+def _check_resolvable(gm: fx.GraphModule, owner: nn.Module, where: str):
+    """The generated code looks its attributes up on the owner: tensor constants the trace made
+    become non-persistent buffers of the owner."""
+    changed = False
+    for node in gm.graph.nodes:
+        if node.op not in ("get_attr", "call_module"):
+            continue
+        if _resolves(owner, node.target):
+            continue
+        if node.op == "call_module":
+            raise SiteError(f"{where}: the traced forward calls a module {node.target!r} the owner does not have")
+        value = _lookup(gm, node.target)
+        name = f"_fxsparse_const_{len(owner._buffers)}"
+        owner.register_buffer(name, value, persistent=False)
+        node.target = name
+        changed = True
+    if changed:
+        gm.recompile()
+
+
+def _resolves(obj, target: str) -> bool:
+    for part in target.split("."):
+        if not hasattr(obj, part):
+            return False
+        obj = getattr(obj, part)
+    return True
+
+
+def _lookup(obj, target: str):
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def rewritten_code(module: nn.Module) -> str:
+    """The Python source of every owner's rewritten forward traced so far (graph route), for reading."""
+    parts = []
+    for path, mod in owners(module):
+        for code in owner_state(mod).code.values():
+            parts.append(f"# {path or '(root)'}\n{code}")
+    return "\n".join(parts)
+
+
+def owners(module: nn.Module) -> list:
+    """(path, module) of every owner in ``module``."""
+    return [(p, m) for p, m in module.named_modules() if owner_state(m) is not None]
+
+
+__all__ = ["OwnerState", "make_owner", "owner_class", "owner_state", "owners", "rewritten_code"]

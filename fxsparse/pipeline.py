@@ -1,0 +1,109 @@
+"""``fxsparse.transform``: the user's model back, with each attention rewritten inside its owner.
+
+1. capture: a graph of the whole model (torch.fx; torch.export with example inputs), used only
+   to *find* sites; nothing of it is handed back;
+2. match: the attention sites of that graph (``match.find``);
+3. owners: each site goes to the smallest module whose forward computes all of its nodes (node
+   metadata ``nn_module_stack`` says which module each node came from);
+4. rewrite: a copy of the model (same classes, the weights' memory shared, nothing mutable shared)
+   in which only the owners change (``owner.py``), each holding its sites' ``SiteAttention``
+   modules; the report lists every site, rewritten, dense or skipped with its reason.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from . import capture, match
+from .owner import OwnerState, make_owner
+from .site import SiteAttention, is_transformed
+
+_REDIRECTABLE = {"sdpa", "mha"}
+
+
+def transform(model: nn.Module, mask_fn: Callable, *, example_inputs=None, concrete_args: Optional[dict] = None,
+              options=None, verbose: bool = False) -> nn.Module:
+    """Rewrite every attention of ``model`` to fxsparse's block-sparse op; ``model`` is untouched.
+
+    Returns an object of the model's own class that shares its weights' memory: containers,
+    methods, hooks, ``state_dict`` keys, checkpointing, FSDP2 and ``generate()`` work as on the
+    original. Only the modules that hold an attention change (they keep their class as a base).
+
+    ``mask_fn(site)`` returns None (keep the site dense), a bool token mask broadcastable to
+    ``[H|1, site.q_len, site.kv_len]`` (True = may attend) or a ``fxsparse.Layout``. It is called
+    once per site and per sequence length, at the first forward at that length. ``example_inputs``
+    (a tensor, a tuple of positional arguments, or a dict of keyword arguments) are needed only for
+    models torch.fx cannot trace (captured with torch.export); given, the model runs once on them
+    in eval mode without gradients, so layouts are built and the report is complete at once.
+    """
+    if is_transformed(model):
+        raise ValueError("this module was already transformed by fxsparse; transform the original model instead")
+    if not callable(mask_fn):
+        raise TypeError(f"mask_fn must be callable (site -> None | bool mask | Layout), got {type(mask_fn).__name__}")
+    gm = capture.capture(model, example_inputs, concrete_args)
+    matches = match.find(gm)
+    facts = match.GraphFacts(gm)
+    sparse = capture.clone_model(model)
+    by_owner: dict = {}
+    for m in matches:
+        by_owner.setdefault(owner_path(m, facts), []).append(m)
+    skipped = []
+    for path, owned in by_owner.items():
+        sites, kinds, modules = [], [], {}
+        for k, m in enumerate(owned):
+            kinds.append(m.site.kind)
+            if m.skip is not None:
+                skipped.append((m.site, m.skip))
+                sites.append(None)
+                continue
+            name = f"fxsparse_site_{k}"
+            site_module = SiteAttention(m.site, mask_fn)
+            site_module.owner = path
+            site_module.options = options
+            modules[name] = site_module
+            sites.append(name)
+        if not modules:
+            continue
+        route = "redirect" if set(kinds) <= _REDIRECTABLE else "graph"
+        owner = sparse.get_submodule(path) if path else sparse
+        make_owner(owner, OwnerState(path, sites, kinds, route), modules)
+        for site_module in modules.values():
+            site_module.training = owner.training
+    sparse.__dict__["fxsparse_skipped"] = skipped
+    if example_inputs is not None:
+        warm_up(sparse, example_inputs)
+    if verbose:
+        from .report import report
+
+        print(report(sparse))
+    return sparse
+
+
+def owner_path(m: match.Match, facts: match.GraphFacts) -> str:
+    """The smallest module whose forward computes every node of the site."""
+    if m.mha is not None:  # the module that calls nn.MultiheadAttention: its fast paths then stay off
+        return facts.module_path(m.out)
+    paths = [facts.module_path(n).split(".") for n in m.nodes]
+    common = paths[0] if paths else [""]
+    for p in paths[1:]:
+        n = 0
+        while n < min(len(common), len(p)) and common[n] == p[n]:
+            n += 1
+        common = common[:n]
+    return ".".join(part for part in common if part)
+
+
+def warm_up(sparse: nn.Module, example_inputs) -> None:
+    """One forward on the example inputs, in eval mode and without gradients: every owner traces
+    its call signature and every site builds its layout for these lengths."""
+    modes = {m: m.training for m in sparse.modules()}
+    sparse.eval()
+    try:
+        args, kwargs = capture.split_inputs(example_inputs)
+        with torch.no_grad():
+            sparse(*args, **kwargs)
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
