@@ -3,6 +3,10 @@
     PYTHONPATH=. python benchmarks/attention.py                 # the full table (GPU), JSON in benchmarks/out/
     PYTHONPATH=. python benchmarks/attention.py --check         # correctness at real shapes first
     PYTHONPATH=. python benchmarks/attention.py --sweep         # kernel launch configs (CUDA-graph replays)
+    PYTHONPATH=. python benchmarks/attention.py --shapes 8x16x4096x64 --options '{"forward_descriptors": true}'
+
+--options takes a fxsparse.KernelOptions as JSON of the fields to change (LaunchConfigs as lists:
+"forward_config": [rows, cols, warps, stages]); every fxsparse call of the run uses it.
 
 Masks are 1-D local windows |i - j| <= w, w chosen so that the 128-block density is near the target.
 "Useful" TFLOP/s counts the FLOPs of the blocks a method computes: density x dense FLOPs for the
@@ -11,6 +15,7 @@ block-sparse methods, dense FLOPs for SDPA (forward 4·N²·D per head, backward
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -21,6 +26,8 @@ import torch.nn.functional as F
 
 import fxsparse
 from fxsparse import Layout
+
+OPTIONS = {}  # keyword arguments of every fxsparse call: {"options": KernelOptions} when --options is given
 
 SHAPES = [(8, 12, 4096, 64), (2, 16, 16384, 64), (1, 16, 32768, 128), (64, 12, 1024, 64)]
 DENSITIES = [0.03, 0.10, 0.25, 1.0]
@@ -111,7 +118,7 @@ def run_table(shapes, densities, modes, methods, block_sizes=(BLOCK,), progress=
                 lay = layout if bs == BLOCK else Layout.from_mask(mask, block_size=bs)
                 tag = "" if bs == block_sizes[0] else f"-b{bs}"
                 own_density[f"fxsparse{tag}"] = own_density[f"fxsparse{tag}-graph"] = lay.density
-                fns[f"fxsparse{tag}"] = lambda lay=lay: fxsparse.sparse_attention(q, k, v, lay)
+                fns[f"fxsparse{tag}"] = lambda lay=lay: fxsparse.sparse_attention(q, k, v, lay, **OPTIONS)
             if "flex" in methods:
                 flex = make_flex(n, w, dev)
                 fns["flex"] = lambda: flex(q, k, v)
@@ -195,6 +202,8 @@ def check(shapes):
         dict(b=1, h=4, hkv=4, n=777, d=128, dens=0.25, bias=True, causal=True, dtype=torch.float32),
         dict(b=1, h=4, hkv=1, n=513, d=96, dens=0.5, bias=False, causal=False, dtype=torch.bfloat16),
         dict(b=1, h=2, hkv=2, n=300, d=256, dens=0.5, bias=False, causal=False, dtype=torch.bfloat16),
+        dict(b=2, h=8, hkv=8, n=1500, d=64, dens=0.2, bias=False, causal=True, dtype=torch.bfloat16),
+        dict(b=2, h=8, hkv=4, n=2000, d=128, dens=0.15, bias=False, causal=True, dtype=torch.bfloat16),
     ]
     for c in cases:
         b, h, hkv, n, d, dt = c["b"], c["h"], c["hkv"], c["n"], c["d"], c["dtype"]
@@ -207,7 +216,7 @@ def check(shapes):
         mask = window_mask(n, max(16, int(c["dens"] * n / 2)), dev) & (torch.rand(h, n, n, device=dev, generator=g) < 0.9)
         bias = torch.randn(1, h, n, n, device=dev, generator=g).requires_grad_() if c["bias"] else None
         layout = Layout.from_mask(mask, block_size=BLOCK)
-        out = fxsparse.sparse_attention(q, k, v, layout, bias=bias, causal=c["causal"])
+        out = fxsparse.sparse_attention(q, k, v, layout, bias=bias, causal=c["causal"], **OPTIONS)
         # reference: fp32 math
         full = mask & (torch.ones(n, n, device=dev, dtype=torch.bool).tril() if c["causal"] else True)
         add = torch.zeros(h, n, n, device=dev).masked_fill(~full, float("-inf"))
@@ -235,8 +244,10 @@ def check(shapes):
     return results
 
 
-def sweep(shape, density, block=BLOCK):
-    from fxsparse.kernels.attention import KNOBS  # launch configs tried in turn
+def sweep(shape, density, block=BLOCK, fwd_configs=(), bwd_configs=()):
+    """Launch configs tried in turn, each as the only plan of its kernel (bwd: the same config for the
+    dq and the dk/dv kernel; rows are each kernel's own: query rows for dq, kv rows for dk/dv)."""
+    from fxsparse import KernelOptions, LaunchConfig
 
     b, h, n, d = shape
     dev = "cuda"
@@ -246,30 +257,34 @@ def sweep(shape, density, block=BLOCK):
     rows = []
     useful = 4 * b * h * n * n * d * layout.density
     spin()
-    for cfg in [] if os.environ.get("SWEEP_FWD") == "none" else os.environ.get(
-            "SWEEP_FWD", "128,128,8,3;64,64,4,3;64,64,4,4;64,64,4,2;64,32,4,3;128,64,4,3;64,128,4,2").split(";"):
-        KNOBS["FXSPARSE_FWD_CONFIG"] = cfg
-        try:
-            with torch.no_grad():
-                ms = bench(graphed(lambda: fxsparse.sparse_attention(q, k, v, layout)))
-        except Exception as e:
-            print(cfg, type(e).__name__, str(e)[:120])
-            continue
-        rows.append(dict(shape=str(shape), block=block, density=round(layout.density, 3), kernel="fwd", config=cfg, ms=round(ms, 4), useful_tflops=round(useful / ms / 1e9, 1)))
-        print(rows[-1], flush=True)
-    KNOBS["FXSPARSE_FWD_CONFIG"] = None
-    for cfg in [] if os.environ.get("SWEEP_BWD") == "none" else os.environ.get("SWEEP_BWD", "64,64,64,64,4,3;64,64,64,64,4,4;64,32,64,32,4,3;32,64,64,32,4,3;"
-                              "64,64,64,64,8,3;128,64,128,64,8,3;64,64,32,64,4,3").split(";"):
-        KNOBS["FXSPARSE_BWD_CONFIG"] = cfg
-        try:
-            ms = bench(graphed(lambda: fxsparse.sparse_attention(q, k, v, layout).backward(dout), grad=True))
-        except Exception as e:  # a config that does not fit this GPU's shared memory
-            print(cfg, type(e).__name__, str(e)[:120])
-            continue
-        rows.append(dict(shape=str(shape), block=block, density=round(layout.density, 3), kernel="fwd+bwd", config=cfg, ms=round(ms, 4), useful_tflops=round(3.5 * useful / ms / 1e9, 1)))
-        print(rows[-1], flush=True)
-    KNOBS["FXSPARSE_BWD_CONFIG"] = None
+    base = OPTIONS.get("options", KernelOptions())
+    for kernel, configs in (("fwd", fwd_configs), ("fwd+bwd", bwd_configs)):
+        for cfg in configs:
+            config = LaunchConfig(*(int(x) for x in cfg.split(",")))
+            if kernel == "fwd":
+                opts = dataclasses.replace(base, forward_config=config)
+                run, grad = (lambda: fxsparse.sparse_attention(q, k, v, layout, options=opts)), False
+            else:
+                opts = dataclasses.replace(base, dq_config=config, dkdv_config=config)
+                run, grad = (lambda: fxsparse.sparse_attention(q, k, v, layout, options=opts).backward(dout)), True
+            try:
+                with torch.set_grad_enabled(grad):
+                    ms = bench(graphed(run, grad=grad))
+            except Exception as e:  # a config that does not fit this GPU's shared memory
+                print(cfg, type(e).__name__, str(e)[:120])
+                continue
+            flops = useful * (3.5 if grad else 1.0)
+            rows.append(dict(shape=str(shape), block=block, density=round(layout.density, 3), kernel=kernel,
+                             config=cfg, ms=round(ms, 4), useful_tflops=round(flops / ms / 1e9, 1)))
+            print(rows[-1], flush=True)
     return rows
+
+
+def parse_shapes(spec: str):
+    """"all", indices into SHAPES ("0,3") or shapes ("8x16x4096x64,4x16x16384x128")."""
+    if spec == "all":
+        return SHAPES
+    return [tuple(int(x) for x in s.split("x")) if "x" in s else SHAPES[int(s)] for s in spec.split(",")]
 
 
 def main():
@@ -280,8 +295,13 @@ def main():
     p.add_argument("--sweep", action="store_true")
     p.add_argument("--table", action="store_true")
     p.add_argument("--sweep-points", default="0:0.10:128;0:1.0:128;2:0.10:128",
-                   help="shape index:density:block size; ... (launch configs from SWEEP_FWD / SWEEP_BWD)")
-    p.add_argument("--shapes", default="all", help="indices into SHAPES, e.g. 0,3")
+                   help="shape index:density:block size; ... (launch configs from --fwd-configs / --bwd-configs)")
+    p.add_argument("--fwd-configs", default="128,128,8,3;64,64,4,3;64,64,4,4;64,64,4,2;64,32,4,3;128,64,4,3;64,128,4,2",
+                   help="forward LaunchConfigs rows,cols,warps,stages; ... ('' for none)")
+    p.add_argument("--bwd-configs", default="64,64,4,3;64,64,4,4;64,32,4,3;32,64,4,3;64,64,8,3;128,64,8,3",
+                   help="backward LaunchConfigs (dq and dk/dv alike) rows,cols,warps,stages; ... ('' for none)")
+    p.add_argument("--options", default="", help="a KernelOptions as JSON, for every fxsparse call")
+    p.add_argument("--shapes", default="all", help="indices into SHAPES (0,3) or shapes (8x16x4096x64,...)")
     p.add_argument("--densities", default=",".join(map(str, DENSITIES)))
     p.add_argument("--modes", default="fwd,fwd+bwd")
     p.add_argument("--methods", default="fxsparse,flex,sdpa-dense,sdpa-mask",
@@ -289,15 +309,21 @@ def main():
                         "without host overhead; forward+backward replays accumulate the gradients)")
     p.add_argument("--block-sizes", default=str(BLOCK),
                    help="fxsparse layouts of these block sizes, e.g. 128,64 (the first is 'fxsparse', the others "
-                        "'fxsparse-bNN'); at head dims <= 64 the kernels walk 64-blocks anyway unless FXSPARSE_REFINE=0")
+                        "'fxsparse-bNN'); at head dims <= 64 the kernels walk 64-blocks anyway unless the options "
+                        "say refine=false")
     p.add_argument("--repeats", type=int, default=1, help="measure each method this many times, in turns; report the median")
-    p.add_argument("--out", default=os.environ.get("OUT", "benchmarks/out"))
+    p.add_argument("--out", default="benchmarks/out")
     a = p.parse_args()
-    shapes = SHAPES if a.shapes == "all" else [SHAPES[int(i)] for i in a.shapes.split(",")]
+    shapes = parse_shapes(a.shapes)
+    if a.options:
+        from fxsparse.options import decode
+
+        OPTIONS["options"] = decode(a.options)
     os.makedirs(a.out, exist_ok=True)
     import triton
 
-    env = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__)
+    env = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+               fxsparse=os.path.dirname(fxsparse.__file__), options=a.options)
     print(env)
     result = dict(env=env)
     if a.check:
@@ -308,7 +334,8 @@ def main():
             print("CHECK FAILED")
     if a.sweep:
         points = [p.split(":") for p in a.sweep_points.split(";")]  # shape index : density : block
-        res = [r for i, dens, bs in points for r in sweep(SHAPES[int(i)], float(dens), int(bs))]
+        fwd, bwd = ([c for c in cs.split(";") if c] for cs in (a.fwd_configs, a.bwd_configs))
+        res = [r for i, dens, bs in points for r in sweep(SHAPES[int(i)], float(dens), int(bs), fwd, bwd)]
         result["sweep"] = res
         print(tabulate(res, headers="keys"))
     if a.table or not (a.check or a.sweep):

@@ -2,6 +2,7 @@
 
     PYTHONPATH=. python benchmarks/overhead.py            # table of µs per call, then a cProfile summary
     PYTHONPATH=. python benchmarks/overhead.py 8,12,4096,64,128   # host issue time vs GPU time at a real shape
+    PYTHONPATH=. python benchmarks/overhead.py 8,12,4096,64,128 --gc-freeze   # the same, gc.freeze() first
 
 Each row times N calls back to back on a 1x1x128x64 problem (the GPU finishes each call long before
 the host issues the next), so the time per call is the host's.
@@ -11,6 +12,7 @@ from __future__ import annotations
 import cProfile
 import gc
 import io
+import json
 import os
 import pstats
 import sys
@@ -21,7 +23,7 @@ from tabulate import tabulate
 
 import fxsparse
 from fxsparse import Layout
-from fxsparse.kernels import attention as kernels
+from fxsparse.kernels import launch as kernels
 
 
 def per_call_us(fn, n=300) -> float:
@@ -52,7 +54,7 @@ def issue_vs_gpu(fn, n=50):
     return host / n * 1e6, start.elapsed_time(end) / n * 1e3
 
 
-def at_shape(spec: str):
+def at_shape(spec: str, gc_freeze: bool = False):
     """Host issue time against GPU time of forward+backward at a real shape, "B,H,N,D,window" as in
     trace_backward.py (fxsparse eager path, the custom-op path, FlexAttention)."""
     import fxsparse.op as op
@@ -73,7 +75,7 @@ def at_shape(spec: str):
         return run
 
     rows = []
-    if os.environ.get("GC_FREEZE") == "1":  # move every object alive now out of the collector's sight
+    if gc_freeze:  # move every object alive now out of the collector's sight
         gc.collect()
         gc.freeze()
     rows.append(("fxsparse eager path",) + issue_vs_gpu(step(lambda: fxsparse.sparse_attention(q, k, v, layout))))
@@ -88,11 +90,21 @@ def at_shape(spec: str):
     print(f"{b}x{h}x{n}x{d}, window {w}, forward+backward unless named; gc objects tracked {len(gc.get_objects())}, "
           f"frozen {gc.get_freeze_count()}")
     print(tabulate(rows, headers=["what", "host µs to issue", "GPU µs per call"], floatfmt=".1f"))
+    _write_json("overhead-at-shape.json", dict(shape=spec, rows=[dict(what=r[0], host_us=r[1], gpu_us=r[2]) for r in rows]))
+
+
+def _write_json(name: str, result: dict):
+    """Raw output under the ignored benchmarks/out/."""
+    out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
+    os.makedirs(out, exist_ok=True)
+    env = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__)
+    with open(os.path.join(out, name), "w") as f:
+        json.dump(dict(env=env, **result), f, indent=1)
 
 
 def main():
-    if len(sys.argv) > 1:  # B,H,N,D,window
-        return at_shape(sys.argv[1])
+    if len(sys.argv) > 1:  # B,H,N,D,window [--gc-freeze]
+        return at_shape(sys.argv[1], "--gc-freeze" in sys.argv[2:])
     dev = "cuda"
     q, k, v = (torch.randn(1, 1, 128, 64, device=dev, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     dout = torch.randn_like(q)
@@ -131,6 +143,7 @@ def main():
     rows.append(("SDPA forward + backward (reference)", per_call_us(
         lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v).backward(dout))))
     print(tabulate(rows, headers=["what", "µs per call"], floatfmt=".1f"))
+    _write_json("overhead.json", dict(rows=[dict(what=w, us=us) for w, us in rows]))
 
     prof = cProfile.Profile()
     prof.enable()

@@ -4,9 +4,13 @@ Target: at 24 layers the transform costs at most 3x the bare trace, and it grows
 depth. Model construction is outside both measurements; each is the best of a few repeats.
 
     .venv/bin/python benchmarks/transform.py [--repeats 3] [--depths 12 24 48]
+
+Prints a table; the raw numbers go to benchmarks/out/transform.json (ignored by git).
 """
 import argparse
 import gc
+import json
+import os
 import time
 
 import timm
@@ -82,6 +86,12 @@ def main():
           f"best of {args.repeats}")
     print(tabulate(rows, headers=["depth", "trace s", "transform s", "ratio", "transform ms/layer"],
                    floatfmt=("d", ".3f", ".3f", ".2f", ".1f")))
+    out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "transform.json"), "w") as f:
+        json.dump(dict(torch=torch.__version__, threads=torch.get_num_threads(), bare_trace=trace_name,
+                       rows=[dict(zip(("depth", "trace_s", "transform_s", "ratio", "transform_ms_per_layer"), r))
+                             for r in rows]), f, indent=1)
     ratio24 = {r[0]: r[3] for r in rows}.get(24)
     if ratio24 is not None:
         print(f"target ratio <= 3 at depth 24: {'met' if ratio24 <= 3 else 'NOT met'} "

@@ -17,11 +17,11 @@ from torch import Tensor
 
 from . import reference
 from .layout import Layout
+from .options import KernelOptions, decode, encode
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # read once, as triton does at import
-_REFINE = os.environ.get("FXSPARSE_REFINE", "1") != "0"  # FXSPARSE_REFINE=0: kernels walk the layout as given
-_kernels = None  # fxsparse.kernels.attention, imported on first use: triton is not needed on CPU
+_kernels = None  # fxsparse.kernels.launch, imported on first use: triton is not needed on CPU
 _dense_layouts: dict = {}
 
 
@@ -34,9 +34,9 @@ def _impl(q: Tensor):
     global _kernels
     if _use_triton(q):
         if _kernels is None:
-            from .kernels import attention
+            from .kernels import launch
 
-            _kernels = attention
+            _kernels = launch
         return _kernels
     return reference
 
@@ -49,30 +49,37 @@ def _new_out(q: Tensor, dv: int) -> Tensor:
 
 
 # ------------------------------------------------------------------------------------- the op
-def _forward(q, k, v, layout, layout_batch, layout_heads, bias, scale, block_size, causal):
+def _launch_options(impl, options: str) -> dict:
+    """The Triton kernels' KernelOptions, from the op's string argument; the CPU paths take none."""
+    return {"options": decode(options)} if impl is _kernels else {}
+
+
+def _forward(q, k, v, layout, layout_batch, layout_heads, bias, scale, block_size, causal, options=""):
     impl = _impl(q)
     out = _new_out(q, v.shape[-1])
-    lse = impl.forward(q, k, v, (layout, layout_batch, layout_heads), bias, scale, block_size, causal, out)
+    lse = impl.forward(q, k, v, (layout, layout_batch, layout_heads), bias, scale, block_size, causal, out,
+                       **_launch_options(impl, options))
     return out, lse
 
 
 def _backward_impl(dout, q, k, v, out, lse, layout, layout_batch, layout_heads, bias, scale, block_size, causal,
-                   bias_grad):
+                   bias_grad, options=""):
     impl = _impl(q)
     tables = (layout, layout_batch, layout_heads)
-    return impl.backward(dout, q, k, v, out, lse, tables, bias, scale, block_size, causal, bias_grad)
+    return impl.backward(dout, q, k, v, out, lse, tables, bias, scale, block_size, causal, bias_grad,
+                         **_launch_options(impl, options))
 
 
 @torch.library.custom_op("fxsparse::sparse_attention", mutates_args=())
 def _sparse_attention_op(
     q: Tensor, k: Tensor, v: Tensor, layout: Tensor, layout_batch: int, layout_heads: int,
-    bias: Optional[Tensor], scale: float, block_size: int, causal: bool,
+    bias: Optional[Tensor], scale: float, block_size: int, causal: bool, options: str = "",
 ) -> tuple[Tensor, Tensor]:
-    return _forward(q, k, v, layout, layout_batch, layout_heads, bias, scale, block_size, causal)
+    return _forward(q, k, v, layout, layout_batch, layout_heads, bias, scale, block_size, causal, options)
 
 
 @_sparse_attention_op.register_fake
-def _(q, k, v, layout, layout_batch, layout_heads, bias, scale, block_size, causal):
+def _(q, k, v, layout, layout_batch, layout_heads, bias, scale, block_size, causal, options=""):
     b, h, nq, _ = q.shape
     return _new_out(q, v.shape[-1]), q.new_empty(b, h, 2, nq, dtype=reference.acc_dtype(q))
 
@@ -81,14 +88,16 @@ def _(q, k, v, layout, layout_batch, layout_heads, bias, scale, block_size, caus
 def _sparse_attention_backward_op(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, layout: Tensor, layout_batch: int,
     layout_heads: int, bias: Optional[Tensor], scale: float, block_size: int, causal: bool, bias_grad: bool,
+    options: str = "",
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     dq, dk, dv, dbias = _backward_impl(dout, q, k, v, out, lse, layout, layout_batch, layout_heads, bias, scale,
-                                       block_size, causal, bias_grad)
+                                       block_size, causal, bias_grad, options)
     return dq, dk, dv, dbias if dbias is not None else q.new_empty(0, dtype=reference.acc_dtype(q))
 
 
 @_sparse_attention_backward_op.register_fake
-def _(dout, q, k, v, out, lse, layout, layout_batch, layout_heads, bias, scale, block_size, causal, bias_grad):
+def _(dout, q, k, v, out, lse, layout, layout_batch, layout_heads, bias, scale, block_size, causal, bias_grad,
+      options=""):
     b, h, nq, _ = q.shape
     acc = reference.acc_dtype(q)
     dbias = q.new_empty(b, h, nq, k.shape[2], dtype=acc) if bias_grad else q.new_empty(0, dtype=acc)
@@ -96,8 +105,9 @@ def _(dout, q, k, v, out, lse, layout, layout_batch, layout_heads, bias, scale, 
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, layout, layout_batch, layout_heads, bias, scale, block_size, causal = inputs
+    q, k, v, layout, layout_batch, layout_heads, bias, scale, block_size, causal, *options = inputs
     out, lse = output
+    ctx.options = options[0] if options else ""
     ctx.save_for_backward(q, k, v, out, lse, bias, layout)
     ctx.layout_batch, ctx.layout_heads = layout_batch, layout_heads
     ctx.scale, ctx.block_size, ctx.causal = scale, block_size, causal
@@ -109,10 +119,10 @@ def _backward(ctx, dout, dlse, backward_op=_sparse_attention_backward_op):
     q, k, v, out, lse, bias, layout = ctx.saved_tensors
     dq, dk, dv, dbias = backward_op(
         dout, q, k, v, out, lse, layout, ctx.layout_batch, ctx.layout_heads, bias, ctx.scale, ctx.block_size,
-        ctx.causal, ctx.bias_grad,
+        ctx.causal, ctx.bias_grad, ctx.options,
     )
     dbias_out = _reduce_to(dbias, ctx.bias_shape).to(bias.dtype) if ctx.bias_grad else None
-    return dq, dk, dv, None, None, None, dbias_out, None, None, None
+    return dq, dk, dv, None, None, None, dbias_out, None, None, None, None
 
 
 def _reduce_to(grad: Tensor, shape: tuple) -> Tensor:
@@ -161,7 +171,7 @@ def _plain_eager(tensors) -> bool:
 # ------------------------------------------------------------------------------------- public
 def sparse_attention(
     q: Tensor, k: Tensor, v: Tensor, mask=None, *, scale: float | None = None, bias: Tensor | None = None,
-    causal: bool = False,
+    causal: bool = False, options: KernelOptions | None = None,
 ) -> Tensor:
     """Block-sparse attention: softmax(q kᵀ · scale + bias, restricted to ``mask``) v.
 
@@ -177,12 +187,17 @@ def sparse_attention(
     causal: query i attends keys j <= i, top-left aligned as in ``scaled_dot_product_attention``
     (for Nq != Nk that is ``torch.ones(Nq, Nk).tril()``); blocks above the diagonal are skipped.
 
+    options: a ``fxsparse.KernelOptions``: how the Triton kernels are launched (None: the tuned
+    defaults). The CPU path ignores it.
+
     A query row with no allowed key returns 0, with gradient 0.
     """
     _check_inputs(q, k, v)
     b, h, nq, d = q.shape
     nk = k.shape[2]
-    layout = kernel_layout(_as_layout(mask, q, nq, nk), d)
+    key = encode(options)  # checks the type; "" for the defaults
+    refine = options is None or options.refine
+    layout = kernel_layout(_as_layout(mask, q, nq, nk, refine), d, refine)
     if layout.batch not in (1, b) or layout.num_heads not in (1, h):
         raise ValueError(
             f"mask has batch {layout.batch} and heads {layout.num_heads}; expected batch 1 or {b} and heads 1 or {h}"
@@ -191,7 +206,8 @@ def sparse_attention(
         bias = _check_bias(bias, q, nk)
     if scale is None:
         scale = 1.0 / math.sqrt(d)
-    args = (q, k, v, layout.data, layout.batch, layout.num_heads, bias, float(scale), layout.block_size, bool(causal))
+    args = (q, k, v, layout.data, layout.batch, layout.num_heads, bias, float(scale), layout.block_size, bool(causal),
+            key)
     if _plain_eager((q, k, v, layout.data, bias)):
         return _EagerAttention.apply(*args)
     return _sparse_attention_op(*args)[0]
@@ -226,24 +242,24 @@ def _check_inputs(q, k, v):
         raise ValueError(f"empty sequence: q has {nq} tokens, k has {k.shape[2]}")
 
 
-KERNEL_BLOCK = 64  # the kernels' tile at head dims up to 64 (kernels/attention.py: _fwd_config, _bwd_config)
+KERNEL_BLOCK = 64  # the kernels' tile at head dims up to 64 (kernels/configs.py)
 
 
-def _kernel_block(head_dim: int) -> int | None:
+def _kernel_block(head_dim: int, refine: bool = True) -> int | None:
     """Block size of the tables the kernels walk best at this head dim: their tile, 64, for head
-    dims up to 64 (None: the layout's own). FXSPARSE_REFINE=0 turns this off (benchmarks)."""
-    if head_dim <= KERNEL_BLOCK and _REFINE:
+    dims up to 64 (None: the layout's own). refine=False (KernelOptions.refine) turns this off."""
+    if head_dim <= KERNEL_BLOCK and refine:
         return KERNEL_BLOCK
     return None
 
 
-def kernel_layout(layout: Layout, head_dim: int) -> Layout:
+def kernel_layout(layout: Layout, head_dim: int, refine: bool = True) -> Layout:
     """The layout the kernels walk: the same mask, in 64-blocks where the kernels' tiles are 64 wide
     (``Layout.refine``: the all-True and all-False parts of partial blocks become full and empty
     blocks, so the kernels skip their element masks or the whole tile). Built once, cached on the
     layout. Under torch.compile a layout that was never refined runs as it is (refining is
     data-dependent): call the op once eagerly first, or build the Layout in 64-blocks."""
-    fine = _kernel_block(head_dim)
+    fine = _kernel_block(head_dim, refine)
     if fine is None or layout.block_size <= fine:
         return layout
     if fine in layout.refined or not torch.compiler.is_compiling():
@@ -251,8 +267,8 @@ def kernel_layout(layout: Layout, head_dim: int) -> Layout:
     return layout
 
 
-def _as_layout(mask, q: Tensor, nq: int, nk: int) -> Layout:
-    block = _kernel_block(q.shape[-1])
+def _as_layout(mask, q: Tensor, nq: int, nk: int, refine: bool = True) -> Layout:
+    block = _kernel_block(q.shape[-1], refine)
     if mask is None:
         if torch.compiler.is_compiling():  # built inside the graph: no cache mutated while tracing
             return Layout.dense(nq, nk, block, device=q.device)

@@ -5,6 +5,7 @@ imported, so these tests live in their own pytest process. Shapes stay small for
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import pytest
@@ -37,7 +38,7 @@ def _layout(mask, bs):
 
 
 def test_the_kernels_run():
-    from fxsparse.kernels import attention as kernels
+    from fxsparse.kernels import launch as kernels
 
     q, k, v = qkv(1, 2, 1, 40, 70, 16, device=DEVICE, grad=False)
     assert fxsparse.op._use_triton(q)
@@ -50,7 +51,7 @@ def test_the_kernels_run():
                     direct)
     assert torch.equal(got, direct)
     if INTERPRET:
-        assert type(kernels._fwd_kernel).__name__ == "InterpretedFunction"
+        assert kernels.INTERPRETED and type(kernels.forward_kernel).__name__ == "InterpretedFunction"
 
 
 # (B, H, Hkv, Nq, Nk, D, mask lead dims or None, block_size, packed qkv)
@@ -173,19 +174,17 @@ def test_identical_partial_blocks_shared():
     compare_with_oracle(op, q, k, v, mask.to(DEVICE), op_mask=layout, tols=_tols(torch.float32))
 
 
-@pytest.mark.parametrize("d,bs,fwd", [(32, 32, None), (24, 64, "32,32,4,1")], ids=["d32", "d24_two_tiles_a_block"])
-def test_rows_of_several_full_blocks(d, bs, fwd, monkeypatch):
+@pytest.mark.parametrize("d,bs,fwd", [(32, 32, None), (24, 64, (32, 32, 4, 1))], ids=["d32", "d24_two_tiles_a_block"])
+def test_rows_of_several_full_blocks(d, bs, fwd):
     # long runs of full tiles (the forward's loop without per-element work), whole or two tiles a block
-    from fxsparse.kernels import attention as kernels
-
-    if fwd:
-        monkeypatch.setitem(kernels.KNOBS, "FXSPARSE_FWD_CONFIG", fwd)
+    opts = fxsparse.KernelOptions(forward_config=fxsparse.LaunchConfig(*fwd) if fwd else None)
     q, k, v = qkv(1, 2, 1, 150, 230, d, device=DEVICE, seed=17)
     i, j = torch.arange(150)[:, None], torch.arange(230)[None, :]
     mask = ((i - j).abs() <= 90) & (torch.rand(2, 150, 230, generator=gen(18)) < 0.97) | (j < 140)
     layout = _layout(mask, bs)
     assert ((layout.kinds == 2).sum(-1) >= 2).any()  # rows with several full blocks
-    compare_with_oracle(op, q, k, v, mask.to(DEVICE), op_mask=layout, tols=_tols(torch.float32))
+    compare_with_oracle(functools.partial(op, options=opts), q, k, v, mask.to(DEVICE), op_mask=layout,
+                        tols=_tols(torch.float32))
 
 
 def test_refined_layout_matches_oracle():
@@ -201,32 +200,29 @@ def test_refined_layout_matches_oracle():
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="sub-tile configs are chosen per GPU there; this exercises them on CPU")
-@pytest.mark.parametrize("fwd,bwd", [("32,32,4,1", "32,32,32,32,4,1"), ("32,64,4,1", "64,32,32,64,4,1,2,1")])
-def test_sub_tiles_inside_a_block(fwd, bwd, monkeypatch):
+@pytest.mark.parametrize("fwd,dq,dkdv", [((32, 32, 4, 1), (32, 32, 4, 1), (32, 32, 4, 1)),
+                                          ((32, 64, 4, 1), (32, 64, 2, 1), (64, 32, 4, 1))])
+def test_sub_tiles_inside_a_block(fwd, dq, dkdv):
     # the GPU configs split a layout block into smaller tiles; the interpreter otherwise runs whole blocks
-    from fxsparse.kernels import attention as kernels
-
-    monkeypatch.setitem(kernels.KNOBS, "FXSPARSE_FWD_CONFIG", fwd)
-    monkeypatch.setitem(kernels.KNOBS, "FXSPARSE_BWD_CONFIG", bwd)
-
-    assert kernels._fwd_plans(64, 32, torch.float32)[0][:2] == tuple(int(x) for x in fwd.split(",")[:2])
+    config = fxsparse.LaunchConfig
+    opts = fxsparse.KernelOptions(forward_config=config(*fwd), dq_config=config(*dq), dkdv_config=config(*dkdv))
     q, k, v = qkv(1, 2, 1, 100, 90, 24, seed=11)
     bias = torch.randn(1, 2, 100, 90, generator=gen(12)).requires_grad_()
     mask = mixed_mask((2,), 100, 90, 64, seed=13)
-    compare_with_oracle(op, q, k, v, mask, op_mask=_layout(mask, 64), bias=bias, causal=True)
+    compare_with_oracle(functools.partial(op, options=opts), q, k, v, mask, op_mask=_layout(mask, 64), bias=bias,
+                        causal=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("packed", [False, True], ids=["gqa_ragged", "packed_qkv"])
 def test_kv_through_tensor_descriptors(dtype, packed, monkeypatch):
     """K and V (forward, dq) and q and the output's gradient (dk/dv) read through tensor descriptors
-    (the forward's on by default at D = 128 on Hopper; forced here at a small head dim): rows past
-    the sequence's end read as zeros, GQA heads and strided views address the right rows, with
-    causality, a bias and partial blocks."""
-    from fxsparse.kernels import attention as kernels
+    (on by default at D = 128 on Hopper; forced here at a small head dim): rows past the sequence's
+    end read as zeros, GQA heads and strided views address the right rows, with causality, a bias
+    and partial blocks."""
+    from fxsparse.kernels import launch as kernels
 
-    monkeypatch.setitem(kernels.KNOBS, "FXSPARSE_TMA", "1")
-    monkeypatch.setitem(kernels.KNOBS, "FXSPARSE_BWD_TMA", "1")
+    opts = fxsparse.KernelOptions(forward_descriptors=True, backward_descriptors=True)
     used = []
     make = kernels._tile_descriptors
     monkeypatch.setattr(kernels, "_tile_descriptors", lambda *a: used.append(a[2:]) or make(*a))
@@ -234,5 +230,6 @@ def test_kv_through_tensor_descriptors(dtype, packed, monkeypatch):
     q, k, v = qkv(B, H, Hkv, Nq, Nk, D, dtype=dtype, device=DEVICE, packed=packed, seed=21)
     bias = torch.randn(1, H, Nq, Nk, generator=gen(22)).to(DEVICE).requires_grad_()
     mask = mixed_mask((H,), Nq, Nk, 32, seed=23, device=DEVICE)
-    compare_with_oracle(op, q, k, v, mask, op_mask=_layout(mask, 32), bias=bias, causal=True, tols=_tols(dtype))
+    compare_with_oracle(functools.partial(op, options=opts), q, k, v, mask, op_mask=_layout(mask, 32), bias=bias,
+                        causal=True, tols=_tols(dtype))
     assert len(used) == 3 and all(d_pad == D for _, d_pad in used)  # forward, dq, dk/dv

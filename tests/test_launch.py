@@ -10,7 +10,10 @@ import pytest
 import torch
 import triton
 
-from fxsparse.kernels import attention as kernels
+import fxsparse
+from fxsparse import KernelOptions, LaunchConfig
+from fxsparse.kernels import configs
+from fxsparse.kernels import launch as kernels
 
 
 class _Compiled:
@@ -40,7 +43,6 @@ def fast(monkeypatch):
     monkeypatch.setattr(kernels, "_FAST_LAUNCH", True)
     monkeypatch.setattr(kernels, "_COMPILED", {})
     monkeypatch.setattr(kernels, "_current_stream", lambda device: 99)
-    monkeypatch.setitem(kernels.KNOBS, "FXSPARSE_FAST_LAUNCH", None)
     return _Kernel()
 
 
@@ -85,13 +87,11 @@ def test_whatever_triton_specialises_on_launches_through_triton(fast, change):
     assert _paths(fast) == ["triton", "triton", "direct"]
 
 
-def test_knob_and_launch_hooks_send_every_call_through_triton(fast, monkeypatch):
+def test_fast_launch_off_and_launch_hooks_send_every_call_through_triton(fast, monkeypatch):
     x = torch.zeros(64)
-    monkeypatch.setitem(kernels.KNOBS, "FXSPARSE_FAST_LAUNCH", "0")
     for _ in range(2):
-        kernels._launch(fast, (1, 1), (x,), (1, 0.5), dict(A=1, B=2), 4, 3)
+        kernels._launch(fast, (1, 1), (x,), (1, 0.5), dict(A=1, B=2), 4, 3, fast=False)  # fast_launch=False
     assert _paths(fast) == ["triton", "triton"]
-    monkeypatch.setitem(kernels.KNOBS, "FXSPARSE_FAST_LAUNCH", None)
     for _ in range(2):
         kernels._launch(fast, (1, 1), (x,), (1, 0.5), dict(A=1, B=2), 4, 3)
     assert _paths(fast) == ["triton", "triton", "triton", "direct"]
@@ -115,19 +115,58 @@ def test_launches_move_to_the_tensors_gpu(monkeypatch):
     assert isinstance(kernels._on_device(torch.zeros(1)), contextlib.nullcontext)  # CPU, interpreter
 
 
-def test_backward_config_knob_sets_each_kernel(monkeypatch):
-    """FXSPARSE_BWD_CONFIG: tiles, then warps and stages of dk/dv, optionally the dq kernel's own."""
-    monkeypatch.setitem(kernels.KNOBS, "FXSPARSE_BWD_CONFIG", "64,32,64,16,8,3")
-    assert kernels._bwd_config(64, 64, torch.bfloat16) == (64, 32, 64, 16, (8, 3), (8, 3))
-    monkeypatch.setitem(kernels.KNOBS, "FXSPARSE_BWD_CONFIG", "64,32,64,16,8,3,4,2")
-    assert kernels._bwd_config(64, 64, torch.bfloat16) == (64, 32, 64, 16, (8, 3), (4, 2))
-    assert kernels._bwd_config(32, 64, torch.bfloat16)[:4] == (32, 32, 32, 16)  # tiles never exceed a block
-    monkeypatch.setitem(kernels.KNOBS, "FXSPARSE_BWD_CONFIG", "64,32,64,16,8,3,4")
-    with pytest.raises(ValueError, match="FXSPARSE_BWD_CONFIG"):
-        kernels._bwd_config(64, 64, torch.bfloat16)
+def test_configs_from_options_become_each_kernels_first_plan():
+    """A LaunchConfig in the options is that kernel's first plan, cut to the layout's block; the
+    forward's replaces its plans, the backward's kernels keep a fallback that fits any GPU."""
+    opts = KernelOptions(forward_config=LaunchConfig(128, 64, 8, 3), dq_config=LaunchConfig(64, 32, 4, 2),
+                         dkdv_config=LaunchConfig(32, 64, 8, 1, look_ahead=False))
+    assert configs.forward_plans(64, 64, torch.bfloat16, opts) == [LaunchConfig(64, 64, 8, 3)]
+    assert configs.dq_plans(128, 64, torch.bfloat16, opts) == [LaunchConfig(64, 32, 4, 2), LaunchConfig(32, 32, 4, 1, False)]
+    assert configs.dkdv_plans(128, 64, torch.bfloat16, opts)[0] == LaunchConfig(32, 64, 8, 1, False)
+    # the defaults: per dtype and head dim, the GPU's plans fastest first, the interpreter whole blocks
+    default = KernelOptions()
+    assert [p.rows for p in configs.forward_plans(128, 128, torch.bfloat16, default)] == [128, 128, 64]
+    assert configs.forward_plans(64, 32, torch.float32, default, interpret=True) == [LaunchConfig(64, 64, 4, 1)]
+    assert configs.dq_plans(128, 128, torch.float32, default)[0] == LaunchConfig(64, 32, 4, 1, False)
 
 
-def _launch_consts(monkeypatch, d, scale, bias=False):
+@pytest.mark.parametrize("bad,match", [
+    (dict(rows=48, cols=64), "rows must be a positive power of two"),
+    (dict(rows=64, cols=16), "cols >= 32"),
+    (dict(rows=64, cols=64, num_warps=3), "num_warps"),
+    (dict(rows=64, cols=64, num_stages=0), "num_stages"),
+])
+def test_a_bad_launch_config_is_a_clear_error(bad, match):
+    with pytest.raises(ValueError, match=match):
+        LaunchConfig(**bad)
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(forward_config=(64, 64, 4, 3)), "forward_config must be a fxsparse.LaunchConfig"),
+    (dict(dq_look_ahead=-1), "dq_look_ahead must be an int >= 0"),
+    (dict(forward_descriptors="auto"), "forward_descriptors must be True, False or None"),
+    (dict(dkdv_max_registers=300), "dkdv_max_registers"),
+    (dict(fast_launch=0), "fast_launch must be a bool"),
+])
+def test_bad_options_are_a_clear_error(bad, match):
+    with pytest.raises(ValueError, match=match):
+        KernelOptions(**bad)
+    q = torch.zeros(1, 1, 8, 16)
+    with pytest.raises(TypeError, match="options must be a fxsparse.KernelOptions"):
+        fxsparse.sparse_attention(q, q, q, options=dict(fast_launch=False))
+
+
+def test_options_travel_through_the_op_as_a_string():
+    """The op takes the options as a string (a constant of a traced graph); it reads back equal."""
+    from fxsparse.options import decode, encode
+
+    assert encode(None) == encode(KernelOptions()) == ""
+    for opts in (KernelOptions(forward_config=LaunchConfig(64, 32, 4, 3, False), refine=False),
+                 KernelOptions(backward_descriptors=True, dkdv_max_registers=128, dq_look_ahead=0)):
+        assert decode(encode(opts)) == opts
+
+
+def _launch_consts(monkeypatch, d, scale, bias=False, options=KernelOptions()):
     """The constexprs of the forward and of the backward's kernels for one small problem (launches
     recorded, not run)."""
     from fxsparse import Layout
@@ -141,34 +180,29 @@ def _launch_consts(monkeypatch, d, scale, bias=False):
     layout = kernel_layout(Layout.from_mask((i[:, None] - i[None, :]).abs() <= 8, block_size=32), d)
     tables = (layout.data, layout.batch, layout.num_heads)
     b = torch.zeros(1, 2, 64, 64) if bias else None
-    lse = kernels.forward(q, k, v, tables, b, scale, 32, False, out)
-    kernels.backward(torch.zeros_like(q), q, k, v, out, lse, tables, b, scale, 32, False, False)
+    monkeypatch.setattr(kernels, "_FITTED", {})
+    lse = kernels.forward(q, k, v, tables, b, scale, 32, False, out, options)
+    kernels.backward(torch.zeros_like(q), q, k, v, out, lse, tables, b, scale, 32, False, False, options)
     return seen
 
 
-def test_look_ahead_and_folds_follow_the_problem_and_knobs(monkeypatch):
+def test_look_ahead_and_folds_follow_the_problem_and_options(monkeypatch):
     """The forward reads block indices ahead at padded head dims up to 128, the backward's kernels up
-    to 64 (FXSPARSE_FWD/DQ/DKDV_LOOK_AHEAD move those); the forward folds the scale into one
-    multiply-add only for scale > 0; the backward folds the row's max and log-sum into it only
-    without a bias (FXSPARSE_FOLD / FXSPARSE_BWD_FOLD = 0 off)."""
-    for name in ("FXSPARSE_FWD_LOOK_AHEAD", "FXSPARSE_DQ_LOOK_AHEAD", "FXSPARSE_DKDV_LOOK_AHEAD",
-                 "FXSPARSE_FOLD", "FXSPARSE_BWD_FOLD"):
-        monkeypatch.setitem(kernels.KNOBS, name, None)
+    to 64 (the options' *_look_ahead move those); the forward folds the scale into one multiply-add
+    only for scale > 0; the backward folds the row's max and log-sum into it only without a bias
+    (forward_fold / backward_fold = False: off)."""
     c = _launch_consts(monkeypatch, 64, 0.125)
-    assert all(c[k]["LOOK_AHEAD"] for k in ("_fwd_kernel", "_dq_kernel", "_dkdv_kernel"))
-    assert c["_fwd_kernel"]["FOLD"] and c["_dq_kernel"]["FOLD"] and c["_dkdv_kernel"]["FOLD"]
+    assert all(c[k]["LOOK_AHEAD"] for k in ("forward_kernel", "dq_kernel", "dkdv_kernel"))
+    assert c["forward_kernel"]["FOLD"] and c["dq_kernel"]["FOLD"] and c["dkdv_kernel"]["FOLD"]
     c = _launch_consts(monkeypatch, 96, -0.125, bias=True)
-    assert c["_fwd_kernel"]["LOOK_AHEAD"] and not c["_dq_kernel"]["LOOK_AHEAD"] and not c["_dkdv_kernel"]["LOOK_AHEAD"]
-    assert not c["_fwd_kernel"]["FOLD"] and not c["_dq_kernel"]["FOLD"] and not c["_dkdv_kernel"]["FOLD"]
+    assert c["forward_kernel"]["LOOK_AHEAD"] and not c["dq_kernel"]["LOOK_AHEAD"] and not c["dkdv_kernel"]["LOOK_AHEAD"]
+    assert not c["forward_kernel"]["FOLD"] and not c["dq_kernel"]["FOLD"] and not c["dkdv_kernel"]["FOLD"]
     c = _launch_consts(monkeypatch, 192, 0.125)
-    assert not any(c[k]["LOOK_AHEAD"] for k in ("_fwd_kernel", "_dq_kernel", "_dkdv_kernel"))
-    monkeypatch.setitem(kernels.KNOBS, "FXSPARSE_FWD_LOOK_AHEAD", "64")
-    monkeypatch.setitem(kernels.KNOBS, "FXSPARSE_DQ_LOOK_AHEAD", "128")
-    monkeypatch.setitem(kernels.KNOBS, "FXSPARSE_FOLD", "0")
-    monkeypatch.setitem(kernels.KNOBS, "FXSPARSE_BWD_FOLD", "0")
-    c = _launch_consts(monkeypatch, 96, 0.125)
-    assert not c["_fwd_kernel"]["LOOK_AHEAD"] and c["_dq_kernel"]["LOOK_AHEAD"] and not c["_dkdv_kernel"]["LOOK_AHEAD"]
-    assert not c["_fwd_kernel"]["FOLD"] and not c["_dq_kernel"]["FOLD"] and not c["_dkdv_kernel"]["FOLD"]
+    assert not any(c[k]["LOOK_AHEAD"] for k in ("forward_kernel", "dq_kernel", "dkdv_kernel"))
+    opts = KernelOptions(forward_look_ahead=64, dq_look_ahead=128, forward_fold=False, backward_fold=False)
+    c = _launch_consts(monkeypatch, 96, 0.125, options=opts)
+    assert not c["forward_kernel"]["LOOK_AHEAD"] and c["dq_kernel"]["LOOK_AHEAD"] and not c["dkdv_kernel"]["LOOK_AHEAD"]
+    assert not c["forward_kernel"]["FOLD"] and not c["dq_kernel"]["FOLD"] and not c["dkdv_kernel"]["FOLD"]
 
 
 def test_a_plan_that_does_not_fit_the_gpu_gives_way_to_the_next(monkeypatch):
@@ -197,30 +231,58 @@ def test_a_plan_that_does_not_fit_the_gpu_gives_way_to_the_next(monkeypatch):
         kernels._launch_fitting(("k", "none"), lambda: [2, 1], launch)
 
 
-def test_tensor_descriptors_only_where_they_fit_and_pay(monkeypatch):
+def test_tensor_descriptors_only_where_they_fit_and_pay():
     """K and V go through tensor descriptors at D = 128 by default (2-byte elements, unit stride along
-    the head dim, 16-byte aligned rows); FXSPARSE_TMA=1 allows any unpadded head dim, 0 none; the
-    backward's FXSPARSE_BWD_TMA likewise."""
-    monkeypatch.setitem(kernels.KNOBS, "FXSPARSE_TMA", None)
-    use = kernels._use_descriptors
+    the head dim, 16-byte aligned rows); True allows any unpadded head dim, False none."""
+    def use(d, d_pad, a, b, setting=None):
+        return kernels._use_descriptors(d, d_pad, a, b, setting)
 
     def kv(d, dtype=torch.bfloat16):
         return [torch.zeros(1, 2, 16, d, dtype=dtype) for _ in range(2)]
 
     assert use(128, 128, *kv(128))
-    assert not use(64, 64, *kv(64))  # slower there (RESULTS.md, v10)
+    assert not use(64, 64, *kv(64))  # slower there (docs/performance.md)
     assert not use(128, 128, *kv(128, torch.float32))
     k, v = kv(128)
     assert not use(128, 128, k.transpose(-1, -2).contiguous().transpose(-1, -2), v)  # head dim not unit stride
     rows = torch.zeros(1, 2, 16, 132, dtype=torch.bfloat16)[..., :128]  # 264-byte rows: not 16-byte aligned
     assert not use(128, 128, rows, v)
     assert not use(128, 128, torch.zeros(1, 1, 16, 128, dtype=torch.bfloat16).expand(1, 2, 16, 128), v)  # stride 0
-    monkeypatch.setitem(kernels.KNOBS, "FXSPARSE_TMA", "1")
-    assert use(64, 64, *kv(64)) and not use(80, 128, *kv(80))  # a padded head dim never
-    monkeypatch.setitem(kernels.KNOBS, "FXSPARSE_TMA", "0")
-    assert not use(128, 128, *kv(128))
-    # the backward's choice is its own knob, with the same default
-    monkeypatch.setitem(kernels.KNOBS, "FXSPARSE_BWD_TMA", None)
-    assert use(128, 128, *kv(128), "FXSPARSE_BWD_TMA") and not use(64, 64, *kv(64), "FXSPARSE_BWD_TMA")
-    monkeypatch.setitem(kernels.KNOBS, "FXSPARSE_BWD_TMA", "0")
-    assert not use(128, 128, *kv(128), "FXSPARSE_BWD_TMA")
+    assert use(64, 64, *kv(64), True) and not use(80, 128, *kv(80), True)  # a padded head dim never
+    assert not use(128, 128, *kv(128), False)
+
+
+def test_options_reach_every_launch_through_the_op(monkeypatch):
+    """sparse_attention(..., options=) reaches the three kernels' launches, eager and through the
+    custom op: their configs, register caps, fast-launch switch, and the refinement of the layout.
+    Launches are recorded, not run."""
+    import fxsparse.op as op
+    from fxsparse import Layout
+
+    seen = {}
+
+    def record(kernel, grid, ptrs, scalars, consts, warps, stages, maxnreg=None, fast=True):
+        seen[kernel.fn.__name__] = dict(consts, warps=warps, stages=stages, maxnreg=maxnreg, fast=fast)
+
+    monkeypatch.setattr(op, "_use_triton", lambda q: True)
+    monkeypatch.setattr(kernels, "_launch", record)
+    monkeypatch.setattr(kernels, "_FITTED", {})
+    i = torch.arange(256)
+    layout = Layout.from_mask((i[:, None] - i[None, :]).abs() <= 40, block_size=128)
+    q, k, v = (torch.zeros(1, 2, 256, 64, requires_grad=True) for _ in range(3))
+    opts = KernelOptions(forward_config=LaunchConfig(32, 64, 2, 1), dq_config=LaunchConfig(64, 32, 8, 2),
+                         dkdv_config=LaunchConfig(32, 32, 4, 4), dkdv_max_registers=96, fast_launch=False)
+    for through_op in (False, True):
+        seen.clear()
+        monkeypatch.setattr(op, "_plain_eager", lambda tensors, eager=not through_op: eager)
+        fxsparse.sparse_attention(q, k, v, layout, options=opts).sum().backward()
+        f, dq, dkdv = seen["forward_kernel"], seen["dq_kernel"], seen["dkdv_kernel"]
+        assert (f["BLOCK_M"], f["BLOCK_N"], f["warps"], f["stages"]) == (32, 64, 2, 1)
+        assert (dq["BLOCK_M"], dq["BLOCK_N"], dq["warps"], dq["stages"], dq["maxnreg"]) == (64, 32, 8, 2, None)
+        assert (dkdv["BLOCK_N"], dkdv["BLOCK_M"], dkdv["stages"], dkdv["maxnreg"]) == (32, 32, 4, 96)
+        assert not any(s["fast"] for s in seen.values())
+        assert f["BLOCK"] == 64  # D = 64: the 128-block layout is walked refined to 64
+    seen.clear()
+    monkeypatch.setattr(op, "_plain_eager", lambda tensors: True)
+    fxsparse.sparse_attention(q, k, v, layout, options=KernelOptions(refine=False))
+    assert seen["forward_kernel"]["BLOCK"] == 128 and seen["forward_kernel"]["fast"]

@@ -107,13 +107,12 @@ def test_visit_lists_carry_each_partial_blocks_mask(refine):
                     assert layout.t_part_mid[b, h, kb, t] == layout.mask_id[b, h, qb, kb] >= 0
 
 
-def test_kernel_layout_choice(monkeypatch):
+def test_kernel_layout_choice():
     coarse = Layout.from_mask(_window(300, 300, 50), 128)
     assert op.kernel_layout(coarse, 64).block_size == 64
     assert op.kernel_layout(coarse, 40).block_size == 64
     assert op.kernel_layout(coarse, 80) is coarse  # 128-wide tiles there
-    monkeypatch.setattr(op, "_REFINE", False)  # FXSPARSE_REFINE=0
-    assert op.kernel_layout(coarse, 64) is coarse
+    assert op.kernel_layout(coarse, 64, refine=False) is coarse  # KernelOptions(refine=False)
 
 
 def test_the_op_on_a_refined_layout_matches_the_oracle():
