@@ -44,7 +44,7 @@ class AttentionSite:
 
     index: int
     name: str
-    kind: str  # "matmul-softmax", "einsum", "sdpa" or "mha"
+    kind: str  # how it is spelled: "matmul-softmax", "einsum", "sdpa" or "mha"
     num_heads: Optional[int] = None
     num_kv_heads: Optional[int] = None
     head_dim: Optional[int] = None
@@ -54,6 +54,13 @@ class AttentionSite:
     has_bias: bool = False
     projection: str = "?"  # where q, k, v come from: "fused qkv", "separate linears", ...
     dropout: float = 0.0
+    # What it attends: "self" (queries and keys from the same tokens), "cross" (keys from other
+    # tokens: an encoder's output, another tower), "window" (self-attention within windows or
+    # groups folded into the batch: Swin), "learned-query" (queries are parameters: pooling heads,
+    # Perceiver latents), "channel" (the softmax runs over feature channels, not tokens: XCiT,
+    # DaViT; always skipped) or "?" when the graph does not tell. Patterns that assume
+    # self-attention over the whole sequence can decline the others.
+    role: str = "?"
 
     @property
     def where(self) -> str:
@@ -89,6 +96,10 @@ class Match:
     extra_nodes: set = field(default_factory=set)  # erased too when nothing else uses them (a causal mask)
     replay: Optional[list] = None  # score-side nodes, innermost first, to recompute on zero scores
     retarget: list = field(default_factory=list)  # (node, arg index): bias helpers that read the scores' dtype
+    addend: Optional[tuple] = None  # baddbmm's (input, beta): beta * input added to the scores
+    split_heads: Optional[int] = None  # heads: rank-3 [B*H, N, D] operands viewed as [B, H, N, D]
+    mha_fn: bool = False  # F.multi_head_attention_forward (nn.MultiheadAttention inlined by Dynamo)
+    broadcast_q: bool = False  # q is computed from parameters only: expanded to k's batch
     skip: Optional[str] = None
 
 
@@ -96,6 +107,8 @@ class Match:
 _FUNCTIONS = {
     operator.matmul: "matmul", torch.matmul: "matmul", torch.bmm: "matmul",
     aten.matmul.default: "matmul", aten.bmm.default: "matmul",
+    torch.baddbmm: "baddbmm", aten.baddbmm.default: "baddbmm",
+    F.multi_head_attention_forward: "mha_fn",
     torch.einsum: "einsum", torch.functional.einsum: "einsum", aten.einsum.default: "einsum",
     F.softmax: "softmax", torch.softmax: "softmax", torch.special.softmax: "softmax",
     aten.softmax.int: "softmax", aten._softmax.default: "softmax", aten._safe_softmax.default: "softmax",
@@ -103,6 +116,11 @@ _FUNCTIONS = {
     operator.truediv: "div", torch.div: "div", aten.div.Tensor: "div", aten.div.Scalar: "div",
     operator.add: "add", torch.add: "add", aten.add.Tensor: "add", aten.add.Scalar: "add",
     torch.masked_fill: "masked_fill", aten.masked_fill.Scalar: "masked_fill", aten.masked_fill.Tensor: "masked_fill",
+    # in-place spellings (`scores /= math.sqrt(d)`: Dynamo's operator.itruediv, export's aten.div_)
+    operator.imul: "mul", aten.mul_.Tensor: "mul", aten.mul_.Scalar: "mul",
+    operator.itruediv: "div", aten.div_.Tensor: "div", aten.div_.Scalar: "div",
+    operator.iadd: "add", aten.add_.Tensor: "add", aten.add_.Scalar: "add",
+    aten.masked_fill_.Scalar: "masked_fill", aten.masked_fill_.Tensor: "masked_fill",
     torch.where: "where", aten.where.self: "where", aten.where.ScalarOther: "where", aten.where.ScalarSelf: "where",
     torch.transpose: "transpose", aten.transpose.int: "transpose",
     torch.permute: "permute", aten.permute.default: "permute",
@@ -120,7 +138,9 @@ _METHODS = {
     "matmul": "matmul", "bmm": "matmul", "__matmul__": "matmul",
     "softmax": "softmax",
     "mul": "mul", "__mul__": "mul", "div": "div", "__truediv__": "div", "add": "add", "__add__": "add",
-    "masked_fill": "masked_fill",
+    "masked_fill": "masked_fill", "baddbmm": "baddbmm",
+    "mul_": "mul", "__imul__": "mul", "div_": "div", "__itruediv__": "div", "add_": "add", "__iadd__": "add",
+    "masked_fill_": "masked_fill",
     "transpose": "transpose", "permute": "permute",
     "to": "cast", "float": "cast", "half": "cast", "bfloat16": "cast", "double": "cast", "type_as": "cast",
     "type": "cast", "contiguous": "identity", "clone": "identity",
@@ -198,9 +218,23 @@ class GraphFacts:
     def is_activation(self, x) -> bool:
         return isinstance(x, fx.Node) and x in self.activations
 
-    def rank(self, x) -> Optional[int]:
+    def rank(self, x, depth: int = 8) -> Optional[int]:
+        """The rank of x: from its shape metadata, else (graphs traced without shapes) from what
+        computes it: bmm is rank 3, a view has its target's rank, elementwise ops keep it."""
         shape = node_shape(x)
-        return len(shape) if shape is not None else None
+        if shape is not None:
+            return len(shape)
+        if not isinstance(x, fx.Node) or depth == 0:
+            return None
+        if x.target in (torch.bmm, aten.bmm.default, torch.baddbmm, aten.baddbmm.default) or (
+                x.op == "call_method" and x.target in ("bmm", "baddbmm")):
+            return 3
+        c = self.canon(x)
+        if c == "reshape" and x.op == "call_method" and x.target in ("view", "reshape"):
+            return len(_reshape_target(x))
+        if c in ("cast", "identity", "mul", "div", "add", "masked_fill", "dropout", "softmax") and x.args:
+            return self.rank(x.args[0], depth - 1)
+        return None
 
     @staticmethod
     def shape(x) -> Optional[tuple]:
@@ -351,12 +385,16 @@ class _Product:
     left: Any
     right: Any
     einsum: Optional[tuple] = None  # (left letters, right letters, out letters)
+    addend: Optional[tuple] = None  # baddbmm: (input, beta, alpha)
 
 
 def _product(n, facts: GraphFacts) -> Optional[_Product]:
     c = facts.canon(n)
     if c == "matmul":
         return _Product(n, n.args[0], n.args[1])
+    if c == "baddbmm":  # beta * input + alpha * (batch1 @ batch2): BLOOM's ALiBi scores
+        b1, b2 = _arg(n, 1, "batch1"), _arg(n, 2, "batch2")
+        return _Product(n, b1, b2, addend=(n.args[0], n.kwargs.get("beta", 1), n.kwargs.get("alpha", 1)))
     if c == "einsum":
         eq, *ops = n.args
         if len(ops) == 1 and isinstance(ops[0], (list, tuple)):
@@ -421,16 +459,19 @@ def find(gm: fx.GraphModule, constants: Optional[dict] = None) -> list[Match]:
         c = facts.canon(node)
         m = None
         if c == "softmax":
-            m = _match_softmax(node, facts)
+            m = _match_softmax(node, facts) or _unrewritable(node, facts)
         elif c == "sdpa":
             m = _match_sdpa(node, facts)
         elif c == "mha":
             m = _match_mha(node, facts)
+        elif c == "mha_fn":
+            m = _match_mha_fn(node, facts)
         if m is not None:
             m.site.index = len(matches)
             if m.q is not None:
                 m.site.projection = _projection(m.q, m.k, m.v, facts)
             _fill_shapes(m, facts)
+            _set_role(m, facts)
             claimed |= m.nodes
             matches.append(m)
     return matches
@@ -448,11 +489,22 @@ def _match_softmax(sm: fx.Node, facts: GraphFacts) -> Optional[Match]:
     if fwd is None:
         return None
     out_product, dropout_p, fwd_nodes = fwd
+    if out_product.addend is not None:
+        return None  # baddbmm of the probabilities: not p @ v
     kind = "einsum" if scores.einsum else "matmul-softmax"
     site = AttentionSite(index=-1, name=facts.module_path(scores.node), kind=kind)
     m = Match(site=site, out=out_product.node, scores=scores.node)
     m.nodes = {sm, scores.node, out_product.node} | nodes | fwd_nodes
     m.q = scores.left
+    m.broadcast_q = not facts.is_activation(scores.left)
+    if scores.addend is not None:
+        m.addend = scores.addend[:2]
+    reshapes = [n for n in nodes | fwd_nodes if facts.canon(n) == "reshape"]
+    if reshapes and scores.einsum is None:
+        m.split_heads = _heads(x, reshapes, facts)
+        if m.split_heads is None and _rank_changes(reshapes, facts):
+            site.kind = kind
+            m.skip = "the scores are reshaped between [B*H, N, N] and [B, H, N, N] with a head count the graph does not give"
     if scores.einsum:
         eqs = _score_einsum(scores)
         veqs = _value_einsum(out_product, fwd_nodes_probs(out_product, m.nodes))
@@ -482,6 +534,182 @@ def _match_softmax(sm: fx.Node, facts: GraphFacts) -> Optional[Match]:
     return m
 
 
+# ------------------------------------------------------------------------------ what is not rewritten
+_REASONS = [  # (ops seen between the product and the softmax, reason), first match wins
+    ({"tanh"}, "a soft cap (tanh) on the scores: not a scale, bias or mask the op can apply"),
+    ({"amax", "max", "sub"}, "a max subtracted from the scores by hand: the softmax input is not scale * q kᵀ + bias"),
+    ({"linear", "module"}, "talking heads: the scores are mixed across heads by a linear layer"),
+]
+
+
+def _op_name(n: fx.Node, facts: GraphFacts) -> str:
+    if n.op == "call_module":
+        mod = facts.modules.get(n.target)
+        return "linear" if isinstance(mod, nn.Linear) else "module"
+    if n.op == "call_method":
+        return n.target
+    name = getattr(n.target, "__name__", str(n.target))
+    return name.split(".")[0]
+
+
+def _unrewritable(sm: fx.Node, facts: GraphFacts) -> Optional[Match]:
+    """A softmax over the keys of a product of two activations, feeding a product with a third,
+    that the walk could not prove to be scale * q kᵀ + bias: reported skipped with the reason."""
+    x, dim = _softmax_parts(sm, facts)
+    over_keys = _is_last_axis(dim, x, facts)
+    scores, back_ops = None, []
+    todo, seen = [(x, 0)], set()
+    while todo and scores is None:
+        n, depth = todo.pop(0)
+        if not isinstance(n, fx.Node) or n in seen or depth > 10 or not facts.is_activation(n):
+            continue
+        seen.add(n)
+        prod = _product(n, facts)
+        if prod is not None and _score_like(prod, x, facts):
+            scores = prod
+            break
+        if prod is not None:
+            continue
+        back_ops.append(_op_name(n, facts))
+        todo.extend((a, depth + 1) for a in n.all_input_nodes)
+    if scores is None:
+        return None
+    out, fwd_ops = None, []
+    todo, seen = [(sm, 0)], set()
+    while todo and out is None:
+        n, depth = todo.pop(0)
+        for user in n.users:
+            prod = _product(user, facts)
+            if prod is not None and (prod.left is n or prod.einsum is not None):
+                other = prod.right if prod.left is n else prod.left
+                if facts.is_activation(other) and other is not n:
+                    out = prod
+                    break
+            if user not in seen and depth < 8 and prod is None:
+                seen.add(user)
+                fwd_ops.append(_op_name(user, facts))
+                todo.append((user, depth + 1))
+    if out is None:
+        return None
+    ops = set(back_ops)
+    reason = next((r for names, r in _REASONS if names & ops), None)
+    if not over_keys:
+        reason = f"the softmax runs over axis {dim} of the scores, not over the keys (the last axis)"
+    elif {"transpose", "permute", "mT"} & set(fwd_ops) and not {"linear", "module"} & set(fwd_ops):
+        reason = reason or "the probabilities are transposed before the product with v: it contracts over the queries"
+    if reason is None and {"linear", "module"} & set(fwd_ops):
+        reason = "talking heads: the probabilities are mixed across heads by a linear layer"
+    if reason is None:
+        odd = [o for o in back_ops + fwd_ops if o not in _PLAIN_OPS]
+        reason = (f"the scores pass through `{odd[0]}`, which is not a scale, bias or mask the op can apply"
+                  if odd else "the graph between q kᵀ, the softmax and ·v is not one the walk can prove")
+    site = AttentionSite(index=-1, name=facts.module_path(scores.node), kind="matmul-softmax")
+    m = Match(site=site, out=out.node, scores=scores.node, q=scores.left, skip=reason)
+    if scores.einsum is None and _is_last_two_transpose(scores.right, facts):
+        m.k = scores.right.args[0]
+    else:
+        m.k, m.k_transposed = scores.right, True
+    m.v = out.right if out.left is not None and out.right is not None else None
+    m.nodes = {sm}
+    return m
+
+
+_PLAIN_OPS = {"mul", "div", "add", "truediv", "to", "float", "type_as", "contiguous", "clone", "view", "reshape",
+              "permute", "transpose", "dropout", "masked_fill", "where", "getitem", "softmax", "_softmax",
+              "__mul__", "__truediv__", "__add__", "_to_copy"}
+
+
+def _score_like(prod: _Product, x, facts: GraphFacts) -> bool:
+    """Whether a product looks like scores q kᵀ for a softmax whose input is x."""
+    if not facts.is_activation(prod.right):
+        return False
+    if prod.einsum is not None:
+        return _score_einsum(prod) is not None
+    ps, xs = facts.shape(prod.node), facts.shape(x)
+    if ps is not None and xs is not None:
+        return ps[-1] == xs[-1]
+    return _is_last_two_transpose(prod.right, facts)
+
+
+# ------------------------------------------------------------------------------ roles
+def _set_role(m: Match, facts: GraphFacts):
+    site = m.site
+    if m.mha is not None or m.mha_fn:
+        n = m.out
+        q, k = n.args[0], _arg(n, 1, "key")
+        site.role = "learned-query" if not _from_inputs(q, facts) else ("self" if q is k else "cross")
+        return
+    if m.q is None or m.k is None:
+        return
+    if not _from_inputs(m.q, facts):
+        site.role = "learned-query"
+        return
+    if _is_channel_attention(m, facts):
+        site.role = "channel"
+        m.skip = (f"channel attention: the softmax runs over feature channels (the head dim, {site.head_dim}, is "
+                  "the token count), so a token mask does not apply; kept as it was")
+        return
+    q_src, k_src = _token_source(m.q, facts), _token_source(m.k, facts)
+    if q_src is None or k_src is None:
+        return
+    if q_src is not k_src:
+        site.role = "cross"
+    else:
+        site.role = "window" if _windowed(q_src, facts) else "self"
+
+
+def _from_inputs(x, facts: GraphFacts, limit: int = 200) -> bool:
+    """Whether x is computed from a model input's values (not only from parameters and sizes)."""
+    todo, seen = [x], set()
+    while todo and len(seen) < limit:
+        n = todo.pop()
+        if not isinstance(n, fx.Node) or n in seen or not facts.is_activation(n):
+            continue
+        seen.add(n)
+        if n.op == "placeholder":
+            return True
+        if facts.is_scalar(n) or (n.op == "call_function" and n.target is getattr):
+            continue  # sizes: `probe.expand(x.shape[0], ...)` is still the probe
+        todo.extend(n.all_input_nodes)
+    return len(seen) >= limit
+
+
+def _token_source(x, facts: GraphFacts):
+    """The input of the projection that made x (a Linear's input), or None."""
+    lin = _source_linear(x, facts)
+    if lin is None:
+        return None
+    return lin.args[0] if lin.args else None
+
+
+def _windowed(x, facts: GraphFacts, depth: int = 12) -> bool:
+    """Tokens regrouped into windows folded into the batch (Swin): a view that changes the
+    leading size on the way back from the projection's input."""
+    for _ in range(depth):
+        if not isinstance(x, fx.Node):
+            return False
+        c = facts.canon(x)
+        if c == "reshape":
+            a, b = facts.shape(x.args[0]), facts.shape(x)
+            if a is not None and b is not None and a[0] != b[0]:
+                return True
+        if c not in _VIEWS and not (x.op in ("call_method", "call_function") and _op_name(x, facts) in (
+                "roll", "pad", "contiguous", "flatten", "view")):
+            return False
+        x = x.args[0]
+    return False
+
+
+def _is_channel_attention(m: Match, facts: GraphFacts) -> bool:
+    """q's contracted axis is the tokens of the tensor its projection read: XCiT, DaViT."""
+    lin = _source_linear(m.q, facts)
+    qs, ls = facts.shape(m.q), facts.shape(lin) if lin is not None else None
+    if qs is None or ls is None or len(ls) < 3 or m.einsum is not None:
+        return False
+    tokens = ls[-2]
+    return qs[-1] == tokens and qs[-2] != tokens
+
+
 def fwd_nodes_probs(out_product: _Product, nodes: set):
     """The probabilities operand of the output product."""
     return out_product.left if out_product.left in nodes else out_product.right
@@ -497,13 +725,19 @@ def _walk_to_scores(x, facts: GraphFacts):
             return None
         prod = _product(cur, facts)
         if prod is not None:
-            if not (facts.is_activation(prod.left) and facts.is_activation(prod.right)):
-                return None  # a product with a parameter: a gate or a classifier, not q kᵀ
+            if not facts.is_activation(prod.right):
+                return None  # keys from parameters: a gate or a classifier, not q kᵀ
             if prod.einsum is not None and _score_einsum(prod) is None:
                 return None
             steps.reverse()
             chain.reverse()
-            if any(step[0] == "reshape" for step in steps):
+            if prod.addend is not None:
+                _, beta, alpha = prod.addend
+                if not (facts.is_scalar(beta) and facts.is_scalar(alpha)):
+                    return None
+                if alpha != 1:
+                    steps.insert(0, ("scale", alpha, False))
+            if any(step[0] == "reshape" for step in steps) or prod.addend is not None:
                 steps.append(("replay", chain))
             return prod, steps, set(chain)
         c = facts.canon(cur)
@@ -522,7 +756,8 @@ def _walk_to_scores(x, facts: GraphFacts):
             a, b = cur.args[0], cur.args[1]
             if not _leads_to_scores(a, facts):
                 a, b = b, a
-            steps.append(("add", b))
+            if not (isinstance(b, (int, float)) and not isinstance(b, bool)):
+                steps.append(("add", b))  # a Python number added to every score does nothing under softmax
             cur = a
         elif c == "masked_fill":
             fill_mask, value = _arg(cur, 1, "mask"), _arg(cur, 2, "value")
@@ -546,11 +781,36 @@ def _walk_to_scores(x, facts: GraphFacts):
 
 def _regroups_leading_axes(n: fx.Node, facts: GraphFacts) -> bool:
     """A reshape of the scores that keeps the (query, key) axes and regroups the ones before."""
-    shape = n.args[1:] if len(n.args) > 2 or not isinstance(n.args[1], (list, tuple)) else n.args[1]
-    if len(shape) < 3 or any(isinstance(d, int) and d == -1 for d in shape[-2:]):
-        return False
+    shape = _reshape_target(n)
     src, out = node_shape(n.args[0]), node_shape(n)
-    return src is None or out is None or src[-2:] == out[-2:]
+    if src is not None and out is not None:
+        return len(out) >= 3 and src[-2:] == out[-2:]
+    return len(shape) >= 3 and not any(isinstance(d, int) and d == -1 for d in shape[-2:])
+
+
+def _reshape_target(n: fx.Node) -> tuple:
+    return tuple(n.args[1:] if len(n.args) > 2 or not isinstance(n.args[1], (list, tuple)) else n.args[1])
+
+
+def _heads(x, reshapes: list, facts: GraphFacts) -> Optional[int]:
+    """The head count H of scores viewed as [B, H, N, N]: from the softmax input's shape, else from
+    a 4-D view among the reshapes whose head entry is a plain int (`view(B, self.num_heads, N, N)`)."""
+    shape = facts.shape(x)
+    if shape is not None:
+        return int(shape[-3]) if len(shape) == 4 and isinstance(shape[-3], int) else None
+    for n in reshapes:
+        target = _reshape_target(n)
+        if len(target) == 4 and isinstance(target[1], int) and target[1] > 0:
+            return target[1]
+    return None
+
+
+def _rank_changes(reshapes: list, facts: GraphFacts) -> bool:
+    for n in reshapes:
+        rank = facts.rank(n.args[0])
+        if rank is None or rank != len(_reshape_target(n)):
+            return True
+    return False
 
 
 def _leads_to_scores(x, facts: GraphFacts, depth: int = 16) -> bool:
@@ -560,7 +820,7 @@ def _leads_to_scores(x, facts: GraphFacts, depth: int = 16) -> bool:
             return False
         prod = _product(x, facts)
         if prod is not None:
-            return facts.is_activation(prod.left) and facts.is_activation(prod.right)
+            return facts.is_activation(prod.right)
         c = facts.canon(x)
         if c in ("cast", "identity", "mul", "div", "masked_fill", "reshape"):
             x = x.args[0]
@@ -590,8 +850,9 @@ def _walk_to_output(sm: fx.Node, facts: GraphFacts):
                 if prod.einsum is not None and _value_einsum(prod, cur) is None:
                     return None  # contracts over the queries: transposed probabilities
                 return prod, p, nodes
-            if facts.canon(user) in ("cast", "identity", "dropout") and step is None:
-                step = user
+            if step is None and (facts.canon(user) in ("cast", "identity", "dropout") or (
+                    facts.canon(user) == "reshape" and _regroups_leading_axes(user, facts))):
+                step = user  # a view to bmm's [B*H, N, N] (DeBERTa, BLOOM) keeps the (query, key) axes
         if step is None:
             return None  # v @ p, pᵀ @ v, ...: not an attention over keys
         if facts.canon(step) == "dropout":
@@ -692,11 +953,38 @@ def _check_scores_users(m: Match, scores: fx.Node):
     the scores' dtype): otherwise removing them would change the model."""
     retarget = {n for n, _ in m.retarget}
     for n in list(m.nodes - {m.out}):
-        for user in n.users:
+        for user in list(n.users):
+            dead = _dead_nodes(user)
             if _is_assertion(user):
                 m.nodes.add(user)  # erased with the attention
+            elif dead:
+                m.nodes |= dead  # e.g. nn.MultiheadAttention's averaged weights when nothing reads them
             elif user not in m.nodes and user not in retarget:
                 m.skip = m.skip or f"an intermediate of the attention (`{n.name}`) is also used by `{user.name}`"
+
+
+def _dead_nodes(node: fx.Node, depth: int = 8) -> set:
+    """The node and everything computed from it, if none of it reaches the output or mutates
+    anything; else the empty set."""
+    if depth == 0 or node.op not in ("call_function", "call_method") or _mutates(node):
+        return set()
+    out = {node}
+    for user in node.users:
+        dead = _dead_nodes(user, depth - 1)
+        if not dead:
+            return set()
+        out |= dead
+    return out
+
+
+def _mutates(node: fx.Node) -> bool:
+    t = node.target
+    if node.op == "call_method":
+        return t.endswith("_") and not t.endswith("__") or t in ("__setitem__", "__iadd__", "__imul__", "__itruediv__")
+    if t in (operator.setitem, operator.iadd, operator.imul, operator.itruediv) or _is_assertion(node):
+        return True
+    schema = getattr(t, "_schema", None)
+    return bool(schema is not None and schema.is_mutable)
 
 
 def _unrepeat_kv(m: Match, facts: GraphFacts):
@@ -784,6 +1072,45 @@ def _match_mha(n: fx.Node, facts: GraphFacts) -> Match:
     site.dropout = mod.dropout
     if mod.training and mod.dropout > 0:
         m.skip = m.skip or f"attention dropout p={mod.dropout} is active (training mode): kept as it was"
+    return m
+
+
+def mha_fn_args(n: fx.Node) -> dict:
+    """The arguments of a ``F.multi_head_attention_forward`` call, by name (defaults filled in)."""
+    import inspect
+
+    bound = inspect.signature(F.multi_head_attention_forward).bind(*n.args, **n.kwargs)
+    bound.apply_defaults()
+    return dict(bound.arguments)
+
+
+def _match_mha_fn(n: fx.Node, facts: GraphFacts) -> Match:
+    """``F.multi_head_attention_forward``: what Dynamo leaves of ``nn.MultiheadAttention``."""
+    a = mha_fn_args(n)
+    heads = a["num_heads"]
+    embed = a["embed_dim_to_check"]
+    site = AttentionSite(index=-1, name=facts.module_path(n), kind="mha", num_heads=heads, num_kv_heads=heads,
+                         head_dim=embed // heads if isinstance(embed, int) and isinstance(heads, int) else None)
+    site.projection = "separate linears" if a["use_separate_proj_weight"] else "fused qkv"
+    m = Match(site=site, out=n, default_scale=True, mha_fn=True)
+    m.nodes = {n}
+    site.has_bias = a["key_padding_mask"] is not None or a["attn_mask"] is not None
+    site.causal = a["is_causal"] is True and a["attn_mask"] is None
+    for user in n.users:
+        if not (user.op == "call_function" and user.target is operator.getitem and user.args[1] == 0) \
+                and not _dead_nodes(user):
+            m.skip = "the attention weights it returns are used"
+    if a["bias_k"] is not None or a["add_zero_attn"] is True or a["static_k"] is not None:
+        m.skip = m.skip or "add_bias_kv / add_zero_attn / static k, v is not supported"
+    p, training = a["dropout_p"], a["training"]
+    if not isinstance(p, (int, float)) or not isinstance(training, bool):
+        m.skip = m.skip or "attention dropout with a computed p or mode: kept as it was"
+    elif training and p > 0:
+        site.dropout = float(p)
+        m.skip = m.skip or f"attention dropout p={p} is active (training mode): kept as it was"
+    q_shape, k_shape = facts.shape(a["query"]), facts.shape(a["key"])
+    if q_shape is not None and k_shape is not None and len(q_shape) == 3:  # (seq, batch, embed)
+        site.q_len, site.kv_len = _hinted(q_shape)[0], _hinted(k_shape)[0]
     return m
 
 
