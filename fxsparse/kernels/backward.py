@@ -22,8 +22,18 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import (bias_log2, count_below, dot, full_visit, load_bits, load_rows, query_tile, tile_scores, visit,
-                     visit_counts)
+from .common import (
+    bias_log2,
+    count_below,
+    dot,
+    full_visit,
+    load_bits,
+    load_rows,
+    query_tile,
+    tile_scores,
+    visit,
+    visit_counts,
+)
 
 
 @triton.jit
