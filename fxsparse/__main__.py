@@ -128,8 +128,7 @@ def load_model(spec: str, kwargs: dict) -> torch.nn.Module:
 
 def with_block_size(mask_fn, block_size: int):
     def fn(site):
-        mask = mask_fn(site)
-        return None if mask is None else fxsparse.Layout.from_mask(mask, block_size=block_size)
+        return mask_fn.at(site.q_len, site.kv_len, num_heads=site.num_heads, block_size=block_size, site=site)
     return patterns.MaskFn(fn, getattr(mask_fn, "__name__", "mask_fn"))
 
 

@@ -18,6 +18,7 @@ be 1 and broadcast.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import numbers
@@ -93,22 +94,23 @@ def _as_4d(mask: torch.Tensor) -> torch.Tensor:
 
 
 def _block_lists(sel: torch.Tensor):
-    """For a bool [..., R, C] selection: per row the count and the column indices, ascending, padded."""
-    num = sel.sum(-1, dtype=torch.int32)
+    """For a bool [..., R, C] selection: per row the count and the column indices, ascending, padded
+    with the unselected columns, ascending (so every entry names a real block)."""
     cols = torch.arange(sel.shape[-1], device=sel.device, dtype=torch.int32)
-    # selected columns first, in ascending order: sort by (not selected, column)
-    key = (~sel).to(torch.int32) * sel.shape[-1] + cols
-    idx = key.sort(dim=-1).values % sel.shape[-1]
-    return num.contiguous(), idx.to(torch.int32).contiguous()
+    csum = sel.cumsum(-1, dtype=torch.int32)
+    num = csum[..., -1:]
+    pos = torch.where(sel, csum - 1, num + cols - csum)  # an unselected column goes after every selected one
+    idx = torch.empty(sel.shape, dtype=torch.int32, device=sel.device)
+    idx.scatter_(-1, pos.long(), cols.expand(sel.shape))
+    return num[..., 0].contiguous(), idx
 
 
 def _pack_bits(blocks: torch.Tensor) -> torch.Tensor:
     """bool [P, bs, bs] -> int32 [P, bs, bs // 32]; bit j of word w is column 32 * w + j."""
     p, r, c = blocks.shape
-    weights = torch.ones(32, dtype=torch.int64, device=blocks.device) << torch.arange(32, device=blocks.device)
-    words = (blocks.reshape(p, r, c // 32, 32).to(torch.int64) * weights).sum(-1)
-    words = torch.where(words >= 2**31, words - 2**32, words)
-    return words.to(torch.int32)
+    shifts = torch.arange(8, device=blocks.device, dtype=torch.uint8)
+    octets = (blocks.reshape(p, r, c // 8, 8).to(torch.uint8) << shifts).sum(-1, dtype=torch.uint8)
+    return octets.contiguous().view(torch.int32)  # four bytes a word, little-endian: byte k holds bits 8k..8k+7
 
 
 def _unpack_bits(words: torch.Tensor) -> torch.Tensor:
@@ -596,6 +598,8 @@ def _build(mask_mod, nq: int, nk: int, bl: int, hl: int, bs: int, device, classi
             qb1 = min(nqb, qb0 + step)
             kinds[:, :, qb0:qb1] = classify(qb0, qb1)
         todo = (kinds.view(-1) == PARTIAL).nonzero().flatten()  # evaluate these blocks
+        if getattr(mask_mod, "diagonal", False) and bl == hl == 1 and todo.numel():
+            todo = _eval_diagonals(mask_mod, todo, kinds.view(-1), nq, nk, bs, packed, where)
         per = max(1, _CHUNK // (bs * bs))
         for p0 in range(0, todo.numel(), per):
             flat = todo[p0: p0 + per]
@@ -631,12 +635,42 @@ def _build(mask_mod, nq: int, nk: int, bl: int, hl: int, bs: int, device, classi
     return Layout._from_kinds(kinds, mask_id, bits, bs, (nq, nk))
 
 
+def _eval_diagonals(mask_mod, todo, kinds_flat, nq: int, nk: int, bs: int, packed: list, where: list):
+    """For a mask_mod whose value depends on q_idx - kv_idx alone (``mask_mod.diagonal``): the blocks
+    of ``todo`` inside both sequences are evaluated once per block diagonal (all blocks on one diagonal
+    hold the same mask) and sorted like _sort_tiles; returns the blocks left (on a ragged edge)."""
+    nkb = math.ceil(nk / bs)
+    qb, kb = todo // nkb, todo % nkb
+    inner = ((qb + 1) * bs <= nq) & ((kb + 1) * bs <= nk)
+    flat, qb, kb = todo[inner], qb[inner], kb[inner]
+    if flat.numel():
+        diag, first = torch.unique(qb - kb, return_inverse=True)
+        rep = torch.zeros_like(diag)  # one block on each diagonal: its query block and kv block
+        rep_q = rep.scatter_reduce(0, first, qb, "amax", include_self=False)
+        per = max(1, _CHUNK // (bs * bs))
+        kinds_d, packed_d = [], []
+        for d0 in range(0, diag.numel(), per):
+            q0 = rep_q[d0: d0 + per]
+            tiles = _eval_tiles(mask_mod, q0 * 0, q0 * 0, q0 * bs, (q0 - diag[d0: d0 + per]) * bs, bs, nq, nk)
+            flat_tiles = tiles.flatten(1)
+            full, any_ = flat_tiles.all(1), flat_tiles.any(1)
+            kinds_d.append(torch.where(full, FULL, torch.where(any_, PARTIAL, EMPTY)).to(torch.int8))
+            packed_d.append(_pack_bits(tiles))
+        kind = torch.cat(kinds_d)[first]
+        kinds_flat[flat] = kind
+        part = kind == PARTIAL
+        if bool(part.any()):
+            packed.append(torch.cat(packed_d)[first[part]])
+            where.append(flat[part])
+    return todo[~inner]
+
+
 def _sort_tiles(tiles, flat, kinds_flat, packed: list, where: list) -> None:
     """Evaluated blocks (bool [P, bs, bs] at flat positions ``flat``) into FULL / EMPTY / PARTIAL;
     the partial ones' packed masks and positions are appended to ``packed`` and ``where``."""
-    count = tiles.sum((-1, -2))
-    full = count == tiles.shape[-1] * tiles.shape[-2]
-    part = (count > 0) & ~full
+    flat_tiles = tiles.flatten(1)
+    full = flat_tiles.all(1)
+    part = flat_tiles.any(1) & ~full
     kinds_flat[flat] = torch.where(full, FULL, torch.where(part, PARTIAL, EMPTY)).to(torch.int8)
     if bool(part.any()):
         packed.append(_pack_bits(tiles[part]))
@@ -734,3 +768,102 @@ def _combine(a: "Layout", b: "Layout", both: bool) -> "Layout":
         kinds[cand] = pair_kind[inverse]
         mask_id[cand] = pair_mid[inverse]
     return Layout._from_kinds(kinds, mask_id, bits, bs, a.shape)
+
+
+# ------------------------------------------------------------------------------ one layout per mask and shape
+LAYOUT_CACHE_SIZE = 32  # layouts kept by `cached_layout` (least recently used dropped first)
+_LAYOUTS: "collections.OrderedDict" = collections.OrderedDict()
+
+
+def cached_layout(key, build) -> "Layout":
+    """The layout cached under ``key`` (hashable: pattern, lengths, heads, batch, block size, device),
+    built with ``build()`` on a miss. At most LAYOUT_CACHE_SIZE layouts are kept; clear them with
+    ``fxsparse.clear_caches()``."""
+    hit = _LAYOUTS.get(key)
+    if hit is not None:
+        _LAYOUTS.move_to_end(key)
+        return hit
+    layout = build()
+    _LAYOUTS[key] = layout
+    while len(_LAYOUTS) > LAYOUT_CACHE_SIZE:
+        _LAYOUTS.popitem(last=False)
+    return layout
+
+
+def clear_caches() -> None:
+    """Forget every cached layout (patterns' layouts and the op's dense layouts)."""
+    _LAYOUTS.clear()
+    from . import op
+
+    op.clear_layout_cache()
+
+
+def resolve_mask(result, *, q_len: int, kv_len: int, num_heads: int, batch: int = 1, device=None,
+                 block_size: int | None = None, where: str = "mask_fn") -> "Layout | None":
+    """Any accepted mask (a mask_fn's result, or ``sparse_attention``'s ``mask``) as a checked Layout.
+
+    ``result``: None (dense: returns None); a ``Layout`` (checked against the lengths, ``num_heads`` and
+    ``batch``; refined to ``block_size`` when that is smaller); a bool token mask broadcastable to
+    [batch|1, num_heads|1, q_len, kv_len]; a pattern from ``fxsparse.patterns`` (its cached layout); or a
+    FlexAttention ``mask_mod(b, h, q_idx, kv_idx)``, evaluated for every head (fxsparse cannot see
+    whether it reads ``h``; the layout keeps one head when all heads agree) and batch index 0.
+    ``block_size`` None: 128 for new layouts, a Layout's own otherwise. The Layout is on ``device``.
+    Errors are ValueError / TypeError starting with ``where``.
+    """
+    from . import patterns
+
+    dev = None if device is None else torch.device(device)
+    bs = None if block_size is None else _check_block_size_any(block_size)
+    if result is None:
+        return None
+    if isinstance(result, patterns.MaskFn):
+        try:
+            out = result.at(q_len, kv_len, num_heads=num_heads, device=dev, block_size=bs)
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from err
+        return None if out is None else resolve_mask(out, q_len=q_len, kv_len=kv_len, num_heads=num_heads,
+                                                     batch=batch, device=dev, block_size=bs, where=where)
+    if isinstance(result, Layout):
+        problems = []
+        if tuple(result.shape) != (q_len, kv_len):
+            problems.append(f"(q_len, kv_len) = {tuple(result.shape)} instead of {(q_len, kv_len)}")
+        if result.num_heads not in (1, num_heads):
+            problems.append(f"{result.num_heads} heads where the attention has {num_heads} (1 broadcasts)")
+        if result.batch not in (1, batch):
+            problems.append(f"batch {result.batch} where the attention has {batch} (1 broadcasts)")
+        if problems:
+            raise ValueError(f"{where}: the Layout was built for {'; '.join(problems)}")
+        if bs is not None and bs < result.block_size:
+            result = result.refine(bs)
+        return result if dev is None or result.device == dev else result.to(dev)
+    if isinstance(result, torch.Tensor):
+        if result.dtype != torch.bool:
+            raise TypeError(f"{where}: a mask must be bool (True = may attend), got a tensor of {result.dtype}; an "
+                            "additive float mask belongs in `bias=`")
+        target = (batch, num_heads, q_len, kv_len)
+        try:
+            ok = 1 <= result.dim() <= 4 and torch.broadcast_shapes(result.shape, target) == target
+        except RuntimeError:
+            ok = False
+        if not ok:
+            raise ValueError(f"{where}: a bool mask of shape {tuple(result.shape)} does not broadcast to "
+                             f"[batch {batch} or 1, heads {num_heads} or 1, {q_len}, {kv_len}]")
+        m4 = result.reshape((1,) * (4 - result.dim()) + tuple(result.shape))
+        m4 = m4.expand(*m4.shape[:2], q_len, kv_len)
+        return Layout.from_mask(m4 if dev is None else m4.to(dev), bs)
+    if callable(result):
+        try:
+            out = Layout.from_mask_mod(result, q_len, kv_len, heads=num_heads if num_heads > 1 else None,
+                                       block_size=bs or DEFAULT_BLOCK_SIZE, device=dev)
+        except (ValueError, TypeError) as err:
+            raise type(err)(f"{where}: {err}") from err
+        if out.num_heads > 1:
+            kinds, mid = out.kinds, out.mask_id
+            if bool((kinds == kinds[:, :1]).all()) and bool((mid == mid[:, :1]).all()):
+                one = Layout._from_kinds(kinds[:, :1].to(torch.int8), mid[:, :1].contiguous(), out.bits.contiguous(),
+                                         out.block_size, out.shape, causal=out.causal)
+                one.mask_mod = result
+                return one
+        return out
+    raise TypeError(f"{where}: expected None, a bool tensor, a fxsparse.Layout, a pattern or a mask_mod "
+                    f"(b, h, q_idx, kv_idx) -> bool, got {type(result).__name__}")

@@ -15,6 +15,15 @@ def site(q_len, kv_len=None, index=0, name="blocks.0.attn", num_heads=4):
                            causal=False, has_bias=False)
 
 
+def tok(fn, s):
+    """The token mask a mask_fn gives at a site: [q_len, kv_len] (or [H, ...]); None stays None."""
+    out = fn(s)
+    if out is None or isinstance(out, torch.Tensor):
+        return out
+    m = out.to_mask()[0]
+    return m[0] if m.shape[0] == 1 else m
+
+
 def from_loops(q_len, kv_len, allowed):
     return torch.tensor([[bool(allowed(i, j)) for j in range(kv_len)] for i in range(q_len)],
                         dtype=torch.bool).reshape(q_len, kv_len)
@@ -45,7 +54,7 @@ def test_local_2d_matches_loops(prefix, h, w, window):
     if h == w:
         got = P.local_2d_mask(prefix + h * w, prefix + h * w, window=window, prefix_tokens=prefix)
         assert torch.equal(got, expected)
-        assert torch.equal(P.local_2d(window, prefix_tokens=prefix)(site(prefix + h * w)),
+        assert torch.equal(tok(P.local_2d(window, prefix_tokens=prefix), site(prefix + h * w)),
                            expected)
 
 
@@ -53,7 +62,7 @@ def test_local_2d_matches_loops(prefix, h, w, window):
                                            (201, 5, 14), (66, 2, 8), (18, 2, 4), (16, 0, 4),
                                            (1029, 5, 32)])
 def test_local_2d_infers_square_grid(n, prefix, side):
-    got = P.local_2d(1)(site(n))
+    got = tok(P.local_2d(1), site(n))
     assert torch.equal(got, local_2d_loops(prefix, side, side, 1))
 
 
@@ -73,9 +82,11 @@ def test_local_2d_errors():
         with pytest.raises(ValueError, match="not a square grid"):
             P.local_2d(1)(site(n))
     assert P.local_2d(1, prefix_tokens=3)(site(12)).shape == (12, 12)
+    with pytest.raises(ValueError, match="a grid of 4x4 patches does not make 15 tokens"):
+        P.local_2d_mask(15, window=1, grid=(4, 4))
     with pytest.raises(ValueError, match="local_2d needs self-attention"):
         P.local_2d(1)(site(16, 32))
-    with pytest.raises(ValueError, match="grid 4x4"):
+    with pytest.raises(ValueError, match="grid of 4x4 patches and 1 prefix tokens"):
         P.local_2d_mask(18, window=1, grid=(4, 4), prefix_tokens=1)
 
 
@@ -87,32 +98,46 @@ def test_local_2d_errors():
 @pytest.mark.parametrize("window", [0, 1, 3])
 @pytest.mark.parametrize("causal", [False, True])
 def test_sliding_window_matches_loops(q_len, kv_len, window, causal):
+    off = kv_len - q_len   # the queries are the last q_len positions of the keys
     if causal:
-        expected = from_loops(q_len, kv_len, lambda i, j: j <= i and i - j <= window)
+        expected = from_loops(q_len, kv_len, lambda i, j: j <= i + off and i + off - j <= window)
     else:
-        expected = from_loops(q_len, kv_len, lambda i, j: abs(i - j) <= window)
+        expected = from_loops(q_len, kv_len, lambda i, j: abs(i + off - j) <= window)
     assert torch.equal(P.sliding_window_mask(q_len, kv_len, window=window, causal=causal),
                        expected)
-    assert torch.equal(P.sliding_window(window, causal=causal)(site(q_len, kv_len)), expected)
+    assert torch.equal(tok(P.sliding_window(window, causal=causal), site(q_len, kv_len)), expected)
 
 
-@pytest.mark.parametrize("q_len,kv_len,n", [(10, 10, 2), (6, 9, 1), (5, 5, 0), (4, 4, 7)])
+@pytest.mark.parametrize("q_len,kv_len,n", [(10, 10, 2), (6, 9, 1), (5, 5, 0), (4, 4, 7), (3, 9, 7)])
 def test_global_tokens_matches_loops(q_len, kv_len, n):
-    expected = from_loops(q_len, kv_len, lambda i, j: i < n or j < n)
+    off = kv_len - q_len
+    expected = from_loops(q_len, kv_len, lambda i, j: i + off < n or j < n)
     assert torch.equal(P.global_tokens_mask(q_len, kv_len, n=n), expected)
-    assert torch.equal(P.global_tokens(n)(site(q_len, kv_len)), expected)
+    assert torch.equal(tok(P.global_tokens(n), site(q_len, kv_len)), expected)
 
 
 @pytest.mark.parametrize("q_len,kv_len", [(6, 6), (4, 9), (9, 4)])
 def test_causal_matches_loops(q_len, kv_len):
-    expected = from_loops(q_len, kv_len, lambda i, j: j <= i)
+    expected = from_loops(q_len, kv_len, lambda i, j: j <= i + kv_len - q_len)
     assert torch.equal(P.causal_mask(q_len, kv_len), expected)
-    assert torch.equal(P.causal()(site(q_len, kv_len)), expected)
+    assert torch.equal(tok(P.causal(), site(q_len, kv_len)), expected)
     assert repr(P.causal()) == "causal()"
 
 
+@pytest.mark.parametrize("pattern", [P.causal(), P.sliding_window(5, causal=True), P.sliding_window(3),
+                                     P.global_tokens(2)], ids=repr)
+def test_decode_rows_are_the_last_rows_of_the_full_mask(pattern):
+    """With a KV cache the q_len new queries are the last positions: their rows of the mask are the
+    last q_len rows of the full [kv_len, kv_len] mask, at every step."""
+    kv_len = 23
+    full = pattern.mask(kv_len, kv_len)
+    for q_len in (1, 2, 7):
+        assert torch.equal(pattern.mask(q_len, kv_len), full[kv_len - q_len:])
+        assert torch.equal(tok(pattern, site(q_len, kv_len)), full[kv_len - q_len:])
+
+
 def test_dense():
-    assert torch.equal(P.dense()(site(5, 7)), torch.ones(5, 7, dtype=torch.bool))
+    assert torch.equal(tok(P.dense(), site(5, 7)), torch.ones(5, 7, dtype=torch.bool))
     assert torch.equal(P.dense_mask(3, 2), torch.ones(3, 2, dtype=torch.bool))
 
 
@@ -144,8 +169,8 @@ def test_bigbird(q_len, kv_len, block, num_random, num_window, num_global):
         else:
             assert len(chosen - fixed) == min(num_random, kb - len(fixed))
     # the same seed gives the same mask, the site does not change it, another seed differs
-    again = P.bigbird(block, num_random, num_window, num_global, seed=3)(
-        site(q_len, kv_len, index=5))
+    again = tok(P.bigbird(block, num_random, num_window, num_global, seed=3),
+                site(q_len, kv_len, index=5))
     assert torch.equal(again, m)
 
 
@@ -168,8 +193,8 @@ def test_union_and_intersect_against_loops():
     n, w, g = 20, 2, 3
     allowed_sw = lambda i, j: abs(i - j) <= w
     allowed_g = lambda i, j: i < g or j < g
-    u = P.union(P.sliding_window(w), P.global_tokens(g))(site(n))
-    x = P.intersect(P.sliding_window(w), P.global_tokens(g))(site(n))
+    u = tok(P.union(P.sliding_window(w), P.global_tokens(g)), site(n))
+    x = tok(P.intersect(P.sliding_window(w), P.global_tokens(g)), site(n))
     assert torch.equal(u, from_loops(n, n, lambda i, j: allowed_sw(i, j) or allowed_g(i, j)))
     assert torch.equal(x, from_loops(n, n, lambda i, j: allowed_sw(i, j) and allowed_g(i, j)))
 
@@ -177,7 +202,7 @@ def test_union_and_intersect_against_loops():
 def test_combinators_broadcast_per_head_masks():
     per_head = lambda s: torch.stack([P.sliding_window_mask(s.q_len, s.kv_len, window=h)
                                       for h in range(s.num_heads)])
-    u = P.union(per_head, P.global_tokens(1))(site(8, num_heads=3))
+    u = tok(P.union(per_head, P.global_tokens(1)), site(8, num_heads=3))
     assert u.shape == (3, 8, 8)
     for h in range(3):
         expected = from_loops(8, 8, lambda i, j: abs(i - j) <= h or i < 1 or j < 1)
@@ -188,19 +213,19 @@ def test_none_in_combinators():
     none = lambda s: None
     sw = P.sliding_window(1)
     assert P.union(sw, none)(site(6)) is None
-    assert torch.equal(P.intersect(sw, none)(site(6)), sw(site(6)))
+    assert torch.equal(tok(P.intersect(sw, none), site(6)), tok(sw, site(6)))
     assert P.intersect(none, none)(site(6)) is None
 
 
 def test_combinators_reject_non_bool():
-    with pytest.raises(TypeError, match="<lambda> returned a tensor of torch.float32.*bool"):
+    with pytest.raises(TypeError, match="<lambda>: a mask must be bool.*torch.float32"):
         P.union(P.dense(), lambda s: torch.ones(s.q_len, s.kv_len))(site(4))
 
 
 def test_only_selects_by_layer_name_and_predicate():
     fn = P.only(P.sliding_window(1), layers=range(6))
     for i in range(8):
-        out = fn(site(5, index=i, name=f"blocks.{i}.attn"))
+        out = tok(fn, site(5, index=i, name=f"blocks.{i}.attn"))
         assert (out is None) == (i >= 6)
         if out is not None:
             assert torch.equal(out, P.sliding_window_mask(5, 5, window=1))
@@ -239,13 +264,13 @@ def test_readable_names():
     lambda n: P.local_2d_mask(n, window=1, prefix_tokens=1),
     lambda n: P.sliding_window_mask(n, n, window=3, causal=True),
     lambda n: P.bigbird_mask(n, n, block=4, num_random=1, num_window=3, num_global=1, seed=0),
-    lambda n: P.union(P.sliding_window(2), P.global_tokens(1))(site(n)),
+    lambda n: tok(P.union(P.sliding_window(2), P.global_tokens(1)), site(n)),
     lambda n: P.causal_mask(n, n),
 ], ids=["local_2d", "sliding_window", "bigbird", "union", "causal"])
 def test_masks_drive_sparse_attention(build):
     import torch.nn.functional as F
     import fxsparse
-    from oracle import MaskedAttention
+    from fxsparse.testing import MaskedAttention
 
     n = 37                                     # 1 + 6x6 patches
     mask = build(n)
