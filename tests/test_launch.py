@@ -286,3 +286,12 @@ def test_options_reach_every_launch_through_the_op(monkeypatch):
     monkeypatch.setattr(op, "_plain_eager", lambda tensors: True)
     fxsparse.sparse_attention(q, k, v, layout, options=KernelOptions(refine=False))
     assert seen["forward_kernel"]["BLOCK"] == 128 and seen["forward_kernel"]["fast"]
+
+
+def test_the_package_reads_no_fxsparse_environment_variables():
+    """Launch choices are KernelOptions passed per call; no module reads an FXSPARSE_* variable."""
+    import pathlib
+
+    root = pathlib.Path(fxsparse.__file__).parent
+    readers = [str(p.relative_to(root)) for p in root.rglob("*.py") if "FXSPARSE_" in p.read_text()]
+    assert readers == []
