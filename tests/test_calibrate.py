@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import fxsparse
-from fxcheck import assert_unchanged, snapshot
+from helpers import assert_unchanged, snapshot
 from fxsparse.calibrate import block_mass
 from fxsparse.rewrite import site_modules
 

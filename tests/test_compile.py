@@ -8,8 +8,8 @@ import torch
 
 import fxsparse
 from fxsparse import Layout
-from _attention_inputs import gen, mixed_mask, qkv
-from _attention_oracle import assert_close, dense_attention
+from fxsparse.testing import assert_close, dense_attention
+from helpers import gen, mixed_mask, qkv
 
 if os.environ.get("TRITON_INTERPRET") == "1":
     pytest.skip("compile tests run on the reference path, without TRITON_INTERPRET", allow_module_level=True)

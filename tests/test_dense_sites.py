@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import fxsparse
-from fxcheck import assert_close
+from fxsparse.testing import assert_close
 
 
 class BiasedCausal(nn.Module):

@@ -13,8 +13,8 @@ import torch
 
 import fxsparse
 from fxsparse import Layout
-from _attention_inputs import gen, mixed_mask, qkv, random_mask
-from _attention_oracle import TOLERANCES, assert_close, compare_with_oracle, dense_attention
+from fxsparse.testing import TOLERANCES, assert_close, compare_with_oracle, dense_attention
+from helpers import gen, mixed_mask, qkv, random_mask
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 pytestmark = [

@@ -9,8 +9,8 @@ import fxsparse
 import fxsparse.op as op
 from fxsparse import Layout
 from fxsparse.layout import EMPTY, FULL, PARTIAL, _unpack_bits
-from _attention_inputs import gen, mixed_mask, qkv
-from _attention_oracle import compare_with_oracle
+from fxsparse.testing import compare_with_oracle
+from helpers import gen, mixed_mask, qkv
 
 
 def _window(nq, nk, w):

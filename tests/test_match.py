@@ -9,7 +9,8 @@ import torch.nn.functional as F
 import fxsparse
 from fxsparse import patterns
 
-from fxcheck import assert_close, check_model
+from fxsparse.testing import assert_close
+from helpers import check_model
 
 
 def sites(model, *args, mask_fn=patterns.dense()):

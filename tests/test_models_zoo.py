@@ -5,7 +5,6 @@ finds them by running the original model), exactness with an all-True mask, a sp
 against the oracle (the original model with the mask applied to each attention, float64),
 the report's statuses, and that the user's model is left as it was.
 """
-import copy
 import os
 from collections.abc import Mapping
 
@@ -16,8 +15,7 @@ import fxsparse
 from fxsparse import patterns
 
 import models
-from fxcheck import assert_close
-from oracle import MaskedAttention
+from fxsparse.testing import assert_close, masked_forward
 
 CASES = [make() for make in models.CASES]
 TOL = 1e-5          # relative to the largest magnitude of each output
@@ -55,12 +53,9 @@ def assert_close_to_scale(got, want, tol, what):
 
 
 def oracle_outputs(model, args, mask_fn):
-    """The original model in float64, each attention masked by mask_fn."""
-    m64 = copy.deepcopy(model).double()
-    args64 = tuple(a.double() if a.is_floating_point() else a for a in args)
-    with torch.no_grad(), MaskedAttention(mask_fn, m64) as oracle:
-        out = tensors(m64(*args64))
-    return out, oracle.sites
+    """The original model in float64, each attention masked by mask_fn: its output tensors and sites."""
+    out, sites = masked_forward(model, args, mask_fn)
+    return tensors(out), sites
 
 
 def statuses(sparse):

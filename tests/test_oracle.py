@@ -1,11 +1,11 @@
-"""The oracle (tests/oracle.py) against attention written out query by query in Python."""
+"""The oracle (fxsparse.testing.MaskedAttention) against attention written out query by query in Python."""
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from oracle import MaskedAttention
+from fxsparse.testing import MaskedAttention
 
 
 def loop_attention(q, k, v, allowed, scale, bias=None):

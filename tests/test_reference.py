@@ -11,8 +11,8 @@ import torch.nn.functional as F
 
 import fxsparse
 from fxsparse import Layout
-from _attention_inputs import gen, mixed_mask, qkv, random_mask
-from _attention_oracle import TOLERANCES, assert_close, compare_with_oracle, dense_attention, rel_err
+from fxsparse.testing import TOLERANCES, assert_close, compare_with_oracle, dense_attention, relative_error
+from helpers import gen, mixed_mask, qkv, random_mask
 
 if os.environ.get("TRITON_INTERPRET") == "1":
     # this file tests the reference path; under the interpreter the op would run the kernels instead
@@ -32,12 +32,12 @@ def test_oracle_matches_sdpa_in_float64():
     sdpa_mask = bias.masked_fill(~mask, float("-inf"))
     want = F.scaled_dot_product_attention(q, kk, vv, attn_mask=sdpa_mask, scale=0.7)
     got = dense_attention(q, k, v, mask, bias=bias, scale=0.7)
-    assert rel_err(got, want) < 1e-12
+    assert relative_error(got, want) < 1e-12
     # causal, Nq != Nk both ways
     for nq, nk in ((33, 47), (47, 33)):
         q, k, v = qkv(1, 2, 2, nq, nk, 16, dtype=torch.float64, grad=False)
         want = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        assert rel_err(dense_attention(q, k, v, causal=True), want) < 1e-12
+        assert relative_error(dense_attention(q, k, v, causal=True), want) < 1e-12
 
 
 def test_oracle_empty_rows_are_zero_with_zero_gradient():
@@ -254,7 +254,7 @@ def test_causal_aligned_as_sdpa(nq, nk):
     q, k, v = qkv(2, 3, 3, nq, nk, 32, dtype=torch.float64, seed=22)
     want = F.scaled_dot_product_attention(q, k, v, is_causal=True)
     got = op(q, k, v, causal=True)
-    assert rel_err(got, want) < 1e-12
+    assert relative_error(got, want) < 1e-12
 
 
 # ------------------------------------------------------------------------------ SDPA equivalence, output
@@ -276,7 +276,7 @@ def test_all_true_mask_equals_sdpa(dtype):
 def test_gqa_equals_sdpa_with_repeated_kv():
     q, k, v = qkv(1, 6, 2, 64, 80, 32, dtype=torch.float64, seed=25, grad=False)
     want = F.scaled_dot_product_attention(q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1))
-    assert rel_err(op(q, k, v), want) < 1e-12
+    assert relative_error(op(q, k, v), want) < 1e-12
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

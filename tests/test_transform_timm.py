@@ -6,7 +6,7 @@ import torch
 import fxsparse
 from fxsparse import patterns
 
-from fxcheck import check_model
+from helpers import check_model
 
 
 def vit(fused, reg_tokens=0, depth=2):

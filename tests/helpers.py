@@ -1,29 +1,50 @@
-"""Checks shared by the transform tests: exactness, the oracle, the report, no mutation."""
+"""Helpers shared by the tests: seeded inputs for the op, and the whole contract of ``fxsparse.transform``
+checked on one model. The oracles and the comparison live in ``fxsparse.testing``."""
 from __future__ import annotations
 
-import copy
+import math
 
 import torch
 
 import fxsparse
-from oracle import MaskedAttention
+from fxsparse.testing import assert_close, masked_forward
 
-TOL = 1e-5  # relative to the largest magnitude of the output
-
-
-def assert_close(got, want, tol=TOL, what="output"):
-    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
-    scale = want.abs().max().double().clamp_min(1e-12)
-    err = (got.double() - want.double()).abs().max()
-    assert err <= tol * scale, f"{what}: off by {err:.3g} (scale {scale:.3g})"
+# -- inputs for the op ---------------------------------------------------------------------------
 
 
-def oracle(model, args, mask_fn):
-    """The original model in float64 with mask_fn applied to each attention."""
-    m64 = copy.deepcopy(model).double()
-    args64 = tuple(a.double() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
-    with torch.no_grad(), MaskedAttention(mask_fn, m64):
-        return m64(*args64)
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator(device="cpu").manual_seed(seed)
+
+
+def qkv(B, H, Hkv, Nq, Nk, D, *, dtype=torch.float32, device="cpu", seed=0, packed=False, grad=True):
+    """q [B, H, Nq, D], k and v [B, Hkv, Nk, D]; packed=True makes them strided views of one qkv tensor."""
+    g = gen(seed)
+    if packed:
+        assert H == Hkv and Nq == Nk, "a packed qkv has one head count and one length"
+        base = torch.randn(B, Nq, 3 * H * D, generator=g).to(device=device, dtype=dtype).requires_grad_(grad)
+        q, k, v = base.reshape(B, Nq, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)
+        return q, k, v
+    q = torch.randn(B, H, Nq, D, generator=g)
+    k = torch.randn(B, Hkv, Nk, D, generator=g)
+    v = torch.randn(B, Hkv, Nk, D, generator=g)
+    return tuple(t.to(device=device, dtype=dtype).requires_grad_(grad) for t in (q, k, v))
+
+
+def mixed_mask(lead, Nq, Nk, block_size, *, seed=0, device="cpu"):
+    """bool [*lead, Nq, Nk] whose blocks are randomly full, partial (about half True) or empty."""
+    g = gen(seed)
+    nqb, nkb = math.ceil(Nq / block_size), math.ceil(Nk / block_size)
+    kind = torch.randint(0, 3, (*lead, nqb, nkb), generator=g)
+    kind = kind.repeat_interleave(block_size, -2).repeat_interleave(block_size, -1)[..., :Nq, :Nk]
+    coin = torch.rand(*lead, Nq, Nk, generator=g) < 0.5
+    return ((kind == 2) | ((kind == 1) & coin)).to(device)
+
+
+def random_mask(lead, Nq, Nk, density, *, seed=0, device="cpu"):
+    return (torch.rand(*lead, Nq, Nk, generator=gen(seed)) < density).to(device)
+
+
+# -- the transform's contract on one model ---------------------------------------------------------
 
 
 def snapshot(model):
@@ -73,7 +94,7 @@ def check_model(model, args, sparse_fn, *, kinds, names=None, example_inputs=Fal
     masked = fxsparse.transform(model, sparse_fn, **kw)
     with torch.no_grad():
         got = masked(*args)
-    want_sparse = oracle(model, args, sparse_fn)
+    want_sparse, _ = masked_forward(model, args, sparse_fn)
     assert_close(got, want_sparse, what="sparse mask vs oracle")
     assert (want_sparse.double() - want.double()).abs().max() > 1e-3 * want.abs().max(), "the mask changes nothing"
     assert_unchanged(model, before)
