@@ -9,6 +9,7 @@ so sites know their lengths at transform time.
 from __future__ import annotations
 
 import copy
+import inspect
 import sys
 from typing import Any, Optional
 
@@ -55,7 +56,7 @@ def capture(model: nn.Module, example_inputs=None, concrete_args: Optional[dict]
                 "Pass `example_inputs=` so fxsparse can capture it with torch.export, or use "
                 "`torch.compile(model, backend=fxsparse.backend(mask_fn))`."
             ) from err
-        gm = _exported(clone_model(model), args, kwargs, err)  # export runs the modules: never the user's
+        gm = _exported(clone_model(model), args, _without_cache(model, kwargs), err)  # runs modules: not the user's
         _clone_module_objects(gm, model)
         _keep_unused_state(gm, model)
         return gm
@@ -81,6 +82,16 @@ def _symbolic(model: nn.Module, concrete_args) -> fx.GraphModule:
     tracer = Tracer(leaf, fns)
     graph = tracer.trace(model, concrete_args=concrete_args)
     return fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
+
+
+def _without_cache(model: nn.Module, kwargs: dict) -> dict:
+    """The graph only shows where the attention is: a model that can return a KV cache object
+    (HuggingFace's `use_cache`) is captured without it, since export cannot return such objects."""
+    try:
+        takes = "use_cache" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        takes = False
+    return {**kwargs, "use_cache": False} if takes and "use_cache" not in kwargs else kwargs
 
 
 def _exported(model: nn.Module, args, kwargs, trace_err) -> fx.GraphModule:

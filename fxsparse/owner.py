@@ -14,7 +14,10 @@ the original code with the attention redirected to those site modules, by one of
 * **graph** (matmul-softmax and einsum sites): the owner's forward is traced with torch.fx once
   per *call signature* (which arguments are tensors, the values of the others, train/eval), the
   attention in that graph is rewritten, and the generated code runs with ``self`` being the
-  owner, so parameters are looked up at call time (FSDP2 swaps them in and out).
+  owner, so parameters are looked up at call time (FSDP2 swaps them in and out). Where fx cannot
+  trace the forward (data-dependent Python, cache objects among the arguments), the original code
+  runs with the scores deferred (``deferred.py``): ``q @ kᵀ`` is held, not computed, until the
+  product with ``v`` hands all of it to the site.
 
 Both routes are plain Python that Dynamo inlines: ``torch.compile(sparse)`` sees the op.
 """
@@ -29,7 +32,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.overrides import TorchFunctionMode
 
-from . import capture, match, rewrite
+from . import capture, deferred, match, rewrite
 from .site import SiteAttention, SiteError
 
 _REDIRECTED = {F.scaled_dot_product_attention: "sdpa", F.multi_head_attention_forward: "mha"}
@@ -98,21 +101,49 @@ def owner_state(module: nn.Module) -> Optional[OwnerState]:
 def _owner_forward(self, base: type, args, kwargs):
     state = self.__dict__["_fxsparse_owner"]
     if state.route == "redirect":
-        with _Redirect(self, state):
-            return base.forward(self, *args, **kwargs)
+        with _Redirect(self, state) as mode:
+            out = base.forward(self, *args, **kwargs)
+        _check_all_ran(state, mode)
+        return out
     return _graph_forward(self, base, state, args, kwargs)
+
+
+def _check_all_ran(state: OwnerState, mode: "_Redirect"):
+    """Every site of the owner must have run through its site module: a mask silently not
+    applied is the one thing this library must never do."""
+    if mode.count == len(state.sites):
+        return
+    why = f" ({', '.join(sorted(set(mode.materialized)))} used the attention scores)" if mode.materialized else ""
+    raise SiteError(
+        f"{state.path or '(root)'}: this forward computed {mode.count} of the {len(state.sites)} attention(s) that the "
+        f"model's graph showed through fxsparse{why}, so mask_fn would not be applied; this call takes another path "
+        "through the module's code than the one fxsparse captured (for example another attention implementation or "
+        "a fused fast path). Transform the model as it is called, or keep these sites dense (mask_fn returns None)")
 
 
 # ------------------------------------------------------------------------------ redirect route
 class _Redirect(TorchFunctionMode):
     """Hands the k-th SDPA / multi-head attention call of one owner's forward to its k-th site."""
 
-    def __init__(self, owner: nn.Module, state: OwnerState):
+    def __init__(self, owner: nn.Module, state: OwnerState, defer: bool = False):
         super().__init__()
-        self.owner, self.state, self.count = owner, state, 0
+        self.owner, self.state, self.count, self.defer = owner, state, 0, defer
+        self.materialized: list = []  # functions that needed deferred scores for real
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if self.defer:
+            try:
+                result = deferred.handle(func, args, kwargs, self._attention)
+            except deferred.DropoutActive as err:
+                raise SiteError(
+                    f"{self.state.path or '(root)'}: attention dropout p={err.args[0]} is active in training mode; "
+                    "the sparse op has no dropout: set the attention dropout to 0, or call `.eval()`") from None
+            if result is not NotImplemented:
+                if deferred.has_scores(args, kwargs) and not isinstance(result, deferred.Scores) and \
+                        func not in deferred.MATMUL:
+                    self.materialized.append(getattr(func, "__name__", str(func)))
+                return result
         kind = _REDIRECTED.get(func)
         if kind is None:
             return func(*args, **kwargs)
@@ -125,6 +156,16 @@ class _Redirect(TorchFunctionMode):
         if kind == "sdpa":
             return _sdpa_to_site(site, *args, **kwargs)
         return _mha_to_site(site, *args, **kwargs)
+
+    def _attention(self, q, k, v, bias, scale):
+        """A product of deferred probabilities with v: the next site of the owner computes it."""
+        n = self.count
+        self.count += 1
+        sites, kinds = self.state.sites, self.state.kinds
+        if n >= len(sites) or sites[n] is None or kinds[n] not in ("matmul-softmax", "einsum"):
+            probs = deferred.Scores(q, k, scale=scale, bias=bias, probs=True).compute()
+            return torch.matmul(probs.to(v.dtype), v)
+        return getattr(self.owner, sites[n])(q, k, v, bias=bias, scale=scale)
 
 
 def _sdpa_to_site(site: SiteAttention, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
@@ -211,18 +252,27 @@ def _graph_forward(self, base: type, state: OwnerState, args, kwargs):
     tensors: list = []
     arg_t = tuple(_split(a, tensors) for a in args)
     kw_t = tuple((k, _split(v, tensors)) for k, v in kwargs.items())
-    untraceable = [a for a in arg_t if a is _UNTRACEABLE] + [k for k, v in kw_t if v is _UNTRACEABLE]
-    if untraceable:
-        raise SiteError(
-            f"{state.path or '(root)'}: fxsparse traces this module's forward per call signature, but an argument "
-            f"is neither a tensor nor a plain value ({untraceable[0] if isinstance(untraceable[0], str) else 'positional'}"
-            "); call it with tensors and plain values only")
+    if any(a is _UNTRACEABLE for a in arg_t) or any(v is _UNTRACEABLE for _, v in kw_t):
+        return _deferred_forward(self, base, state, args, kwargs)  # a cache object: not traceable
     key = (arg_t, kw_t, self.training)
     fn = state.graphs.get(key)
     if fn is None:
         fn = _trace_signature(self, base, state, arg_t, kw_t, len(tensors))
         state.graphs[key] = fn
+    if fn is _DEFERRED:
+        return _deferred_forward(self, base, state, args, kwargs)
     return fn(self, *tensors)
+
+
+_DEFERRED = object()  # a signature torch.fx cannot trace: the scores are deferred at run time instead
+
+
+@torch.compiler.disable
+def _deferred_forward(self, base: type, state: OwnerState, args, kwargs):
+    with _Redirect(self, state, defer=True) as mode:
+        out = base.forward(self, *args, **kwargs)
+    _check_all_ran(state, mode)
+    return out
 
 
 @torch.compiler.disable
@@ -242,10 +292,9 @@ def _trace_signature(owner: nn.Module, base: type, state: OwnerState, arg_t, kw_
     tracer = capture.Tracer(leaf, fns)
     try:
         graph = tracer.trace(shim)
-    except Exception as err:
-        raise SiteError(
-            f"{where}: torch.fx could not trace {base.__name__}.forward on its own ({type(err).__name__}: {err}); "
-            "keep its sites dense (mask_fn returns None for them)") from err
+    except Exception as err:  # data-dependent Python: run the code itself, with the scores deferred
+        state.code[(arg_t, kw_t, owner.training)] = f"# not traced ({type(err).__name__}: {err}); scores deferred"
+        return _DEFERRED
     gm = fx.GraphModule(shim, graph, class_name=base.__name__)
     found = match.find(gm)
     if len(found) != len(state.sites) or any(
