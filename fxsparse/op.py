@@ -3,8 +3,8 @@
 ``sparse_attention`` checks its arguments and turns the mask into a Layout; the op itself
 (``torch.ops.fxsparse.sparse_attention``) takes the layout's tables as one flat int32 tensor so
 that torch.compile and torch.export see one opaque op, and a call costs little on the host. CUDA tensors run the Triton kernels; CPU
-tensors run the exact chunked reference, or the Triton kernels through Triton's interpreter
-when ``TRITON_INTERPRET=1`` is set.
+tensors run the block-skipping path of ``cpu.py`` (``reference.py``, which computes every block, is
+its oracle), or the Triton kernels through Triton's interpreter when ``TRITON_INTERPRET=1`` is set.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import reference
+from . import cpu, reference
 from .layout import Layout
 from .options import KernelOptions, decode, encode
 
@@ -30,7 +30,7 @@ def _use_triton(q: Tensor) -> bool:
 
 
 def _impl(q: Tensor):
-    """The Triton kernels (CUDA, or any device under TRITON_INTERPRET=1) or the exact reference."""
+    """The Triton kernels (CUDA, or any device under TRITON_INTERPRET=1) or the block-skipping CPU path."""
     global _kernels
     if _use_triton(q):
         if _kernels is None:
@@ -38,7 +38,7 @@ def _impl(q: Tensor):
 
             _kernels = launch
         return _kernels
-    return reference
+    return cpu
 
 
 def _new_out(q: Tensor, dv: int) -> Tensor:

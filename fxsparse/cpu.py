@@ -1,0 +1,356 @@
+"""Block-skipping attention in plain PyTorch: the CPU path of the op, forward and backward.
+
+Only the blocks a layout visits are computed. Query blocks that visit about as many key blocks
+are taken together (a *chunk*); for each chunk the visited key and value blocks are gathered
+into one tensor ``[B, heads, C, M * block, D]`` (M: the most blocks a query block of the chunk
+visits; shorter lists point at a zero block and are masked), so the scores, the softmax and the
+product with the values are a few batched matmuls over ``C`` query blocks at once. A chunk whose
+blocks are all full runs with no mask at all; the others apply one cached bool mask (partial
+blocks' element masks, causality, the padding of shorter lists).
+
+The plan (chunks, gathered block indices, masks) depends only on the layout, the lengths and
+causality: it is built once per layout and kept while the layout's tables are alive.
+
+Where the layout is the same for every head (``Hl == 1``), the query heads that share a kv head
+(grouped-query attention) are stacked as rows of one matmul, so the kv blocks are gathered once
+per kv head. Results match ``fxsparse.reference`` (the exact chunked oracle) to rounding: scores
+and softmax in float32 (float64 for float64 inputs), the output in q's dtype, an empty query row
+gives 0 with gradient 0, and the row statistics have the reference's form.
+"""
+from __future__ import annotations
+
+import math
+import threading
+import weakref
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .layout import EMPTY, FULL, PARTIAL, _table_view, _unpack_bits
+from .reference import acc_dtype
+
+# scores held at once per chunk (float32: 4 MiB): small enough to stay near the CPU's caches
+_CHUNK_ELEMENTS = 1 << 21
+_WASTE = 1.25  # a chunk takes query blocks visiting up to this many times its first block's count
+_PLANS: "OrderedDict[tuple, tuple]" = OrderedDict()
+_MAX_PLANS = 64
+
+
+@dataclass
+class _Chunk:
+    q_blocks: torch.Tensor  # long [C]: the query blocks of this chunk
+    kv_blocks: torch.Tensor  # long [C, Bl, Hl, M]: visited kv blocks; padding points at the zero block NKB
+    blocked: Optional[torch.Tensor]  # bool [C, Bl, Hl, 1, bs, M * bs]: True = masked out; None: nothing is
+
+    additive: dict = field(default_factory=dict)  # dtype -> blocked as 0 / -inf, [C, Bl, Hl, 1, bs, M * bs]
+
+    @property
+    def width(self) -> int:
+        return self.kv_blocks.shape[-1]
+
+    def mask(self, dtype) -> Optional[torch.Tensor]:
+        """The mask as an additive 0 / -inf tensor (adding is several times faster than masked_fill)."""
+        if self.blocked is None:
+            return None
+        if dtype not in self.additive:
+            self.additive[dtype] = torch.zeros(self.blocked.shape, dtype=dtype).masked_fill_(self.blocked, float("-inf"))
+        return self.additive[dtype]
+
+
+def _plan(data, bl, hl, bs, nq, nk, causal, rows_per_block, heads):
+    """The chunks of a layout (cached per tables tensor, lengths, causality and problem width)."""
+    key = (id(data), data._version, bl, hl, bs, nq, nk, causal, rows_per_block, heads, str(data.device))
+    hit = _PLANS.get(key)
+    if hit is not None and hit[0]() is data:
+        _PLANS.move_to_end(key)
+        return hit[1]
+    chunks = _build_plan(data, bl, hl, bs, nq, nk, causal, rows_per_block * heads)
+    try:
+        ref = weakref.ref(data)
+    except TypeError:  # tensors that take no weak reference are planned on every call
+        return chunks
+    _PLANS[key] = (ref, chunks)
+    while len(_PLANS) > _MAX_PLANS:
+        _PLANS.popitem(last=False)
+    return chunks
+
+
+def _build_plan(data, bl, hl, bs, nq, nk, causal, rows_per_block):
+    shape = (nq, nk)
+    kinds = _table_view(data, bl, hl, bs, shape, "kinds").long()
+    mask_id = _table_view(data, bl, hl, bs, shape, "mask_id").long()
+    bits = _table_view(data, bl, hl, bs, shape, "bits")
+    nqb, nkb = kinds.shape[-2:]
+    dev = data.device
+    visit = kinds != EMPTY
+    qb = torch.arange(nqb, device=dev)
+    kb = torch.arange(nkb, device=dev)
+    if causal:  # a kv block whose first key comes after the query block's last row is never reached
+        last_row = torch.clamp(qb * bs + bs - 1, max=nq - 1)
+        visit = visit & (kb[None, :] * bs <= last_row[:, None])
+    counts = visit.sum(-1)  # [Bl, Hl, NQB]
+    widest = counts.flatten(0, 1).amax(0)  # [NQB]
+    # visited kv blocks first, ascending; the rest point at the zero block
+    order = (~visit).long() * nkb + kb
+    lists = order.sort(-1).values
+    lists = torch.where(lists >= nkb, nkb, lists)
+    chunks = []
+    by_width = torch.argsort(widest, stable=True).tolist()
+    widest = widest.tolist()
+    i = 0
+    while i < len(by_width):
+        first = widest[by_width[i]]
+        j = i + 1
+        if first == 0:  # query blocks with no key at all: output 0, never computed
+            while j < len(by_width) and widest[by_width[j]] == 0:
+                j += 1
+            i = j
+            continue
+        while j < len(by_width):
+            w = widest[by_width[j]]
+            if w > first * _WASTE + 1 or (j - i + 1) * w * rows_per_block * bs * bs > _CHUNK_ELEMENTS:
+                break
+            j += 1
+        members = torch.tensor(sorted(by_width[i:j]), dtype=torch.long, device=dev)
+        width = widest[by_width[j - 1]]
+        idx = lists[:, :, members, :width]  # [Bl, Hl, C, M]
+        blocked = _blocked(idx, kinds, mask_id, bits, members, bs, nq, nkb, causal)
+        chunks.append(_Chunk(members, idx.permute(2, 0, 1, 3).contiguous(),
+                             None if blocked is None else blocked.permute(2, 0, 1, 3, 4, 5).contiguous()))
+        i = j
+    return chunks
+
+
+def _blocked(idx, kinds, mask_id, bits, members, bs, nq, nkb, causal):
+    """bool [Bl, Hl, C, 1, bs, M * bs], True where a score is masked out; None when nothing is."""
+    pad = idx == nkb
+    safe = idx.clamp(max=nkb - 1)
+    kind = torch.where(pad, EMPTY, _take(kinds, members, safe))
+    need = bool((kind != FULL).any())
+    rows = members[:, None] * bs + torch.arange(bs, device=idx.device)  # [C, bs]
+    cols = idx[..., None] * bs + torch.arange(bs, device=idx.device)  # [Bl, Hl, C, M, bs]
+    if causal:
+        need = need or bool((cols.amax((-1, -2)) > rows[:, -1].clamp(max=nq - 1)).any())
+    if not need:
+        return None
+    bl, hl, c, m = idx.shape
+    allowed = (kind == FULL)[..., None, None].expand(bl, hl, c, m, bs, bs).clone()  # [Bl,Hl,C,M,bs(q),bs(k)]
+    part = kind == PARTIAL
+    if part.any():
+        mid = _take(mask_id, members, safe)[part]
+        allowed[part] = _unpack_bits(bits[mid])
+    allowed = allowed.permute(0, 1, 2, 4, 3, 5).reshape(bl, hl, c, bs, m * bs)
+    if causal:
+        allowed &= cols.reshape(bl, hl, c, 1, m * bs) <= rows[None, None, :, :, None]
+    return (~allowed).unsqueeze(3)
+
+
+def _take(table, members, idx):
+    """table [Bl, Hl, NQB, NKB] at rows `members` and, per row, columns idx [Bl, Hl, C, M]."""
+    return table[:, :, members].gather(-1, idx)
+
+
+# ------------------------------------------------------------------------------------ helpers
+_WORKSPACE = threading.local()
+
+
+def _buffer(role: str, shape, dtype) -> torch.Tensor:
+    """A reused scratch tensor of this shape (one per role, dtype and thread, grown as needed).
+
+    A chunk's gathered blocks and scores are a few MiB; taking fresh memory for each of them on
+    every chunk costs the CPU as much as the arithmetic (page faults), so they are reused."""
+    cache = getattr(_WORKSPACE, "buffers", None)
+    if cache is None:
+        cache = _WORKSPACE.buffers = {}
+    n = math.prod(shape)
+    buf = cache.get((role, dtype))
+    if buf is None or buf.numel() < n:
+        buf = cache[(role, dtype)] = torch.empty(n, dtype=dtype)
+    return buf[:n].view(shape)
+
+
+class _Problem:
+    """Shapes and index maps shared by the forward and the backward of one call.
+
+    Everything runs query-block-major: rows are stored ``[NQB, B, Hx, Gr * bs, X]`` and a chunk's
+    tensors are ``[C, B, Hx, ...]``, so whole query blocks and kv blocks are taken and put back
+    as contiguous slabs (``F.embedding`` and ``index_copy_``, the fastest row gathers on the CPU)."""
+
+    def __init__(self, q, k, tables, bs, causal):
+        data, self.bl, self.hl = tables
+        self.b, self.h, self.nq, self.d = q.shape
+        self.hkv, self.nk = k.shape[1], k.shape[2]
+        self.bs = bs
+        self.nqb, self.nkb = math.ceil(self.nq / bs), math.ceil(self.nk / bs)
+        g = self.h // self.hkv
+        # Hl == 1: the G query heads of a kv head are rows of one matmul; else one matmul per query head
+        self.hx, self.gr = (self.hkv, g) if self.hl == 1 else (self.h, 1)
+        self.kv_head = torch.arange(self.hx, device=q.device) // (1 if self.hl == 1 else g)
+        self.chunks = _plan(data, self.bl, self.hl, bs, self.nq, self.nk, causal, self.gr, self.b * self.hx)
+        self.acc = acc_dtype(q)
+
+    def rows(self, t, scale=None):
+        """[B, H, Nq, X] -> padded, in the accumulation dtype, [NQB, B * Hx * Gr * bs * X] (times scale)."""
+        x = t.shape[-1]
+        t = t.to(self.acc)
+        if scale is not None:
+            t = t * scale
+        t = F.pad(t, (0, 0, 0, self.nqb * self.bs - self.nq))
+        t = t.view(self.b, self.hx, self.gr, self.nqb, self.bs, x).permute(3, 0, 1, 2, 4, 5)
+        return t.reshape(self.nqb, -1)
+
+    def new_rows(self, x):
+        return torch.zeros(self.nqb, self.b * self.h * self.bs * x, dtype=self.acc)
+
+    def unrows(self, t, x):
+        """The inverse of rows: [NQB, ...] -> [B, H, Nq, X]."""
+        t = t.view(self.nqb, self.b, self.hx, self.gr, self.bs, x).permute(1, 2, 3, 0, 4, 5)
+        return t.reshape(self.b, self.h, self.nqb * self.bs, x)[:, :, : self.nq]
+
+    def take_rows(self, t, chunk, x, role):
+        """The chunk's rows [C, B, Hx, Gr * bs, X] of rows(...), in the scratch buffer `role`."""
+        out = _buffer(role, (len(chunk.q_blocks), t.shape[1]), self.acc)
+        torch.index_select(t, 0, chunk.q_blocks, out=out)
+        return out.view(len(chunk.q_blocks), self.b, self.hx, self.gr * self.bs, x)
+
+    def put_rows(self, t, chunk, val):
+        t.index_copy_(0, chunk.q_blocks, val.reshape(len(chunk.q_blocks), -1))
+
+    def kv_blocks(self, t):
+        """[B, Hkv, Nk, X] -> padded with one extra zero block, [B * Hkv * (NKB + 1), bs * X]."""
+        x = t.shape[-1]
+        t = F.pad(t.to(self.acc), (0, 0, 0, (self.nkb + 1) * self.bs - self.nk))
+        return t.reshape(-1, self.bs * x)
+
+    def flat_kv_index(self, chunk):
+        """Row of each visited block in kv_blocks(...), [C * B * Hx * M] in the chunk's order."""
+        bi = torch.arange(self.b).view(1, -1, 1, 1)
+        hi = self.kv_head.view(1, 1, -1, 1)
+        idx = (bi * self.hkv + hi) * (self.nkb + 1) + chunk.kv_blocks  # kv_blocks: [C, Bl, Hl, M]
+        return idx.expand(len(chunk.q_blocks), self.b, self.hx, chunk.width).reshape(-1)
+
+    def gather_kv(self, blocks, chunk, flat, x, role):
+        """The chunk's visited blocks [C, B, Hx, M * bs, X], in the scratch buffer `role`."""
+        out = _buffer(role, (len(flat), blocks.shape[1]), self.acc)
+        torch.index_select(blocks, 0, flat, out=out)
+        return out.view(len(chunk.q_blocks), self.b, self.hx, chunk.width * self.bs, x)
+
+    def score_index(self, chunk, bias_shape=None):
+        """Index tensors (batch, head, row, column) of a chunk's scores [C, B, Hx, Gr, bs, M * bs] into
+        [B, H, rows, columns]; with bias_shape, size-1 dims of the bias index 0 and broadcast."""
+        c, m, bs = len(chunk.q_blocks), chunk.width, self.bs
+        bshape = bias_shape or (self.b, self.h, 2, 2)
+        one = torch.zeros(1, 1, 1, 1, 1, 1, dtype=torch.long)
+        bi = torch.arange(self.b).view(1, -1, 1, 1, 1, 1) if bshape[0] > 1 else one
+        if bshape[1] > 1:
+            x = torch.arange(self.hx).view(-1, 1)
+            heads = x * self.gr + torch.arange(self.gr) if self.hl == 1 else x
+            hi = heads.view(1, 1, self.hx, self.gr, 1, 1)
+        else:
+            hi = one
+        ri = chunk.q_blocks[:, None] * bs + torch.arange(bs)
+        ci = chunk.kv_blocks[..., None] * bs + torch.arange(bs)  # [C, Bl, Hl, M, bs]
+        if bias_shape is not None:
+            ri, ci = ri.clamp(max=self.nq - 1), ci.clamp(max=self.nk - 1)
+        ri = ri.view(c, 1, 1, 1, bs, 1) if bshape[2] > 1 else one
+        ci = ci.reshape(c, *chunk.kv_blocks.shape[1:3], 1, 1, m * bs) if bshape[3] > 1 else one
+        return bi, hi, ri, ci
+
+    def scores(self, qc, kc, bias4, chunk):
+        """Scores with scale (in q), bias and mask, [C, B, Hx, Gr * bs, M * bs]."""
+        s = _bmm(qc, kc.transpose(-1, -2), "scores")
+        if bias4 is not None or chunk.blocked is not None:
+            s6 = s.view(*s.shape[:3], self.gr, self.bs, s.shape[-1])
+            if bias4 is not None:
+                s6.add_(bias4[self.score_index(chunk, tuple(bias4.shape))].to(self.acc))
+            if chunk.blocked is not None:
+                s6.add_(chunk.mask(self.acc))
+        return s
+
+    def probabilities(self, s):
+        """softmax over the scores [..., R, S] in a scratch buffer, and the rows with no allowed key
+        ([..., R, 1] bool, or None when there are none); their probabilities are 0."""
+        m = s.amax(-1, keepdim=True)
+        prob = _buffer("prob", s.shape, s.dtype)
+        torch.ops.aten._softmax.out(s, -1, False, out=prob)  # one fused pass; an empty row gives NaN
+        empty = m == float("-inf")
+        if not bool(empty.any()):
+            return prob, m, None
+        rows = empty.view(-1).nonzero().view(-1)
+        prob.view(-1, prob.shape[-1]).index_fill_(0, rows, 0.0)
+        return prob, m.masked_fill_(empty, 0.0), empty
+
+
+def _bmm(a, b, role):
+    """a [..., R, X] @ b [..., X, S] over the leading dims, into the scratch buffer `role`."""
+    lead = a.shape[:-2]
+    out = _buffer(role, (*lead, a.shape[-2], b.shape[-1]), a.dtype)
+    torch.bmm(a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:]), out=out.view(-1, *out.shape[-2:]))
+    return out
+
+
+def _bias4(bias):
+    if bias is None:
+        return None
+    while bias.dim() < 4:
+        bias = bias.unsqueeze(0)
+    return bias
+
+
+# --------------------------------------------------------------------------------- forward
+def forward(q, k, v, tables, bias, scale: float, block_size: int, causal: bool, out):
+    """The interface of ``fxsparse.reference.forward``: writes out, returns the row statistics
+    [B, H, 2, Nq] (row max; log of the row sum, +inf for an empty row with max 0)."""
+    p = _Problem(q, k, tables, block_size, causal)
+    d, dv = p.d, v.shape[-1]
+    q_rows = p.rows(q, scale)
+    kb, vb = p.kv_blocks(k), p.kv_blocks(v)
+    o_rows, stat_rows = p.new_rows(dv), p.new_rows(2)
+    stat_rows.view(-1, 2)[:, 1] = float("inf")  # rows no chunk reaches are empty
+    bias4 = _bias4(bias)
+    for chunk in p.chunks:
+        flat = p.flat_kv_index(chunk)
+        s = p.scores(p.take_rows(q_rows, chunk, d, "q"), p.gather_kv(kb, chunk, flat, d, "k"), bias4, chunk)
+        prob, m, _ = p.probabilities(s)
+        p.put_rows(o_rows, chunk, _bmm(prob, p.gather_kv(vb, chunk, flat, dv, "v"), "o"))
+        # the largest probability of a row is exp(max - max) / sum = 1 / sum: the log-sum is -log of it
+        # (+inf for an empty row, whose probabilities are all 0)
+        p.put_rows(stat_rows, chunk, torch.cat([m, prob.amax(-1, keepdim=True).log_().neg_()], -1))
+    out.copy_(p.unrows(o_rows, dv))
+    return p.unrows(stat_rows, 2).transpose(-1, -2).contiguous()
+
+
+# -------------------------------------------------------------------------------- backward
+def backward(dout, q, k, v, out, lse, tables, bias, scale: float, block_size: int, causal: bool, bias_grad: bool):
+    """The interface of ``fxsparse.reference.backward``: (dq, dk, dv, dbias [B, H, Nq, Nk] or None)."""
+    p = _Problem(q, k, tables, block_size, causal)
+    b, h, nq, nk, bs, d, dv_dim = p.b, p.h, p.nq, p.nk, p.bs, p.d, v.shape[-1]
+    q_rows, do_rows = p.rows(q, scale), p.rows(dout)
+    kb, vb = p.kv_blocks(k), p.kv_blocks(v)
+    delta_rows = p.rows((out.to(p.acc) * dout.to(p.acc)).sum(-1, keepdim=True))
+    dq_rows = p.new_rows(d)
+    dk, dv = torch.zeros_like(kb), torch.zeros_like(vb)
+    dbias = torch.zeros(b, h, p.nqb * bs, (p.nkb + 1) * bs, dtype=p.acc) if bias_grad else None
+    bias4 = _bias4(bias)
+    for chunk in p.chunks:
+        flat = p.flat_kv_index(chunk)
+        qc, doc = p.take_rows(q_rows, chunk, d, "q"), p.take_rows(do_rows, chunk, dv_dim, "do")
+        kc, vc = p.gather_kv(kb, chunk, flat, d, "k"), p.gather_kv(vb, chunk, flat, dv_dim, "v")
+        # the forward's probabilities again (the same fused softmax over the same scores)
+        prob = p.probabilities(p.scores(qc, kc, bias4, chunk))[0]
+        dv.index_add_(0, flat, _bmm(prob.transpose(-1, -2), doc, "dkv").view(len(flat), -1))
+        ds = _bmm(doc, vc.transpose(-1, -2), "ds").sub_(p.take_rows(delta_rows, chunk, 1, "delta")).mul_(prob)
+        p.put_rows(dq_rows, chunk, _bmm(ds, kc, "o").mul_(scale))
+        dk.index_add_(0, flat, _bmm(ds.transpose(-1, -2), qc, "dkv").view(len(flat), -1))  # qc carries the scale
+        if dbias is not None:
+            # padding slots all point at the zero block's columns, where ds = 0: repeated writes agree
+            dbias[p.score_index(chunk)] = ds.view(*ds.shape[:3], p.gr, bs, ds.shape[-1])
+    dq = p.unrows(dq_rows, d)
+    dk = dk.view(b, p.hkv, (p.nkb + 1) * bs, d)[:, :, :nk]
+    dv = dv.view(b, p.hkv, (p.nkb + 1) * bs, dv_dim)[:, :, :nk]
+    if dbias is not None:
+        dbias = dbias[:, :, :nq, :nk]
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dbias
