@@ -54,12 +54,21 @@ def issue_vs_gpu(fn, n=50):
     return host / n * 1e6, start.elapsed_time(end) / n * 1e3
 
 
+def problem(spec: str):
+    """"B,H,N,D,window" -> (q, k, v, dout, layout): bf16 on the GPU, q/k/v requiring grad, a local
+    window |i - j| <= window as a 128-block layout (window < 0: None, dense)."""
+    b, h, n, d, w = (int(x) for x in spec.split(","))
+    q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    i = torch.arange(n, device="cuda")
+    layout = None if w < 0 else Layout.from_mask((i[:, None] - i[None, :]).abs() <= w, block_size=128)
+    return q, k, v, torch.randn_like(q), layout
+
+
 def at_shape(spec: str, gc_freeze: bool = False):
     """Host issue time against GPU time of forward+backward at a real shape, "B,H,N,D,window" as in
-    trace_backward.py (fxsparse eager path, the custom-op path, FlexAttention)."""
+    problem() (fxsparse eager path, the custom-op path, FlexAttention)."""
     import fxsparse.op as op
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-    from trace_backward import problem
 
     q, k, v, dout, layout = problem(spec)
     b, h, n, d = q.shape
