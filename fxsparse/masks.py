@@ -1,0 +1,197 @@
+"""Runtime masks that skip blocks: padding and packed documents as Layouts, built on the device each step.
+
+A model's own masks change with every batch (which tokens are padding, where each packed document
+starts). Passed as an additive bias they cost the whole [Nq, Nk] of scores; as a Layout the blocks
+they remove are never visited. Each helper here is vectorised (no Python loop over blocks or
+documents), evaluates only the blocks the mask cuts, and returns an exact Layout with batch = B:
+
+* :func:`padding_layout`: right padding given by each sample's length;
+* :func:`key_padding_layout`: any key padding, a bool [B, Nk] (True = a real token, as in
+  HuggingFace's ``attention_mask``; nn.MultiheadAttention's ``key_padding_mask`` is the opposite: pass
+  ``~key_padding_mask``);
+* :func:`document_layout`: packed sequences, a document id per token (tokens attend within their
+  document; ``causal=True`` adds causality), with :func:`document_ids` to make ids from lengths.
+
+Compose with a pattern's layout by intersection, ``pattern.layout(n, n) & padding_layout(...)``
+(batch broadcasts), and pass the result as ``sparse_attention``'s ``mask``. Where a layout holds
+causality (``document_layout(causal=True)``, ``layout.fold_causal()``) leave the op's ``causal`` flag
+off or on: it is skipped either way (``Layout.causal``).
+
+A query row that can see no key (a padding query whose keys are all padding) gives 0, where an
+additive mask of finfo.min would give the mean of the values: such rows are padding and their
+outputs are usually discarded, but they are not bit-equal.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .layout import DEFAULT_BLOCK_SIZE, EMPTY, FULL, PARTIAL, Layout, _build, _check_block_size_any, _count
+
+__all__ = ["padding_layout", "key_padding_layout", "document_layout", "document_ids"]
+
+
+def _lengths(lengths, what: str) -> torch.Tensor:
+    if not isinstance(lengths, torch.Tensor):
+        lengths = torch.as_tensor(lengths)
+    if lengths.dim() != 1 or lengths.is_floating_point() or lengths.dtype == torch.bool:
+        raise ValueError(f"{what} must be a 1-D integer tensor (one length per sample), got "
+                         f"{lengths.dtype} of shape {tuple(lengths.shape)}")
+    return lengths
+
+
+def padding_layout(lengths, q_len: int, kv_len: int | None = None, *, block_size: int = DEFAULT_BLOCK_SIZE,
+                   causal: bool = False, device=None) -> Layout:
+    """Right padding: sample ``b`` has ``lengths[b]`` real keys, the rest are padding.
+
+    Every query attends to keys ``j < lengths[b]`` (with ``causal=True`` also ``j <= i``, top-left);
+    the padding queries too (their rows are as in the model: only padding keys are removed).
+    Returns a Layout with batch ``len(lengths)``, built on ``device`` (default: the lengths' device).
+    """
+    lengths = _lengths(lengths, "padding_layout: lengths")
+    kv_len = q_len if kv_len is None else kv_len
+    device = lengths.device if device is None else torch.device(device)
+    keep = torch.arange(_count(kv_len, "kv_len", 1), device=device)[None, :] < lengths.to(device)[:, None]
+    return key_padding_layout(keep, q_len, block_size=block_size, causal=causal)
+
+
+def key_padding_layout(keep: torch.Tensor, q_len: int, *, block_size: int = DEFAULT_BLOCK_SIZE,
+                       causal: bool = False) -> Layout:
+    """Key padding: ``keep`` bool [B, kv_len], True = a real key that may be attended.
+
+    Every query of sample ``b`` attends to the keys with ``keep[b]`` (with ``causal=True`` also
+    ``j <= i``, top-left). Built on keep's device: per kv block the number of kept keys says empty /
+    full / cut; only cut blocks are evaluated. Returns a Layout with batch B.
+    """
+    if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool or keep.dim() != 2:
+        got = f"{keep.dtype} of shape {tuple(keep.shape)}" if isinstance(keep, torch.Tensor) else type(keep).__name__
+        raise ValueError(f"key_padding_layout: keep must be a bool [batch, kv_len] tensor (True = real key), got {got}")
+    bs = _check_block_size_any(block_size)
+    nq, (b, nk) = _count(q_len, "q_len", 1), keep.shape
+    nkb = math.ceil(nk / bs)
+    counts = torch.zeros(b, nkb * bs, dtype=torch.int32, device=keep.device)
+    counts[:, :nk] = keep
+    counts = counts.view(b, nkb, bs).sum(-1)  # kept keys per kv block
+    causal_kinds = _causal_kinds(nq, nk, bs, keep.device) if causal else None
+
+    def classify(qb0, qb1):
+        col = torch.where(counts == bs, FULL, torch.where(counts == 0, EMPTY, PARTIAL)).to(torch.int8)
+        kinds = col[:, None, None, :].expand(b, 1, qb1 - qb0, nkb).clone()
+        if (qb1 * bs) > nq:  # the last query block is cut by the sequence's end
+            kinds[:, :, -1] = torch.where(kinds[:, :, -1] == FULL, PARTIAL, kinds[:, :, -1])
+        if causal_kinds is not None:
+            kinds = _intersect_kinds(kinds, causal_kinds[qb0:qb1])
+        return kinds
+
+    def mask_mod(bi, h, q_idx, kv_idx):
+        ok = keep[bi, kv_idx]
+        return ok & (kv_idx <= q_idx) if causal else ok
+
+    return _build(mask_mod, nq, nk, b, 1, bs, keep.device, classify)
+
+
+def document_ids(lengths, total: int | None = None) -> torch.Tensor:
+    """Document ids for packed sequences: ``lengths`` [D] (or [B, D], zero-padded) of documents in order,
+    as int [total] (or [B, total]): document d's tokens get id d. Positions past the documents (when
+    ``total`` is longer) get id -1: padding, which ``document_layout`` gives no keys."""
+    lengths = torch.as_tensor(lengths)
+    if lengths.dim() not in (1, 2) or lengths.is_floating_point():
+        raise ValueError(f"document_ids: lengths must be an integer [documents] or [batch, documents] tensor, "
+                         f"got {lengths.dtype} of shape {tuple(lengths.shape)}")
+    two_d = lengths.dim() == 2
+    lengths = lengths if two_d else lengths[None]
+    if bool((lengths < 0).any()):
+        raise ValueError("document_ids: lengths must be >= 0")
+    ends = lengths.cumsum(-1)  # [B, D]
+    n = int(ends[:, -1].max()) if total is None else _count(total, "document_ids: total", 1)
+    if total is not None and int(ends[:, -1].max()) > n:
+        raise ValueError(f"document_ids: the documents hold {int(ends[:, -1].max())} tokens, more than total={n}")
+    pos = torch.arange(n, device=lengths.device)
+    ids = torch.searchsorted(ends, pos.expand(ends.shape[0], n).contiguous(), right=True)
+    ids = torch.where(pos[None, :] < ends[:, -1:], ids, -1)
+    return ids if two_d else ids[0]
+
+
+def document_layout(doc_ids: torch.Tensor, *, causal: bool = False, block_size: int = DEFAULT_BLOCK_SIZE,
+                    q_doc_ids: torch.Tensor | None = None) -> Layout:
+    """Packed documents: query ``i`` attends to key ``j`` when both carry the same document id (ids < 0
+    are padding: they attend to nothing and nothing attends to them); with ``causal=True`` also
+    ``j <= i`` (top-left, as the op's causal flag, which this layout then makes free).
+
+    ``doc_ids``: int [N] or [B, N] (per sample), the keys' ids, and the queries' too unless
+    ``q_doc_ids`` (int [Nq] or [B, Nq]) is given. Ids need not be sorted; sorted ids (packing) are the
+    fast case: a block pair whose id ranges do not overlap is empty, one of a single shared id is full,
+    and only the blocks on document boundaries (and the diagonal, when causal) are evaluated. Built on
+    doc_ids' device. Returns a Layout with batch B (1 for 1-D ids).
+    """
+    kv = _doc_tensor(doc_ids, "doc_ids")
+    q = kv if q_doc_ids is None else _doc_tensor(q_doc_ids, "q_doc_ids").to(kv.device)
+    if q.shape[0] != kv.shape[0] and 1 not in (q.shape[0], kv.shape[0]):
+        raise ValueError(f"document_layout: doc_ids has batch {kv.shape[0]} and q_doc_ids {q.shape[0]}")
+    bs = _check_block_size_any(block_size)
+    b = max(q.shape[0], kv.shape[0])
+    q, kv = q.expand(b, -1), kv.expand(b, -1)
+    nq, nk = q.shape[1], kv.shape[1]
+    q_lo, q_hi, q_pad = _block_ranges(q, bs)
+    k_lo, k_hi, k_pad = _block_ranges(kv, bs)
+    causal_kinds = _causal_kinds(nq, nk, bs, kv.device) if causal else None
+
+    def classify(qb0, qb1):
+        ql, qh, qp = q_lo[:, qb0:qb1, None], q_hi[:, qb0:qb1, None], q_pad[:, qb0:qb1, None]
+        kl, kh, kp = k_lo[:, None, :], k_hi[:, None, :], k_pad[:, None, :]
+        empty = (qh < kl) | (kh < ql) | (qh < 0) | (kh < 0)  # id ranges apart, or all padding
+        full = (ql == qh) & (kl == kh) & (ql == kl) & ~qp & ~kp
+        kinds = torch.where(full, FULL, torch.where(empty, EMPTY, PARTIAL)).to(torch.int8)[:, None]
+        if causal_kinds is not None:
+            kinds = _intersect_kinds(kinds, causal_kinds[qb0:qb1])
+        return kinds
+
+    def mask_mod(bi, h, q_idx, kv_idx):
+        qd = q[bi, q_idx]
+        same = (qd == kv[bi, kv_idx]) & (qd >= 0)
+        return same & (kv_idx <= q_idx) if causal else same
+
+    return _build(mask_mod, nq, nk, b, 1, bs, kv.device, classify)
+
+
+def _doc_tensor(ids, what: str) -> torch.Tensor:
+    if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.dtype == torch.bool or ids.dim() not in (1, 2):
+        got = f"{ids.dtype} of shape {tuple(ids.shape)}" if isinstance(ids, torch.Tensor) else type(ids).__name__
+        raise ValueError(f"document_layout: {what} must be an integer [N] or [batch, N] tensor, got {got}")
+    if ids.shape[-1] == 0:
+        raise ValueError(f"document_layout: {what} is empty")
+    return ids if ids.dim() == 2 else ids[None]
+
+
+def _block_ranges(ids: torch.Tensor, bs: int):
+    """Per block of ``bs`` tokens: the smallest and largest id (padding ids < 0 and positions past the end
+    ignored where the block has real ones; -1 where it has none), and whether it holds padding or is cut."""
+    b, n = ids.shape
+    nb = math.ceil(n / bs)
+    padded = torch.full((b, nb * bs), -1, dtype=torch.int64, device=ids.device)
+    padded[:, :n] = ids
+    blocks = padded.view(b, nb, bs)
+    real = blocks >= 0
+    big = torch.iinfo(torch.int64).max
+    lo = torch.where(real, blocks, big).amin(-1)
+    hi = blocks.amax(-1)
+    lo = torch.where(real.any(-1), lo, -1)
+    return lo, hi, ~real.all(-1)
+
+
+def _causal_kinds(nq: int, nk: int, bs: int, device) -> torch.Tensor:
+    """Block kinds of the top-left causal mask (key j <= query i): int8 [NQB, NKB]."""
+    a = torch.arange(math.ceil(nq / bs), device=device)[:, None]
+    c = torch.arange(math.ceil(nk / bs), device=device)[None, :]
+    whole = ((a + 1) * bs <= nq) & ((c + 1) * bs <= nk)
+    full = whole & ((c + 1) * bs - 1 <= a * bs)
+    empty = c * bs > torch.clamp((a + 1) * bs, max=nq) - 1
+    return torch.where(full, FULL, torch.where(empty, EMPTY, PARTIAL)).to(torch.int8)
+
+
+def _intersect_kinds(kinds: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """Kinds of an intersection from the parts' kinds (PARTIAL: to be evaluated)."""
+    full = (kinds == FULL) & (other == FULL)
+    empty = (kinds == EMPTY) | (other == EMPTY)
+    return torch.where(full, FULL, torch.where(empty, EMPTY, PARTIAL)).to(torch.int8)
