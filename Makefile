@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast clean
+.PHONY: demo test test-fast lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -17,13 +17,20 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/python examples/sparse_vit.py
 
-# The suite: the reference path and the FX pass on CPU, then the Triton kernels
+lint: $(STAMP)
+	$(BIN)/ruff check fxsparse tests benchmarks examples
+
+# The suite: lint, then the reference path and the FX pass on CPU, then the Triton kernels
 # themselves through Triton's interpreter (TRITON_INTERPRET=1 is read when triton
 # decorates the kernels, so the kernel tests run in their own pytest process). Inductor's on-disk
 # caches are off: they key compiled graphs without the op's fake kernel, so an old entry could be reused.
-test: $(STAMP)
+test: lint
 	TORCHINDUCTOR_FORCE_DISABLE_CACHES=1 $(BIN)/python -m pytest tests -m "not interpret"
 	TORCHINDUCTOR_FORCE_DISABLE_CACHES=1 TRITON_INTERPRET=1 $(BIN)/python -m pytest tests -m interpret
+
+# The CPU half without the larger model tests: a quick check while working.
+test-fast: $(STAMP)
+	TORCHINDUCTOR_FORCE_DISABLE_CACHES=1 $(BIN)/python -m pytest tests -m "not slow and not interpret"
 
 clean:
 	rm -rf $(VENV)
