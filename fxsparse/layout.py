@@ -21,8 +21,8 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
-import numbers
 import math
+import numbers
 from dataclasses import dataclass, field
 
 import torch

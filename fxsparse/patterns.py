@@ -42,8 +42,16 @@ import math
 import torch
 
 from .layout import (
-    DEFAULT_BLOCK_SIZE, EMPTY, FULL, PARTIAL, Layout, _build, _check_block_size_any, _count, _eval_grid,
-    cached_layout, resolve_mask,
+    DEFAULT_BLOCK_SIZE,
+    EMPTY,
+    FULL,
+    PARTIAL,
+    Layout,
+    _check_block_size_any,
+    _count,
+    _eval_grid,
+    cached_layout,
+    resolve_mask,
 )
 
 __all__ = [

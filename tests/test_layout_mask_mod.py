@@ -13,8 +13,9 @@ import pytest
 import torch
 
 import fxsparse
-from fxsparse import Layout, patterns as P
-from fxsparse.layout import LAYOUT_CACHE_SIZE, _LAYOUTS, resolve_mask
+from fxsparse import Layout
+from fxsparse import patterns as P
+from fxsparse.layout import _LAYOUTS, LAYOUT_CACHE_SIZE, resolve_mask
 from fxsparse.masks import document_ids, document_layout, key_padding_layout, padding_layout
 from fxsparse.testing import compare_with_oracle
 from helpers import gen, qkv

@@ -269,6 +269,7 @@ def test_readable_names():
 ], ids=["local_2d", "sliding_window", "bigbird", "union", "causal"])
 def test_masks_drive_sparse_attention(build):
     import torch.nn.functional as F
+
     import fxsparse
     from fxsparse.testing import MaskedAttention
 
