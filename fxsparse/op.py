@@ -8,7 +8,9 @@ its oracle), or the Triton kernels through Triton's interpreter when ``TRITON_IN
 """
 from __future__ import annotations
 
+import collections
 import math
+import numbers
 import os
 from typing import Optional
 
@@ -22,8 +24,13 @@ from .options import KernelOptions, decode, encode
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # read once, as triton does at import
 _kernels = None  # fxsparse.kernels.launch, imported on first use: triton is not needed on CPU
-_dense_layouts: dict = {}
+DENSE_LAYOUT_CACHE_SIZE = 64  # dense Layouts kept for `mask=None` calls, one per (Nq, Nk, block, device), least recent out first
+_dense_layouts: collections.OrderedDict = collections.OrderedDict()
 
+
+def clear_layout_cache() -> None:
+    """Forget the dense Layouts cached for ``mask=None`` calls (at most ``DENSE_LAYOUT_CACHE_SIZE``)."""
+    _dense_layouts.clear()
 
 def _use_triton(q: Tensor) -> bool:
     return q.is_cuda or (_INTERPRET and q.dtype != torch.float64)
@@ -104,6 +111,27 @@ def _(dout, q, k, v, out, lse, layout, layout_batch, layout_heads, bias, scale, 
     return torch.empty_like(q, memory_format=torch.contiguous_format), torch.empty_like(k, memory_format=torch.contiguous_format), torch.empty_like(v, memory_format=torch.contiguous_format), dbias
 
 
+DOUBLE_BACKWARD_ERROR = (
+    "fxsparse: double backward (create_graph=True) is not supported by sparse_attention: its backward "
+    "cannot itself be differentiated (gradient penalties, Hessians, torch.func.grad of a grad). Compute "
+    "that term with a dense attention, or detach the first gradient if it is not meant to be differentiated"
+)
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError(DOUBLE_BACKWARD_ERROR)
+
+
+def _setup_backward_context(ctx, inputs, output):
+    pass
+
+
+# Differentiating the backward (create_graph=True) reaches this node, which raises: never a silently
+# wrong second derivative (the saved row statistics would otherwise be treated as constants).
+torch.library.register_autograd("fxsparse::sparse_attention_backward", _no_double_backward,
+                                setup_context=_setup_backward_context)
+
+
 def _setup_context(ctx, inputs, output):
     q, k, v, layout, layout_batch, layout_heads, bias, scale, block_size, causal, *options = inputs
     out, lse = output
@@ -152,7 +180,64 @@ class _EagerAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout):
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ctx.saved_tensors):
+            # create_graph=True: the backward op records a node whose own backward raises
+            return _backward(ctx, dout, None)
         return _backward(ctx, dout, None, backward_op=_backward_impl)
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        raise RuntimeError(FORWARD_AD_ERROR)
+
+
+FORWARD_AD_ERROR = ("fxsparse: forward-mode AD (torch.func.jvp, jacfwd, hessian, torch.autograd.forward_ad) is not "
+                    "supported by sparse_attention; use reverse mode (backward, torch.func.grad, jacrev)")
+
+
+class _FunctorchAttention(torch.autograd.Function):
+    """The op under functorch transforms (torch.func.grad, vjp, jacrev, vmap): the custom op's own
+    autograd cannot run inside them, this Function (with setup_context) can. vmap runs the op per batch
+    element."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(*inputs):
+        with torch.no_grad():  # this Function is the autograd; the op's own must not run again inside it
+            return _sparse_attention_op(*inputs)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _setup_context(ctx, inputs, output)
+        ctx.mark_non_differentiable(output[1])
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        return _backward(ctx, dout, dlse, backward_op=_FunctorchBackward.apply)
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        raise RuntimeError(FORWARD_AD_ERROR)
+
+
+class _FunctorchBackward(torch.autograd.Function):
+    """The backward op under functorch transforms, which always build a graph of the backward:
+    differentiating it again (torch.func.grad of a grad) raises."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(*inputs):
+        with torch.no_grad():
+            return _sparse_attention_backward_op(*inputs)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(DOUBLE_BACKWARD_ERROR)
 
 
 _TRACING_MODES = tuple(torch._C._TorchDispatchModeKey.__members__.values())  # fake, proxy, functional
@@ -166,6 +251,10 @@ def _plain_eager(tensors) -> bool:
         return False
     return all(t is None or (type(t) in (Tensor, torch.nn.Parameter) and not torch._C._functorch.is_functorch_wrapped_tensor(t))
                for t in tensors)
+
+
+def _functorch(tensors) -> bool:
+    return any(t is not None and torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
 
 
 # ------------------------------------------------------------------------------------- public
@@ -198,19 +287,45 @@ def sparse_attention(
     key = encode(options)  # checks the type; "" for the defaults
     refine = options is None or options.refine
     layout = kernel_layout(_as_layout(mask, q, nq, nk, refine), d, refine)
-    if layout.batch not in (1, b) or layout.num_heads not in (1, h):
-        raise ValueError(
-            f"mask has batch {layout.batch} and heads {layout.num_heads}; expected batch 1 or {b} and heads 1 or {h}"
-        )
+    for what, got, want in (("batch", layout.batch, b), ("heads", layout.num_heads, h)):
+        if got not in (1, want):
+            raise ValueError(
+                f"the mask's Layout has {what} {got} but q has {what} {want}: a Layout's {what} must be "
+                f"{_one_or(want)} (1 = shared by all); build it from a mask of that shape"
+            )
     if bias is not None:
         bias = _check_bias(bias, q, nk)
-    if scale is None:
-        scale = 1.0 / math.sqrt(d)
-    args = (q, k, v, layout.data, layout.batch, layout.num_heads, bias, float(scale), layout.block_size, bool(causal),
-            key)
-    if _plain_eager((q, k, v, layout.data, bias)):
+    scale = 1.0 / math.sqrt(d) if scale is None else _check_scale(scale)
+    if not isinstance(causal, (bool, numbers.Integral)) or isinstance(causal, Tensor):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    args = (q, k, v, layout.data, layout.batch, layout.num_heads, bias, scale, layout.block_size, bool(causal), key)
+    tensors = (q, k, v, layout.data, bias)
+    if _plain_eager(tensors):
         return _EagerAttention.apply(*args)
+    if not torch.compiler.is_compiling() and _functorch(tensors):
+        return _FunctorchAttention.apply(*args)[0]
     return _sparse_attention_op(*args)[0]
+
+
+def _one_or(n: int) -> str:
+    return "1" if n == 1 else f"1 or {n}"
+
+
+def _check_scale(scale) -> float:
+    if isinstance(scale, Tensor):
+        if scale.requires_grad:
+            raise TypeError(
+                "scale is a tensor that requires grad, but sparse_attention takes scale as a number and passes "
+                "it no gradient; fold a learned scale into q instead: sparse_attention(q * scale, k, v, scale=1.0)"
+            )
+        if scale.numel() != 1:
+            raise ValueError(f"scale must be one number, got a tensor of shape {tuple(scale.shape)}")
+    elif not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale must be a number, got {type(scale).__name__}")
+    value = float(scale)
+    if not math.isfinite(value):
+        raise ValueError(f"scale must be finite, got {value}")
+    return value
 
 
 def _check_inputs(q, k, v):
@@ -273,9 +388,14 @@ def _as_layout(mask, q: Tensor, nq: int, nk: int, refine: bool = True) -> Layout
         if torch.compiler.is_compiling():  # built inside the graph: no cache mutated while tracing
             return Layout.dense(nq, nk, block, device=q.device)
         key = (nq, nk, block, str(q.device))
-        if key not in _dense_layouts:
-            _dense_layouts[key] = Layout.dense(nq, nk, block, device=q.device)
-        return _dense_layouts[key]
+        layout = _dense_layouts.get(key)
+        if layout is None:
+            layout = _dense_layouts[key] = Layout.dense(nq, nk, block, device=q.device)
+            if len(_dense_layouts) > DENSE_LAYOUT_CACHE_SIZE:
+                _dense_layouts.popitem(last=False)
+        else:
+            _dense_layouts.move_to_end(key)
+        return layout
     if isinstance(mask, Layout):
         if mask.shape != (nq, nk):
             raise ValueError(f"layout was built for (q_len, kv_len) = {mask.shape}, but the inputs have {(nq, nk)}")
@@ -285,26 +405,38 @@ def _as_layout(mask, q: Tensor, nq: int, nk: int, refine: bool = True) -> Layout
             )
         return mask
     if isinstance(mask, Tensor):
-        if torch.compiler.is_compiling():
-            raise TypeError(
-                "a bool token mask cannot be compiled into a Layout inside torch.compile: "
-                "build `fxsparse.Layout.from_mask(mask)` once outside and pass the Layout"
-            )
-        if mask.dtype != torch.bool:
-            raise TypeError(f"mask must be bool (True = may attend) or a Layout, got a tensor of dtype {mask.dtype}")
-        b, h = q.shape[:2]
-        try:
-            ok = mask.dim() <= 4 and torch.broadcast_shapes(mask.shape, (b, h, nq, nk)) == (b, h, nq, nk)
-        except RuntimeError:
-            ok = False
-        if not ok:
-            raise ValueError(
-                f"mask of shape {tuple(mask.shape)} does not broadcast to [batch 1 or {b}, heads 1 or {h}, {nq}, {nk}]"
-            )
-        while mask.dim() < 2:
-            mask = mask.unsqueeze(0)
-        return Layout.from_mask(mask.expand(*mask.shape[:-2], nq, nk).to(q.device), block)
+        build = _token_mask_layout_outside_graph if torch.compiler.is_compiling() else _token_mask_layout
+        return build(mask, tuple(q.shape[:2]), nq, nk, q.device, block)
     raise TypeError(f"mask must be a fxsparse.Layout, a bool tensor or None, got {type(mask).__name__}")
+
+
+def _token_mask_layout(mask: Tensor, lead: tuple, nq: int, nk: int, device, block) -> Layout:
+    if mask.dtype != torch.bool:
+        raise TypeError(f"mask must be bool (True = may attend) or a Layout, got a tensor of dtype {mask.dtype}")
+    b, h = lead
+    try:
+        ok = mask.dim() <= 4 and torch.broadcast_shapes(mask.shape, (b, h, nq, nk)) == (b, h, nq, nk)
+    except RuntimeError:
+        ok = False
+    if not ok:
+        raise ValueError(
+            f"mask of shape {tuple(mask.shape)} does not broadcast to [batch {_one_or(b)}, heads {_one_or(h)}, {nq}, {nk}]"
+        )
+    while mask.dim() < 2:
+        mask = mask.unsqueeze(0)
+    return Layout.from_mask(mask.expand(*mask.shape[:-2], nq, nk).to(device), block)
+
+
+TOKEN_MASK_UNDER_COMPILE = (
+    "fxsparse: a bool token mask is turned into a Layout outside the graph (its block tables depend on the "
+    "mask's values), a graph break; with fullgraph=True build `fxsparse.Layout.from_mask(mask, block_size)` "
+    "once outside the compiled function and pass the Layout"
+)
+# Under torch.compile the tables are built eagerly (a graph break); fullgraph=True shows the reason.
+try:
+    _token_mask_layout_outside_graph = torch.compiler.disable(_token_mask_layout, reason=TOKEN_MASK_UNDER_COMPILE)
+except TypeError:  # a torch without disable(reason=): the same graph break, without the reason
+    _token_mask_layout_outside_graph = torch.compiler.disable(_token_mask_layout)
 
 
 def _check_bias(bias, q: Tensor, nk: int) -> Tensor:
