@@ -163,7 +163,9 @@ class MaskedAttention(TorchFunctionMode):
       definition, for the options ``nn.MultiheadAttention`` uses by default.
 
     ``mask_fn(site) -> None | bool [q_len, kv_len] | bool [H, q_len, kv_len]`` receives an
-    :class:`OracleSite`; None leaves that attention as the model computes it (in float64). A per-head
+    :class:`OracleSite`; None leaves that attention as the model computes it (in float64). A returned
+    object with a ``to_mask()`` method (a ``fxsparse.Layout``, what fxsparse's patterns return) stands
+    for the token mask that method gives. A per-head
     mask needs scores with a head axis ([B, H, q, kv]); bmm-style [B*H, q, kv] scores take [q, kv]
     masks only. ``model`` (optional) names the sites; ``.sites`` lists every attention seen.
     """
@@ -204,10 +206,14 @@ class MaskedAttention(TorchFunctionMode):
         mask = self.mask_fn(site) if self.mask_fn is not None else None
         if mask is None:
             return None
+        if not isinstance(mask, torch.Tensor) and callable(getattr(mask, "to_mask", None)):
+            mask = mask.to_mask()                  # a Layout: its exact token mask, [Bl, Hl, q_len, kv_len]
+            while mask.dim() > 2 and mask.shape[0] == 1:
+                mask = mask[0]
         if not (isinstance(mask, torch.Tensor) and mask.dtype == torch.bool and mask.shape[-2:] == (q_len, kv_len)):
             got = f"{tuple(mask.shape)} {mask.dtype}" if isinstance(mask, torch.Tensor) else type(mask).__name__
             raise ValueError(f"{site.name}: mask_fn returned {got}; the oracle takes a bool tensor "
-                             f"[..., {q_len}, {kv_len}] or None")
+                             f"[..., {q_len}, {kv_len}], a Layout or None")
         return mask.to(device)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fxsparse.testing import assert_close, dense_attention, masked_forward, relative_error
+from fxsparse.testing import MaskedAttention, assert_close, dense_attention, masked_forward, relative_error
 
 
 def test_one_wrong_element_in_a_large_output_fails():
@@ -65,3 +65,13 @@ def test_masked_forward_masks_each_attention_and_leaves_the_model_alone():
     assert_close(out, want, 1e-12)
     unmasked, _ = masked_forward(model, (x,))
     assert relative_error(out, unmasked) > 1e-2, "the band changes the output"
+
+
+def test_a_layout_from_mask_fn_stands_for_its_token_mask():
+    import fxsparse
+
+    q, k, v = torch.randn(3, 1, 2, 70, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    band = (torch.arange(70)[:, None] - torch.arange(70)[None, :]).abs() <= 5
+    with MaskedAttention(lambda site: fxsparse.Layout.from_mask(band, block_size=32)):
+        got = F.scaled_dot_product_attention(q, k, v)
+    assert_close(got, dense_attention(q, k, v, band), 1e-12)
