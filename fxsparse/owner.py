@@ -101,7 +101,8 @@ def owner_state(module: nn.Module) -> Optional[OwnerState]:
 def _owner_forward(self, base: type, args, kwargs):
     state = self.__dict__["_fxsparse_owner"]
     if state.route == "redirect":
-        with _Redirect(self, state) as mode:
+        mode = _Redirect(self, state)  # not `with ... as mode`: Dynamo binds `as` to another object
+        with mode:
             out = base.forward(self, *args, **kwargs)
         _check_all_ran(state, mode)
         return out
@@ -111,11 +112,11 @@ def _owner_forward(self, base: type, args, kwargs):
 def _check_all_ran(state: OwnerState, mode: "_Redirect"):
     """Every site of the owner must have run through its site module: a mask silently not
     applied is the one thing this library must never do."""
-    if mode.count == len(state.sites):
+    if mode.counter[0] == len(state.sites):
         return
     why = f" ({', '.join(sorted(set(mode.materialized)))} used the attention scores)" if mode.materialized else ""
     raise SiteError(
-        f"{state.path or '(root)'}: this forward computed {mode.count} of the {len(state.sites)} attention(s) that the "
+        f"{state.path or '(root)'}: this forward computed {mode.counter[0]} of the {len(state.sites)} attention(s) that the "
         f"model's graph showed through fxsparse{why}, so mask_fn would not be applied; this call takes another path "
         "through the module's code than the one fxsparse captured (for example another attention implementation or "
         "a fused fast path). Transform the model as it is called, or keep these sites dense (mask_fn returns None)")
@@ -127,7 +128,11 @@ class _Redirect(TorchFunctionMode):
 
     def __init__(self, owner: nn.Module, state: OwnerState, defer: bool = False):
         super().__init__()
-        self.owner, self.state, self.count, self.defer = owner, state, 0, defer
+        # counts live in a list: Dynamo traces this mode, and follows mutation of a list it was given
+        self.owner = owner
+        self.state = state
+        self.counter = [0]
+        self.defer = defer
         self.materialized: list = []  # functions that needed deferred scores for real
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -147,8 +152,8 @@ class _Redirect(TorchFunctionMode):
         kind = _REDIRECTED.get(func)
         if kind is None:
             return func(*args, **kwargs)
-        k = self.count
-        self.count += 1
+        k = self.counter[0]
+        self.counter[0] += 1
         sites = self.state.sites
         if k >= len(sites) or sites[k] is None or self.state.kinds[k] != kind:
             return func(*args, **kwargs)
@@ -159,8 +164,8 @@ class _Redirect(TorchFunctionMode):
 
     def _attention(self, q, k, v, bias, scale):
         """A product of deferred probabilities with v: the next site of the owner computes it."""
-        n = self.count
-        self.count += 1
+        n = self.counter[0]
+        self.counter[0] += 1
         sites, kinds = self.state.sites, self.state.kinds
         if n >= len(sites) or sites[n] is None or kinds[n] not in ("matmul-softmax", "einsum"):
             probs = deferred.Scores(q, k, scale=scale, bias=bias, probs=True).compute()
@@ -269,7 +274,8 @@ _DEFERRED = object()  # a signature torch.fx cannot trace: the scores are deferr
 
 @torch.compiler.disable
 def _deferred_forward(self, base: type, state: OwnerState, args, kwargs):
-    with _Redirect(self, state, defer=True) as mode:
+    mode = _Redirect(self, state, defer=True)
+    with mode:
         out = base.forward(self, *args, **kwargs)
     _check_all_ran(state, mode)
     return out

@@ -55,7 +55,7 @@ def transform(model: nn.Module, mask_fn: Callable, *, example_inputs=None, concr
         for k, m in enumerate(owned):
             kinds.append(m.site.kind)
             if m.skip is not None:
-                skipped.append((m.site, m.skip))
+                skipped.append((m.site, m.skip, path))
                 sites.append(None)
                 continue
             name = f"fxsparse_site_{k}"

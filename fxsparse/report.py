@@ -1,14 +1,14 @@
 """What the rewrite did, site by site: ``fxsparse.report(sparse)``."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 from tabulate import tabulate
 
 from .match import AttentionSite, flops
 
-COLUMNS = ["#", "site", "pattern", "heads×dim", "q×kv", "block", "density", "attention FLOPs saved", "status", "reason"]
+COLUMNS = ["#", "site", "module", "pattern", "heads×dim", "q×kv", "block", "density", "attention FLOPs saved", "status", "reason"]
 
 
 @dataclass
@@ -21,6 +21,8 @@ class SiteReport:
     site: AttentionSite
     block: Optional[int] = None
     density: Optional[float] = None  # fraction of (q, kv) pairs the layout visits, per sample
+    module: str = ""  # path of the module whose forward holds the site (where it was rewritten)
+    layout: Optional[object] = field(default=None, repr=False)  # the Layout the site runs (for plots), or None
 
     @property
     def heads(self) -> str:
@@ -48,7 +50,7 @@ class SiteReport:
         total = flops(self.site)
         saved_cell = "" if saved is None else f"{_si(saved)} ({1 - self.density:.0%} of {_si(total)})"
         return [
-            self.index, self.name or "(root)", self.pattern, self.heads, self.lengths,
+            self.index, self.name or "(root)", self.module or "(root)", self.pattern, self.heads, self.lengths,
             "" if self.block is None else self.block,
             "" if self.density is None else f"{self.density:.1%}",
             saved_cell, self.status, self.reason,
@@ -76,14 +78,20 @@ class Report:
     def __getitem__(self, i):
         return self.rows[i]
 
+    def plot(self, path=None, **kwargs):
+        """A picture of every rewritten site's layout (needs matplotlib): ``fxsparse.plot.plot_report``."""
+        from .plot import plot_report
+        return plot_report(self, path, **kwargs)
+
 
 def report(obj) -> Report:
     """The report of a module returned by ``fxsparse.transform`` (or of a ``fxsparse.backend``)."""
     from .site import site_modules
 
     rows = []
-    for site, reason in getattr(obj, "fxsparse_skipped", []):
-        rows.append(SiteReport(site.index, site.name, "skipped", reason, site.pattern, site))
+    for site, reason, *owner in getattr(obj, "fxsparse_skipped", []):
+        rows.append(SiteReport(site.index, site.name, "skipped", reason, site.pattern, site,
+                               module=owner[0] if owner else site.name))
     modules = obj.site_modules() if hasattr(obj, "site_modules") else site_modules(obj)
     for mod in modules:
         site, built = mod.site, mod.built()
@@ -91,9 +99,12 @@ def report(obj) -> Report:
         reason = "mask_fn returned None" if status == "dense" else ""
         if status == "rewritten" and built is None:
             reason = "lengths not known yet: mask_fn is called at the first forward"
-        row = SiteReport(site.index, site.name, status, reason, site.pattern, site)
+        row = SiteReport(site.index, site.name, status, reason, site.pattern, site,
+                         module=getattr(mod, "owner", site.name))
         if built is not None:
             row.block, row.density = built
+            from .plot import site_layout
+            row.layout = site_layout(mod)
         elif status == "dense":
             row.density = 1.0
         rows.append(row)

@@ -1,0 +1,301 @@
+"""``transform`` gives back the user's model: same class, containers, methods, hooks, state_dict,
+deepcopy, pickling, checkpointing, other shapes, torch.compile and generate() all keep working,
+and the attention is sparse (checked against the original model with the mask applied)."""
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxsparse
+from fxsparse.testing import assert_close, masked_forward
+
+
+def ones(site):
+    return torch.ones(site.q_len, site.kv_len, dtype=torch.bool)
+
+
+class band:
+    """Keys within `width` positions of the query, the queries being the last q_len positions
+    (a class, not a closure: a transformed model with it pickles)."""
+
+    def __init__(self, width):
+        self.width = width
+
+    def __call__(self, site):
+        q = torch.arange(site.kv_len - site.q_len, site.kv_len)[:, None]
+        return (q - torch.arange(site.kv_len)[None, :]).abs() <= self.width
+
+
+def vit(fused, reg_tokens=0, depth=2):
+    torch.manual_seed(0)
+    model = timm.models.vision_transformer.VisionTransformer(
+        img_size=64, patch_size=16, embed_dim=32, depth=depth, num_heads=2, reg_tokens=reg_tokens).eval()
+    for blk in model.blocks:
+        blk.attn.fused_attn = fused
+    return model
+
+
+@pytest.mark.parametrize("fused,reg", [(False, 0), (True, 0), (False, 2)], ids=["matmul", "sdpa", "registers"])
+def test_timm_vit_is_still_the_users_model(fused, reg):
+    model = vit(fused, reg)
+    x = torch.randn(2, 3, 64, 64)
+    sparse = fxsparse.transform(model, ones)
+    assert isinstance(sparse, timm.models.VisionTransformer)
+    assert isinstance(sparse.blocks, nn.Sequential) and len(list(sparse.blocks)) == 2
+    assert all(isinstance(blk.attn, timm.layers.Attention) for blk in sparse.blocks)
+    assert sparse.blocks[0].attn.num_heads == 2 and sparse.blocks[0].attn.head_dim == 16
+    with torch.no_grad():
+        assert_close(sparse(x), model(x), what="all-True mask")
+        x3 = torch.randn(3, 3, 64, 64)
+        assert_close(sparse(x3), model(x3), what="another batch size")
+        assert_close(sparse.forward_head(sparse.forward_features(x)), model(x), what="the model's own methods")
+    assert sorted(sparse.state_dict()) == sorted(model.state_dict())
+    sparse.load_state_dict(model.state_dict(), strict=True)
+    assert [r.status for r in fxsparse.report(sparse)] == ["rewritten", "rewritten"]
+    assert [r.module for r in fxsparse.report(sparse)] == ["blocks.0.attn", "blocks.1.attn"]
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["matmul", "sdpa"])
+def test_sparse_mask_matches_the_masked_original(fused):
+    model = vit(fused)
+    x = torch.randn(2, 3, 64, 64)
+    sparse = fxsparse.transform(model, band(3))
+    with torch.no_grad():
+        got, dense = sparse(x), model(x)
+    want, _ = masked_forward(model, (x,), band(3))
+    assert_close(got, want, what="sparse mask vs the masked original")
+    assert (want - dense).abs().max() > 1e-3 * dense.abs().max(), "the mask changes nothing"
+
+
+def test_copies_pickles_hooks_and_modes():
+    model = vit(False)
+    x = torch.randn(2, 3, 64, 64)
+    sparse = fxsparse.transform(model, band(3))
+    with torch.no_grad():
+        want = sparse(x)
+        clone = copy.deepcopy(sparse)
+        assert_close(clone(x), want, what="deepcopy")
+        assert len(fxsparse.report(clone)) == 2
+        with pytest.raises(ValueError, match="already transformed"):
+            fxsparse.transform(clone, ones)
+        buf = io.BytesIO()
+        torch.save(sparse, buf)
+        buf.seek(0)
+        assert_close(torch.load(buf, weights_only=False)(x), want, what="torch.save / torch.load")
+        seen = []
+        handle = sparse.blocks[1].register_forward_hook(lambda mod, args, out: seen.append(out.shape))
+        sparse(x)
+        handle.remove()
+        assert seen == [torch.Size([2, 17, 32])]
+        assert_close(sparse.half().float()(x), want, tol=1e-2, what=".half() then .float()")
+    assert model.blocks[0].attn.qkv.weight.dtype == torch.float32, "the original is untouched"
+
+
+def test_checkpointing_gives_the_same_gradients():
+    model = vit(False).train()
+    x = torch.randn(2, 3, 64, 64)
+    grads = []
+    for checkpointing in (False, True):
+        sparse = fxsparse.transform(model, band(3))
+        sparse.set_grad_checkpointing(checkpointing)
+        sparse(x).square().sum().backward()
+        grads.append({n: p.grad.clone() for n, p in sparse.named_parameters()})
+        for p in sparse.parameters():
+            p.grad = None
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        assert_close(grads[1][name], grads[0][name], what=f"checkpointed gradient of {name}")
+
+
+def test_optional_argument_left_out_and_given():
+    class Attention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv = nn.Linear(16, 48)
+
+        def forward(self, x, mask=None):
+            q, k, v = self.qkv(x).unflatten(-1, (3, 2, 8)).permute(2, 0, 3, 1, 4)
+            s = q @ k.transpose(-1, -2) * 8 ** -0.5
+            if mask is not None:
+                s = s.masked_fill(~mask, float("-inf"))
+            return (s.softmax(-1) @ v).transpose(1, 2).flatten(2)
+
+    torch.manual_seed(0)
+    model = Attention().eval()
+    sparse = fxsparse.transform(model, ones)
+    x = torch.randn(2, 10, 16)
+    mask = torch.rand(10, 10) > 0.3
+    mask |= torch.eye(10, dtype=torch.bool)
+    with torch.no_grad():
+        assert_close(sparse(x), model(x), what="optional argument left out")
+        assert_close(sparse(x, mask), model(x, mask), what="optional argument given")
+        assert_close(sparse(x, mask=mask), model(x, mask=mask), what="optional argument by keyword")
+
+
+def test_transform_does_not_touch_caches_of_the_original():
+    """A module filling a Python cache on its first forward (timm's attention-bias dicts): the
+    transform must neither share the cache nor write fake tensors into it."""
+    class Cached(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.cache = {}
+            self.qkv = nn.Linear(16, 48)
+
+        def forward(self, x):
+            key = str(x.device)
+            if key not in self.cache:
+                self.cache[key] = torch.zeros(x.shape[1], x.shape[1])
+            q, k, v = self.qkv(x).unflatten(-1, (3, 2, 8)).permute(2, 0, 3, 1, 4)
+            s = q @ k.transpose(-1, -2) * 8 ** -0.5 + self.cache[key]
+            return (s.softmax(-1) @ v).transpose(1, 2).flatten(2)
+
+    torch.manual_seed(0)
+    model = Cached().eval()
+    x = torch.randn(2, 10, 16)
+    fxsparse.transform(model, ones, example_inputs=(x,))
+    assert model.cache == {}
+    out = model(x)
+    assert type(out) is torch.Tensor
+
+
+@pytest.mark.parametrize("name", ["swin", "tiny_vit"])
+def test_timm_window_models(name):
+    torch.manual_seed(0)
+    if name == "swin":
+        model = timm.models.swin_transformer.SwinTransformer(
+            img_size=64, patch_size=4, window_size=4, embed_dim=16, depths=(1, 1), num_heads=(1, 2)).eval()
+    else:
+        model = timm.models.tiny_vit.TinyVit(
+            embed_dims=(16, 32, 32, 32), depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 2),
+            window_sizes=(4, 4, 4, 2)).eval()
+    x = torch.randn(1, 3, 64, 64)
+    sparse = fxsparse.transform(model, ones, example_inputs=(x,))
+    assert type(model(x)) is torch.Tensor, "the original still runs on real tensors"
+    with torch.no_grad():
+        assert_close(sparse(x), model(x), what=f"{name}, all-True mask")
+    rows = fxsparse.report(sparse).rows
+    assert rows and all(r.status == "rewritten" for r in rows)
+
+
+def test_torchvision_vit_multihead_attention():
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.VisionTransformer(
+        image_size=32, patch_size=16, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64).eval()
+    x = torch.randn(2, 3, 32, 32)
+    sparse = fxsparse.transform(model, ones)
+    assert isinstance(sparse, torchvision.models.VisionTransformer)
+    assert isinstance(sparse.encoder.layers[0].self_attention, nn.MultiheadAttention)
+    with torch.no_grad():
+        assert_close(sparse(x), model(x), what="torchvision ViT, all-True mask")
+        got = fxsparse.transform(model, band(1))(x)
+    want, _ = masked_forward(model, (x,), band(1))
+    assert_close(got, want, what="torchvision ViT, sparse mask vs the masked original")
+
+
+# ------------------------------------------------------------------------------ HuggingFace
+def hf_model(name, impl):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    if name == "bert":
+        cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                      intermediate_size=64, attn_implementation=impl)
+        return transformers.BertModel(cfg).eval()
+    if name == "llama":
+        cfg = transformers.LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, attn_implementation=impl)
+        return transformers.LlamaForCausalLM(cfg).eval()
+    cfg = transformers.GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0,
+                                  attn_implementation=impl)
+    return transformers.GPT2LMHeadModel(cfg).eval()
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+@pytest.mark.parametrize("name", ["bert", "llama", "gpt2"])
+def test_huggingface_models_keep_class_and_take_any_shape(name, impl):
+    model = hf_model(name, impl)
+    ids = torch.randint(1, 100, (2, 12))
+    sparse = fxsparse.transform(model, ones, example_inputs={"input_ids": ids})
+    assert type(sparse) is type(model) and sparse.config is not None
+    with torch.no_grad():
+        for shape in ((2, 12), (3, 20), (1, 7)):
+            x = torch.randint(1, 100, shape)
+            assert_close(sparse(input_ids=x)[0], model(input_ids=x)[0], what=f"{name}/{impl} at {shape}")
+    assert [r.status for r in fxsparse.report(sparse)] == ["rewritten", "rewritten"]
+
+
+def _greedy_with_window(model, ids, steps, width):
+    """The original model, no cache, each step given the causal band as an explicit 4-D mask."""
+    for _ in range(steps):
+        n = ids.shape[1]
+        i = torch.arange(n)
+        keep = (i[:, None] >= i[None, :]) & (i[:, None] - i[None, :] <= width)
+        mask = torch.zeros(n, n, dtype=torch.float64).masked_fill(~keep, torch.finfo(torch.float64).min)[None, None]
+        logits = model(input_ids=ids, attention_mask=mask.expand(ids.shape[0], 1, n, n)).logits
+        ids = torch.cat([ids, logits[:, -1:].argmax(-1)], dim=1)
+    return ids
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_generate_dense_and_sliding_window(name, impl):
+    model = hf_model(name, impl)
+    model.generation_config.eos_token_id = None  # random weights: no early stop, every step compared
+    ids = torch.randint(1, 100, (2, 10))
+    with torch.no_grad():
+        dense = fxsparse.transform(model, ones, example_inputs={"input_ids": ids})
+        want = model.generate(ids, max_new_tokens=24, do_sample=False)
+        assert torch.equal(dense.generate(ids, max_new_tokens=24, do_sample=False), want)
+        calls = []
+
+        def window(site):
+            calls.append((site.q_len, site.kv_len))
+            return band(4)(site)
+
+        model = model.double()  # float64: no near-tie of logits flips a greedy token between the two
+        sparse = fxsparse.transform(model, window, example_inputs={"input_ids": ids})
+        got = sparse.generate(ids, max_new_tokens=24, do_sample=False)
+        if name == "llama":  # GPT-2's eager path does not take a 4-D mask as given
+            assert torch.equal(got, _greedy_with_window(model, ids, 24, 4))
+    assert (10, 10) in calls and (1, 33) in calls, "prefill and decode steps both run through the sites"
+    sites = [m for m in sparse.modules() if isinstance(m, fxsparse.site.SiteAttention)]
+    assert all(len(s._layouts) <= s.MAX_LAYOUTS for s in sites)
+
+
+def test_compile_the_result_without_graph_break():
+    for fused in (False, True):
+        model = vit(fused)
+        x = torch.randn(2, 3, 64, 64)
+        sparse = fxsparse.transform(model, band(3), example_inputs=(x,))
+        with torch.no_grad():
+            want = sparse(x)
+            got = torch.compile(sparse, backend="aot_eager", fullgraph=True)(x)
+        assert_close(got, want, what="torch.compile(fullgraph=True) of the result")
+
+
+def test_a_forward_that_skips_the_attention_raises():
+    """An owner whose forward no longer computes its attention (another implementation chosen at
+    run time) must not run silently without the mask."""
+    class Switch(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fast = False
+
+        def forward(self, q, k, v):
+            if self.fast:
+                return v
+            return F.scaled_dot_product_attention(q, k, v)
+
+    q = torch.randn(1, 2, 8, 4)
+    sparse = fxsparse.transform(Switch(), ones)
+    sparse(q, q, q)
+    sparse.fast = True
+    with pytest.raises(RuntimeError, match="computed 0 of the 1 attention"):
+        sparse(q, q, q)
