@@ -2,18 +2,19 @@
 
     python -m fxsparse inspect MODEL [--input SHAPE | --tokens B,N] [--pattern EXPR]
                                      [--block-size N] [--layers RANGE] [--model-kwargs KW]
+                                     [--plot PATH]
 
 MODEL is ``timm:NAME`` (random weights), ``torchvision:NAME`` (weights=None) or
 ``module.path:callable`` (called with no arguments; it returns an nn.Module). The model is
 transformed in eval mode with a random example input, run once and the report is printed.
 
     python -m fxsparse inspect timm:vit_tiny_patch16_224 \\
-        --pattern 'union(local_2d(window=2, prefix_tokens=1), global_tokens(1))' \\
-        --block-size 32 --layers 0:6
+        --pattern 'local_2d(window=2, prefix_tokens=1)' --block-size 32 --layers 0:6 --plot sites.png
 
 --pattern is a call of fxsparse.patterns factories with literal arguments (default ``dense()``);
 --layers is ``A:B`` or ``i,j,k`` (site indices); --model-kwargs is ``key=literal,...`` passed to
-the model's constructor (e.g. ``img_size=32,patch_size=8``). Errors exit with status 2.
+the model's constructor (e.g. ``img_size=32,patch_size=8``); --plot draws each rewritten site's
+layout (full / partial / empty blocks) into an image. Errors exit with status 2.
 """
 from __future__ import annotations
 
@@ -154,7 +155,14 @@ def inspect(args) -> None:
         first = (str(err).strip().splitlines() or [""])[0]
         raise CliError(f"{args.model}: {type(err).__name__}: {first}") from None
     sys.stderr.write(noise.getvalue())  # warnings of a run that worked
-    print(fxsparse.report(sparse))
+    report = fxsparse.report(sparse)
+    print(report)
+    if args.plot:
+        try:
+            report.plot(args.plot)
+        except (ImportError, ValueError) as err:
+            raise CliError(f"--plot {args.plot}: {err}") from None
+        print(f"wrote {args.plot}")
 
 
 def main(argv=None) -> int:
@@ -168,6 +176,8 @@ def main(argv=None) -> int:
     p.add_argument("--pattern", default="dense()", help="e.g. 'local_2d(window=2, prefix_tokens=1)'")
     p.add_argument("--block-size", type=int, help="cut token masks into blocks of N tokens")
     p.add_argument("--layers", help="site indices: A:B or i,j,k")
+    p.add_argument("--plot", metavar="PATH", help="draw each rewritten site's layout into PATH (.png, .svg, .pdf; "
+                   "needs matplotlib)")
     p.add_argument("--model-kwargs", help="key=literal,... passed to the model's constructor")
     args = parser.parse_args(argv)
     try:

@@ -430,6 +430,11 @@ class Layout:
         """The exact token mask this layout encodes, bool [Bl, Hl, q_len, kv_len]."""
         return block_mask(self.data, self.batch, self.num_heads, self.block_size, self.shape, 0, self.num_blocks[0])
 
+    def plot(self, path=None, **kwargs):
+        """A picture of this layout (full / partial / empty blocks; needs matplotlib): ``fxsparse.plot.plot_layout``."""
+        from .plot import plot_layout
+        return plot_layout(self, path, **kwargs)
+
     def __repr__(self) -> str:
         kinds = self.kinds
         n_full = int((kinds == FULL).sum())

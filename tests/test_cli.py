@@ -99,3 +99,16 @@ def test_unknown_model_and_failing_forward_exit_2(capsys):
         assert main(["inspect", *args]) == 2
         err = capsys.readouterr().err
         assert words in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_plot_writes_the_layouts_of_the_rewritten_sites(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "sites.png"
+    assert main(["inspect", *TINY_VIT, "--pattern", "local_2d(window=1, prefix_tokens=1)", "--block-size", "32",
+                 "--layers", "0:2", "--plot", str(path)]) == 0
+    assert f"wrote {path}" in capsys.readouterr().out
+    with open(path, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    # nothing rewritten with a layout: a one-line error, status 2
+    assert main(["inspect", *TINY_VIT, "--layers", "9", "--plot", str(tmp_path / "none.png")]) == 2
+    assert "no rewritten site has a layout" in capsys.readouterr().err
