@@ -6,27 +6,31 @@ per (q_len, kv_len) it keeps the blocks that hold the most attention, about ``de
 returns a mask_fn that hands those blocks to ``fxsparse.transform``::
 
     mask_fn = fxsparse.calibrate(model, [(images,) for images in loader], density=0.2, block_size=32)
-    print(mask_fn.coverage)                      # site name -> share of the attention mass kept
+    print(mask_fn.summary())                     # per site: blocks kept (asked vs reached), attention mass kept
     sparse = fxsparse.transform(model, mask_fn)
+    torch.save(mask_fn, "calibrated.pt")         # plain data: it pickles
 
 Lengths not seen while calibrating stay dense (mask_fn returns None).
 """
 from __future__ import annotations
 
 import math
+import os
+import sys
 from collections import defaultdict
 
 import torch
 import torch.nn.functional as F
 
 from .layout import Layout, _check_block_size
-from .patterns import MaskFn, _call_name
+from .patterns import MaskFn
 
 _CHUNK_ELEMENTS = 1 << 24  # probabilities held at once by the recorder: 64 MiB of float32
 
 
 def calibrate(model, batches, *, density: float = 0.1, block_size: int = 128, per_head: bool = False,
-              keep_diagonal: bool = True, example_inputs=None, concrete_args=None) -> MaskFn:
+              keep_diagonal: bool = True, example_inputs=None, concrete_args=None,
+              progress: bool | None = None) -> "Calibrated":
     """A mask_fn keeping, per site and per lengths seen in ``batches``, the blocks with the most attention.
 
     ``batches``: an iterable of model inputs, each a tuple or list (``model(*batch)``), a dict
@@ -39,14 +43,19 @@ def calibrate(model, batches, *, density: float = 0.1, block_size: int = 128, pe
     block row keeps at least its heaviest block and, when ``keep_diagonal`` and q_len == kv_len, its
     diagonal block. ``per_head`` keeps one block map per head, else one map for the heads' summed mass.
 
-    The result has ``.coverage``: site name -> fraction of the recorded attention mass inside the kept
-    blocks (1.0 is lossless on the calibration data), and ``.blocks``: (site name, site index,
-    q_len, kv_len) -> the bool block map ``[H|1, NQB, NKB]``.
+    The result (a :class:`Calibrated`, picklable) has ``.coverage``: site name -> fraction of the
+    recorded attention mass inside the kept blocks (1.0 is lossless on the calibration data),
+    ``.reached``: site name -> fraction of blocks kept (against ``density`` asked; ``.summary()``
+    prints both), and ``.blocks``: (site name, site index, q_len, kv_len) -> the bool block map
+    ``[H|1, NQB, NKB]``.
+
+    ``progress``: a progress bar over the batches on stderr; by default only when stderr is a
+    terminal and not under pytest.
     """
     if not 0.0 < density <= 1.0:
         raise ValueError(f"calibrate: density is the fraction of blocks to keep, in (0, 1], got {density!r}")
     block_size = _check_block_size(block_size)
-    from .rewrite import transform
+    from .pipeline import transform
     from .site import site_modules
 
     sparse = transform(model, lambda site: None, example_inputs=example_inputs, concrete_args=concrete_args)
@@ -58,7 +67,7 @@ def calibrate(model, batches, *, density: float = 0.1, block_size: int = 128, pe
     seen = 0
     try:
         with torch.no_grad():
-            for batch in batches:
+            for batch in _progress(batches, progress):
                 if isinstance(batch, dict):
                     sparse(**batch)
                 elif isinstance(batch, (tuple, list)):
@@ -83,18 +92,65 @@ def calibrate(model, batches, *, density: float = 0.1, block_size: int = 128, pe
         total_mass[key[0]] += float(mass.sum())
     coverage = {name: (kept_mass[name] / total_mass[name] if total_mass[name] > 0 else 1.0) for name in total_mass}
 
-    def calibrated(site):
-        keep = blocks.get((site.name, site.index, site.q_len, site.kv_len))
+    return Calibrated(blocks, block_size=block_size, density=density, coverage=coverage, per_head=per_head)
+
+
+class Calibrated(MaskFn):
+    """The mask_fn ``calibrate`` returns: per (site name, site index, q_len, kv_len) a bool block map.
+
+    Plain data (it pickles, so a calibration can be saved with ``torch.save`` and reused). Attributes:
+    ``blocks`` (key -> bool ``[H|1, NQB, NKB]``), ``block_size``, ``density`` (asked), ``coverage``
+    (site name -> share of the recorded attention mass kept), ``reached`` (site name -> share of
+    blocks kept: above ``density`` where every row's heaviest block and the diagonal must stay, below
+    it where fewer blocks held any mass).
+    """
+
+    def __init__(self, blocks: dict, *, block_size: int, density: float, coverage: dict, per_head: bool = False):
+        self.blocks = blocks
+        self.block_size = block_size
+        self.density = density
+        self.coverage = coverage
+        self.per_head = per_head
+        kept, total = defaultdict(int), defaultdict(int)
+        for key, keep in blocks.items():
+            kept[key[0]] += int(keep.sum())
+            total[key[0]] += keep.numel()
+        self.reached = {name: kept[name] / total[name] for name in total}
+
+    @property
+    def __name__(self) -> str:
+        sites = len({key[:2] for key in self.blocks})
+        per_head = ", per_head=True" if self.per_head else ""
+        return f"calibrated(density={self.density!r}, block_size={self.block_size}{per_head}, sites={sites})"
+
+    @property
+    def __doc__(self):
+        return type(self).__doc__
+
+    def __call__(self, site):
+        keep = self.blocks.get((site.name, site.index, site.q_len, site.kv_len))
         if keep is None:
             return None
-        return Layout.from_blocks(keep, block_size, shape=(site.q_len, site.kv_len))
+        return Layout.from_blocks(keep, self.block_size, shape=(site.q_len, site.kv_len))
 
-    name = _call_name("calibrated", density=density, block_size=block_size,
-                      per_head=per_head or None, sites=len({key[:2] for key in blocks}))
-    fn = MaskFn(calibrated, name)
-    fn.coverage = coverage
-    fn.blocks = blocks
-    return fn
+    def summary(self) -> str:
+        """One line per site: block density asked and reached, attention mass kept."""
+        lines = [f"{self.__name__}: block density asked {self.density:.1%}"]
+        for name in sorted(self.reached):
+            lines.append(f"  {name}: {self.reached[name]:.1%} of blocks kept, "
+                         f"{self.coverage.get(name, 1.0):.1%} of the attention mass")
+        return "\n".join(lines)
+
+
+def _progress(batches, show: bool | None):
+    """batches, wrapped in a tqdm bar when shown (default: stderr is a terminal, not under pytest)."""
+    if show is None:
+        show = sys.stderr.isatty() and "PYTEST_CURRENT_TEST" not in os.environ
+    if not show:
+        return batches
+    from tqdm.auto import tqdm
+    return tqdm(batches, desc="calibrate", unit="batch", file=sys.stderr, leave=False,
+                total=len(batches) if hasattr(batches, "__len__") else None)
 
 
 def select_blocks(mass: torch.Tensor, density: float, *, keep_diagonal: bool) -> torch.Tensor:

@@ -8,7 +8,7 @@ from torch import nn
 import fxsparse
 from helpers import assert_unchanged, snapshot
 from fxsparse.calibrate import block_mass
-from fxsparse.rewrite import site_modules
+from fxsparse.site import site_modules
 
 
 class LocalAttention(nn.Module):
@@ -137,3 +137,36 @@ def test_block_mass_matches_the_whole_softmax():
     want = probs.reshape(2, 4, 4, 32, 3, 32).sum((0, 3, 5))
     torch.testing.assert_close(got, want)
     assert torch.allclose(got.sum((-1, -2)), torch.full((4,), 200.0))
+
+
+def test_calibrated_mask_fn_pickles_and_reports_density_reached(tmp_path):
+    """The calibrated mask_fn is plain data: saved and loaded, it gives the same layouts; `reached` is
+    the share of blocks kept, counted here from the block maps themselves."""
+    import pickle
+
+    model = local_model()
+    x = tokens(256)
+    mask_fn = fxsparse.calibrate(model, [(x,)], density=0.25, block_size=32)
+    path = tmp_path / "calibrated.pt"
+    torch.save(mask_fn, path)
+    loaded = torch.load(path, weights_only=False)
+    assert repr(loaded) == repr(mask_fn) and loaded.coverage == mask_fn.coverage
+    assert pickle.loads(pickle.dumps(mask_fn)).blocks.keys() == mask_fn.blocks.keys()
+    sparse = fxsparse.transform(model, loaded, example_inputs=(x,))
+    site = site_modules(sparse)[0].site
+    assert torch.equal(loaded(site).to_mask(), mask_fn(site).to_mask())
+    (keep,) = mask_fn.blocks.values()
+    assert mask_fn.reached == {"": keep.sum().item() / keep.numel()}
+    assert abs(mask_fn.reached[""] - 0.25) < 0.02
+    summary = mask_fn.summary()
+    assert "asked 25.0%" in summary and f"{mask_fn.reached[''] * 100:.1f}% of blocks kept" in summary
+
+
+def test_progress_bar_only_when_asked_or_interactive(capsys):
+    model = local_model()
+    batches = [(tokens(64, seed=i),) for i in range(3)]
+    fxsparse.calibrate(model, batches, density=0.5, block_size=32)  # under pytest: silent
+    assert capsys.readouterr().err == ""
+    fxsparse.calibrate(model, batches, density=0.5, block_size=32, progress=True)
+    err = capsys.readouterr().err
+    assert "calibrate:" in err and "/3 " in err  # the bar over 3 batches
