@@ -1,0 +1,27 @@
+"""Each example runs to the end in a small configuration (its own checks pass: a failing check exits non-zero)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_example(name, *args, timeout=300):
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "examples", name), *args], capture_output=True,
+                          text=True, env=env, timeout=timeout, cwd=ROOT)
+    assert proc.returncode == 0, f"{name} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout
+
+
+def test_demo_both_parts():
+    out = run_example("sparse_vit.py", "--small")
+    assert "Part 1" in out and "Part 2" in out
+    assert out.count("max error") == 3 and "the checks have teeth" in out
+    assert "attention FLOPs saved per image" in out
+    last = out.strip().splitlines()[-1]  # a speedup, or a slowdown with its reason
+    assert "faster" in last or ("slower than dense here" in last and "attention is only" in last), last
