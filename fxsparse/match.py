@@ -305,8 +305,10 @@ def _is_param_placeholder(node: fx.Node) -> bool:
 
 
 def _dotted(path: str) -> str:
-    """Dynamo's `L['self'].blocks[0].attn` and export's `blocks.0.attn` to `blocks.0.attn`."""
-    path = re.sub(r"^L\['self'\]\.?", "", path)
+    """Dynamo's `L['self'].blocks[0].attn` and export's `blocks.0.attn` to `blocks.0.attn`. Dynamo names a
+    module from the frame's local or global that holds the model (`L['self']`, `L['model']`, `L['args'][0]`,
+    `G['model']`): that root is dropped, so names are paths inside the model, as in ``transform``."""
+    path = re.sub(r"^[LG]\[['\"][^'\"]+['\"]\](\[\d+\]|\[['\"][^'\"]+['\"]\])*\.?", "", path)
     path = re.sub(r"^L__self___?", "", path)
     path = re.sub(r"\[(\d+)\]", r".\1", path)
     path = re.sub(r"\['([^']+)'\]", r".\1", path)
@@ -370,10 +372,13 @@ def _dropout_p(n: fx.Node, facts: GraphFacts) -> tuple:
         return mod.p, mod.training and mod.p > 0
     p = _arg(n, 1, "p", 0.5)
     train = _arg(n, 2, "train" if n.target is aten.dropout.default else "training", True)
-    if isinstance(p, fx.Node) or isinstance(train, fx.Node):
+    if isinstance(train, fx.Node):
         return float("nan"), True
-    # a functional dropout traced in eval mode is baked off in this graph
-    return (float(p), p > 0) if train else (0.0, False)
+    if not train:  # drops nothing, whatever p is (Dynamo lifts a module's p into a graph input under dynamic=True)
+        return 0.0, False
+    if isinstance(p, fx.Node):
+        return float("nan"), True
+    return float(p), p > 0
 
 
 # ------------------------------------------------------------------------------ products
@@ -472,6 +477,7 @@ def find(gm: fx.GraphModule, constants: Optional[dict] = None) -> list[Match]:
                 m.site.projection = _projection(m.q, m.k, m.v, facts)
             _fill_shapes(m, facts)
             _set_role(m, facts)
+            _check_value_dim(m, facts)
             claimed |= m.nodes
             matches.append(m)
     return matches
@@ -529,7 +535,8 @@ def _match_softmax(sm: fx.Node, facts: GraphFacts) -> Optional[Match]:
     if active and m.skip is None:
         m.skip = (
             f"attention dropout p={p} is active (training mode): kept as it was"
-            if p == p else "attention dropout with a computed p: kept as it was"
+            if p == p else "attention dropout in training mode with a p computed in the graph (under dynamic=True "
+            "Dynamo lifts a module's p into a graph input): kept as it was"
         )
     return m
 
@@ -538,7 +545,7 @@ def _match_softmax(sm: fx.Node, facts: GraphFacts) -> Optional[Match]:
 _REASONS = [  # (ops seen between the product and the softmax, reason), first match wins
     ({"tanh"}, "a soft cap (tanh) on the scores: not a scale, bias or mask the op can apply"),
     ({"amax", "max", "sub"}, "a max subtracted from the scores by hand: the softmax input is not scale * q kᵀ + bias"),
-    ({"linear", "module"}, "talking heads: the scores are mixed across heads by a linear layer"),
+    ({"linear", "module", "conv2d"}, "talking heads: the scores are mixed across heads by a linear layer"),
 ]
 
 
@@ -597,12 +604,15 @@ def _unrewritable(sm: fx.Node, facts: GraphFacts) -> Optional[Match]:
         reason = f"the softmax runs over axis {dim} of the scores, not over the keys (the last axis)"
     elif {"transpose", "permute", "mT"} & set(fwd_ops) and not {"linear", "module"} & set(fwd_ops):
         reason = reason or "the probabilities are transposed before the product with v: it contracts over the queries"
-    if reason is None and {"linear", "module"} & set(fwd_ops):
+    if reason is None and {"linear", "module", "conv2d"} & set(fwd_ops):
         reason = "talking heads: the probabilities are mixed across heads by a linear layer"
-    if reason is None:
-        odd = [o for o in back_ops + fwd_ops if o not in _PLAIN_OPS]
-        reason = (f"the scores pass through `{odd[0]}`, which is not a scale, bias or mask the op can apply"
-                  if odd else "the graph between q kᵀ, the softmax and ·v is not one the walk can prove")
+    odd_back = [o for o in back_ops if o not in _PLAIN_OPS]
+    odd_fwd = [o for o in fwd_ops if o not in _PLAIN_OPS]
+    if reason is None and odd_back:
+        reason = f"the scores pass through `{odd_back[0]}`, which is not a scale, bias or mask the op can apply"
+    if reason is None and odd_fwd:
+        reason = f"the probabilities pass through `{odd_fwd[0]}` before the product with v"
+    reason = reason or "the graph between q kᵀ, the softmax and ·v is not one the walk can prove"
     site = AttentionSite(index=-1, name=facts.module_path(scores.node), kind="matmul-softmax")
     m = Match(site=site, out=out.node, scores=scores.node, q=scores.left, skip=reason)
     if scores.einsum is None and _is_last_two_transpose(scores.right, facts):
@@ -651,6 +661,8 @@ def _set_role(m: Match, facts: GraphFacts):
         return
     q_src, k_src = _token_source(m.q, facts), _token_source(m.k, facts)
     if q_src is None or k_src is None:
+        if _split_source(m.q, facts) is _split_source(m.k, facts) is not None:
+            site.role = "self"  # one fused projection (a module of the model's own) split into q and k
         return
     if q_src is not k_src:
         site.role = "cross"
@@ -672,6 +684,29 @@ def _from_inputs(x, facts: GraphFacts, limit: int = 200) -> bool:
             continue  # sizes: `probe.expand(x.shape[0], ...)` is still the probe
         todo.extend(n.all_input_nodes)
     return len(seen) >= limit
+
+
+def _check_value_dim(m: Match, facts: GraphFacts):
+    """The op takes one head dim for k and v: a site whose v has its own (LeViT, EfficientFormer)
+    is kept as it was and reported."""
+    vs = facts.shape(m.v) if m.v is not None and m.einsum is None else None
+    d = m.site.head_dim
+    if vs is not None and isinstance(d, int) and isinstance(vs[-1], int) and vs[-1] != d and m.skip is None:
+        m.skip = f"the value head dim ({vs[-1]}) differs from the key head dim ({d}); the op takes one head dim"
+
+
+def _split_source(x, facts: GraphFacts, depth: int = 20):
+    """The first node above x that is not a view, a split or a scalar scale."""
+    for _ in range(depth):
+        if not isinstance(x, fx.Node):
+            return None
+        c = facts.canon(x)
+        if c in _VIEWS or (c in ("mul", "div") and facts.is_scalar(x.args[1])) or _op_name(x, facts) in (
+                "unbind", "split", "chunk", "split_with_sizes", "tensor_split", "flatten", "squeeze", "select"):
+            x = x.args[0]
+        else:
+            return x
+    return None
 
 
 def _token_source(x, facts: GraphFacts):
@@ -702,7 +737,17 @@ def _windowed(x, facts: GraphFacts, depth: int = 12) -> bool:
 
 def _is_channel_attention(m: Match, facts: GraphFacts) -> bool:
     """q's contracted axis is the tokens of the tensor its projection read: XCiT, DaViT."""
-    lin = _source_linear(m.q, facts)
+    lin, x = None, m.q
+    for _ in range(40):  # back through views and one-input ops (F.normalize, a scale) to the projection
+        if not isinstance(x, fx.Node):
+            break
+        if facts.canon(x) == "linear" or (x.op == "call_module" and isinstance(facts.modules.get(x.target), nn.Linear)):
+            lin = x
+            break
+        acts = [a for a in x.all_input_nodes if facts.is_activation(a) and not facts.is_scalar(a)]
+        if len(acts) != 1 or x.op == "placeholder":
+            break
+        x = acts[0]
     qs, ls = facts.shape(m.q), facts.shape(lin) if lin is not None else None
     if qs is None or ls is None or len(ls) < 3 or m.einsum is not None:
         return False

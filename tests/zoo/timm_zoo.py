@@ -1,0 +1,77 @@
+"""timm transformer families at tiny sizes, built from their own model classes with random weights
+(``pretrained=False``, no downloads).
+
+Each ``Family`` gives timm's model name, the arguments that make it tiny, the image size, and
+what a reader of its code counts: ``sites``, the attentions in graph order, and ``skipped``, the
+ones fxsparse must report skipped, with a word of the reason.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class Family:
+    name: str
+    model: str
+    kwargs: dict
+    img: int
+    sites: int
+    skipped: dict = field(default_factory=dict)   # site index -> a word of the reason
+    slow: bool = False
+
+    def build(self) -> torch.nn.Module:
+        import timm
+
+        torch.manual_seed(0)
+        return timm.create_model(self.model, pretrained=False, num_classes=10, **self.kwargs).eval()
+
+    def inputs(self) -> tuple:
+        return (torch.randn(1, 3, self.img, self.img, generator=torch.Generator().manual_seed(1)),)
+
+    def __repr__(self):
+        return self.name
+
+
+def _all(n, word):
+    return {i: word for i in range(n)}
+
+
+FAMILIES = [
+    Family("vit", "vit_tiny_patch16_224", dict(img_size=32, patch_size=8, depth=2), 32, 2),
+    Family("deit", "deit_tiny_distilled_patch16_224", dict(img_size=32, patch_size=8, depth=2), 32, 2),
+    Family("cait", "cait_xxs24_224", dict(img_size=32, patch_size=8, depth=2, depth_token_only=1), 32, 3,
+           skipped={0: "talking heads", 1: "talking heads"}),
+    Family("beit", "beit_base_patch16_224", dict(img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=4), 32, 2),
+    Family("eva", "eva02_tiny_patch14_224", dict(img_size=28, depth=2), 28, 2),
+    Family("swin", "swin_tiny_patch4_window7_224", dict(img_size=56, depths=(2, 2), num_heads=(2, 4), embed_dim=32,
+                                                         window_size=7), 56, 4),
+    Family("swinv2", "swinv2_tiny_window8_256", dict(img_size=64, depths=(2, 2), num_heads=(2, 4), embed_dim=32,
+                                                       window_size=8), 64, 4),
+    Family("levit", "levit_128s", dict(img_size=64), 64, 11, skipped=_all(11, "head dim")),
+    Family("efficientformer", "efficientformer_l1", dict(), 224, 1, skipped={0: "head dim"}),
+    Family("efficientformerv2", "efficientformerv2_s0", dict(img_size=64), 64, 5,
+           skipped={0: "talking heads", 1: "talking heads", 2: "head dim", 3: "talking heads", 4: "talking heads"}),
+    Family("davit", "davit_tiny", dict(depths=(1, 1, 1, 1)), 64, 8, skipped={i: "channel" for i in (1, 3, 5, 7)}),
+    Family("mvitv2", "mvitv2_tiny", dict(img_size=64), 64, 10, skipped=_all(10, "also used")),
+    Family("twins", "twins_svt_small", dict(img_size=64, depths=(1, 1, 1, 1)), 64, 4),
+    Family("xcit", "xcit_nano_12_p16_224", dict(img_size=32, depth=2), 32, 4,
+           skipped={0: "channel", 1: "channel"}),
+    Family("pvt_v2", "pvt_v2_b0", dict(depths=(1, 1, 1, 1)), 64, 4),
+        Family("convit", "convit_tiny", dict(img_size=32, patch_size=8, depth=2, local_up_to_layer=1), 32, 2),
+    Family("coat", "coat_lite_tiny", dict(img_size=64), 64, 0),  # factorized: softmax over k alone
+    Family("tnt", "tnt_s_patch16_224", dict(img_size=32, depth=2), 32, 4),
+    Family("volo", "volo_d1_224", dict(img_size=64), 64, 16),
+    Family("maxvit", "maxvit_tiny_tf_224", dict(img_size=64, depths=(1, 1, 1, 1)), 64, 8),
+    Family("fastvit", "fastvit_sa12", dict(), 64, 2),
+    Family("nextvit", "nextvit_small", dict(), 64, 4),
+    Family("tiny_vit", "tiny_vit_5m_224", dict(), 64, 10),
+    Family("gcvit", "gcvit_xxtiny", dict(img_size=64), 64, 12),
+    Family("pit", "pit_ti_224", dict(img_size=64), 64, 12),
+    Family("visformer", "visformer_tiny", dict(img_size=64), 64, 8),
+    Family("mobilevit", "mobilevit_xxs", dict(), 64, 9),
+    Family("edgenext", "edgenext_xx_small", dict(), 64, 3, skipped=_all(3, "channel")),
+    Family("vitamin", "vitamin_small_224", dict(img_size=64, depth=2), 64, 2),
+]
