@@ -25,3 +25,14 @@ def test_demo_both_parts():
     assert "attention FLOPs saved per image" in out
     last = out.strip().splitlines()[-1]  # a speedup, or a slowdown with its reason
     assert "faster" in last or ("slower than dense here" in last and "attention is only" in last), last
+
+
+def test_gallery(tmp_path):
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "gallery.png"
+    out = run_example("gallery.py", str(path))
+    assert "wrote" in out
+    with open(path, "rb") as f:
+        head = f.read(24)
+    assert head[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")) == (1280, 380)  # 4 panels
