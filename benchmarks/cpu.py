@@ -13,21 +13,27 @@ forward at least 2x faster than SDPA dense.
 """
 from __future__ import annotations
 
-import argparse
-import json
-import math
 import os
-import platform
-import socket
-import statistics
-import time
 
-import torch
-import torch.nn.functional as F
-from tabulate import tabulate
+# OpenMP threads spin between operations by default; on a shared machine the spinning takes the cores
+# from the work (the sparse path runs many operations per call, so it suffers most). Both sides are
+# timed with the same setting, recorded in the JSON; set OMP_WAIT_POLICY=ACTIVE to time the default.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import fxsparse
-from fxsparse import Layout, cpu, patterns, reference
+import argparse  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import platform  # noqa: E402
+import socket  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from tabulate import tabulate  # noqa: E402
+
+import fxsparse  # noqa: E402
+from fxsparse import Layout, cpu, patterns, reference  # noqa: E402
 
 
 def masks(n: int, block: int):
@@ -106,7 +112,11 @@ def main():
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--backward", action="store_true", help="also time forward + backward")
     parser.add_argument("--reference", action="store_true", help="also time the exact chunked reference")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()[0]
     rows = []
     for n in args.n:
         for name, (mask, causal) in masks(n, args.block).items():
@@ -125,12 +135,15 @@ def main():
     cols += ["sdpa_fwd_bwd_ms", "sparse_fwd_bwd_ms", "fwd_bwd_speedup"] if args.backward else []
     cols += ["rel_err"]
     print(f"\nfp32, batch {args.batch}, {args.heads} heads, head dim {args.head_dim}, layout block {args.block}, "
-          f"{torch.get_num_threads()} threads; torch {torch.__version__}, {platform.processor() or platform.machine()}")
+          f"{torch.get_num_threads()} threads, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}; torch "
+          f"{torch.__version__}, {platform.processor() or platform.machine()}; load average {load_before:.1f} -> "
+          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     print(tabulate([[r.get(c) for c in cols] for r in rows], headers=cols, floatfmt=".3g"))
     os.makedirs(os.path.join(os.path.dirname(__file__), "out"), exist_ok=True)
-    path = os.path.join(os.path.dirname(__file__), "out", f"cpu-{socket.gethostname()}.json")
+    path = os.path.join(os.path.dirname(__file__), "out", f"cpu-{socket.gethostname()}-{torch.get_num_threads()}t.json")
     meta = dict(torch=torch.__version__, threads=torch.get_num_threads(), machine=platform.machine(),
-                cpu_count=os.cpu_count(), args=vars(args), plan_chunk_elements=cpu._CHUNK_ELEMENTS)
+                cpu_count=os.cpu_count(), args=vars(args), plan_chunk_elements=cpu._CHUNK_ELEMENTS,
+                omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"), load_average=(load_before, os.getloadavg()[0]))
     with open(path, "w") as f:
         json.dump(dict(meta=meta, rows=rows), f, indent=1)
     print(f"wrote {path}")
