@@ -8,6 +8,10 @@ traces the site modules.
 """
 from __future__ import annotations
 
+import collections
+import logging
+import warnings
+import weakref
 from typing import Callable
 
 import torch
@@ -27,14 +31,22 @@ class Backend:
         self.mask_fn = mask_fn
         self.compiler = compiler
         self.graphs: list[fx.GraphModule] = []
-        self._count = 0
+        self._indices: dict = {}  # (site name, its ordinal among the graph's sites of that name) -> index
+        self._codes: set = set()  # the functions whose frames this backend compiled, as Dynamo's log names them
+        self.recompile_limit_hits: list[str] = []  # Dynamo's limit messages for those functions
+        _LIMIT_WATCH.backends.add(self)
 
     def __call__(self, gm: fx.GraphModule, example_inputs):
+        self._codes.update(_traced_functions())
         constants = _parameter_values(gm, example_inputs)
         matches = match.find(gm, constants)
-        for m in matches:  # number sites across the graphs of one model
-            m.site.index += self._count
-        self._count += len(matches)
+        ordinal = collections.Counter()
+        for m in sorted(matches, key=lambda m: m.site.index):
+            # a site keeps its index in every graph Dynamo hands over (a recompile at another shape, a
+            # graph break), so mask_fns that select by index (patterns.only(layers=...)) stay put
+            key = (m.site.name, ordinal[m.site.name])
+            ordinal[m.site.name] += 1
+            m.site.index = self._indices.setdefault(key, len(self._indices))
         skipped = rewrite.rewrite(gm, matches, self.mask_fn)
         gm.fxsparse_skipped = [(m.site, m.skip) for m in skipped]
         _prepare(gm, matches)
@@ -48,6 +60,13 @@ class Backend:
         if hasattr(gm, "_param_name_to_source"):
             del gm._param_name_to_source
         return compile_fx(gm, example_inputs)
+
+    def _limit_hit(self, message: str):
+        self.recompile_limit_hits.append(message)
+        warnings.warn(
+            f"fxsparse: {message}. From now on Dynamo runs that function eagerly, without this backend: its "
+            "attention runs dense, without the sparse mask. Compile with fewer distinct shapes (dynamic=False "
+            "compiles one graph per sequence length) or raise the limit named above", RuntimeWarning, stacklevel=2)
 
     def site_modules(self):
         return [mod for gm in self.graphs for mod in site_modules(gm)]
@@ -68,6 +87,38 @@ def backend(mask_fn: Callable, *, compiler: str = "inductor") -> Backend:
     if not callable(mask_fn):
         raise TypeError(f"mask_fn must be callable (site -> None | bool mask | Layout), got {type(mask_fn).__name__}")
     return Backend(mask_fn, compiler)
+
+
+def _function_info(code) -> str:
+    return f"'{code.co_name}' ({code.co_filename}:{code.co_firstlineno})"  # as Dynamo's limit warning prints it
+
+
+def _traced_functions() -> set:
+    context = torch._guards.TracingContext.try_get()
+    return {_function_info(code) for code in getattr(context, "traced_code", None) or ()}
+
+
+class _RecompileLimitWatch(logging.Filter):
+    """Past Dynamo's recompile limit a frame runs eagerly from then on, which for a model compiled with
+    this backend means dense attention with no error: Dynamo only logs a warning. This filter on that
+    log tells the backend whose function it was, which warns in fxsparse's name."""
+
+    def __init__(self):
+        super().__init__()
+        self.backends = weakref.WeakSet()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str) and record.msg.startswith("torch._dynamo hit config.") and record.args:
+            args = tuple(record.args)
+            if len(args) >= 3:
+                for backend in list(self.backends):
+                    if str(args[2]) in backend._codes:
+                        backend._limit_hit(f"Dynamo hit torch._dynamo.config.{args[0]} ({args[1]}) for {args[2]}")
+        return True
+
+
+_LIMIT_WATCH = _RecompileLimitWatch()
+logging.getLogger("torch._dynamo.convert_frame").addFilter(_LIMIT_WATCH)
 
 
 def _parameter_values(gm: fx.GraphModule, example_inputs) -> dict:
