@@ -251,3 +251,103 @@ def test_dtype_device_and_compile():
         other = fxsparse.transform(Block().eval(), patterns.sliding_window(2)).to(torch.float64)
         other.load_state_dict(model.state_dict())
         assert_close(other(x.double()), want, 1e-5, "float64")
+
+
+# ------------------------------------------------------------------------------ spellings Dynamo and export record
+def _backend_rows(model, *args, mask_fn=None):
+    torch._dynamo.reset()
+    be = fxsparse.backend(mask_fn or (lambda s: torch.ones(s.q_len, s.kv_len, dtype=torch.bool)), compiler="eager")
+    with torch.no_grad():
+        out = torch.compile(model, backend=be)(*args)
+    return out, fxsparse.report(be).rows
+
+
+class InPlaceScale(nn.Module):
+    def forward(self, q, k, v):
+        s = q @ k.transpose(-1, -2)
+        s /= 4.0
+        return s.softmax(-1) @ v
+
+
+class BmmViews(nn.Module):
+    """bmm-layout scores viewed per head for a per-head bias, and back for ·v (BLOOM, DeBERTa)."""
+
+    def __init__(self):
+        super().__init__()
+        self.bias = nn.Parameter(torch.randn(1, 4, 16, 16))
+
+    def forward(self, q, k, v):
+        p = ((torch.bmm(q, k.transpose(1, 2)) * 0.25).view(1, 4, 16, 16) + self.bias).softmax(-1)
+        return torch.bmm(p.view(4, 16, 16), v)
+
+
+class Baddbmm(nn.Module):
+    def forward(self, alibi, q, k, v):
+        s = alibi.baddbmm(batch1=q, batch2=k.transpose(1, 2), beta=1.0, alpha=0.25)
+        return torch.bmm(s.softmax(-1), v)
+
+
+class SoftCap(nn.Module):
+    def forward(self, q, k, v):
+        s = torch.tanh(q @ k.transpose(-1, -2) / 50.0) * 50.0
+        return s.softmax(-1) @ v
+
+
+class LearnedQuery(nn.Module):
+    """A pooling head: the queries are parameters (SigLIP, Perceiver)."""
+
+    def __init__(self):
+        super().__init__()
+        self.probe = nn.Parameter(torch.randn(4, 3, 16))
+
+    def forward(self, k, v):
+        return (self.probe @ k.transpose(-1, -2) * 0.25).softmax(-1) @ v
+
+
+def _qkv(*shape):
+    g = torch.Generator().manual_seed(0)
+    return tuple(torch.randn(*shape, generator=g) for _ in range(3))
+
+
+@pytest.mark.parametrize("model, args", [
+    (InPlaceScale(), _qkv(2, 4, 16, 16)),
+    (BmmViews(), _qkv(4, 16, 16)),
+    (Baddbmm(), (torch.randn(4, 1, 16),) + _qkv(4, 16, 16)),
+    (LearnedQuery(), _qkv(2, 4, 16, 16)[:2]),
+], ids=["in-place", "bmm-views", "baddbmm", "learned-query"])
+def test_backend_rewrites_other_spellings_exactly(model, args):
+    with torch.no_grad():
+        want = model(*args)
+    got, rows = _backend_rows(model, *args)
+    assert [r.status for r in rows] == ["rewritten"]
+    assert_close(got, want)
+    # and the mask is applied: a diagonal mask gives v itself where the site keeps one key per query
+    got, _ = _backend_rows(model, *args, mask_fn=lambda s: torch.eye(s.q_len, s.kv_len, dtype=torch.bool))
+    assert (got - want).abs().max() > 1e-3
+
+
+def test_learned_query_role():
+    _, [row] = _backend_rows(LearnedQuery(), *_qkv(2, 4, 16, 16)[:2])
+    assert row.site.role == "learned-query"
+
+
+def test_soft_cap_is_reported_skipped_and_left_working():
+    args = _qkv(2, 4, 16, 16)
+    with torch.no_grad():
+        want = SoftCap()(*args)
+    got, [row] = _backend_rows(SoftCap(), *args)
+    assert row.status == "skipped" and "soft cap" in row.reason
+    assert torch.equal(got, want)
+
+
+def test_multihead_attention_found_by_the_backend():
+    """Dynamo inlines nn.MultiheadAttention into F.multi_head_attention_forward (training mode with
+    no dropout: in eval mode the layer takes PyTorch's fused fast path, which has no attention to find)."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True).train()
+    x = torch.randn(2, 10, 32)
+    with torch.no_grad():
+        want = layer(x)
+    got, rows = _backend_rows(layer, x)
+    assert [(r.status, r.site.role) for r in rows] == [("rewritten", "self")]
+    assert_close(got, want)
