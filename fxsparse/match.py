@@ -661,8 +661,11 @@ def _set_role(m: Match, facts: GraphFacts):
         return
     q_src, k_src = _token_source(m.q, facts), _token_source(m.k, facts)
     if q_src is None or k_src is None:
-        if _split_source(m.q, facts) is _split_source(m.k, facts) is not None:
-            site.role = "self"  # one fused projection (a module of the model's own) split into q and k
+        src = _split_source(m.q, facts)
+        if src is not None and src is _split_source(m.k, facts):
+            # one fused projection (a module of the model's own, or a decomposed linear) split into q and k
+            inputs = [a for a in src.all_input_nodes if facts.is_activation(a)]
+            site.role = "window" if inputs and _windowed(inputs[0], facts) else "self"
         return
     if q_src is not k_src:
         site.role = "cross"

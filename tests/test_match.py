@@ -351,3 +351,30 @@ def test_multihead_attention_found_by_the_backend():
     got, rows = _backend_rows(layer, x)
     assert [(r.status, r.site.role) for r in rows] == [("rewritten", "self")]
     assert_close(got, want)
+
+
+class AddsANumber(nn.Module):
+    def forward(self, q, k, v):
+        return (q @ k.transpose(-2, -1) * 0.25 + 0.0).softmax(-1) @ v
+
+
+@pytest.mark.parametrize("door", ["transform", "backend"])
+def test_a_python_number_added_to_the_scores_is_dropped(door):
+    """It shifts every score of a row alike, which the softmax ignores."""
+    args = _qkv(2, 4, 16, 16)
+    with torch.no_grad():
+        want = AddsANumber()(*args)
+    band = lambda s: patterns.sliding_window_mask(s.q_len, s.kv_len, window=1)  # noqa: E731
+    if door == "transform":
+        sparse = fxsparse.transform(AddsANumber(), band)
+        with torch.no_grad():
+            got = sparse(*args)
+        rows = fxsparse.report(sparse).rows
+    else:
+        got, rows = _backend_rows(AddsANumber(), *args, mask_fn=band)
+    assert [r.status for r in rows] == ["rewritten"]
+    keep = patterns.sliding_window_mask(16, 16, window=1)
+    q, k, v = (t.double() for t in args)
+    oracle = (q @ k.transpose(-2, -1) * 0.25).masked_fill(~keep, float("-inf")).softmax(-1) @ v
+    assert_close(got, oracle)
+    assert (oracle - want.double()).abs().max() > 1e-2
