@@ -296,10 +296,15 @@ def sparse_attention(
     if bias is not None:
         bias = _check_bias(bias, q, nk)
     scale = 1.0 / math.sqrt(d) if scale is None else _check_scale(scale)
-    if not isinstance(causal, (bool, numbers.Integral)) or isinstance(causal, Tensor):
-        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    if isinstance(causal, Tensor) or not (isinstance(causal, (bool, numbers.Integral))
+                                          or type(causal).__module__ == "numpy" and hasattr(causal, "__bool__")):
+        raise TypeError(f"causal must be a bool, got {type(causal).__module__}.{type(causal).__qualname__}")
     args = (q, k, v, layout.data, layout.batch, layout.num_heads, bias, scale, layout.block_size, bool(causal), key)
     tensors = (q, k, v, layout.data, bias)
+    if q.numel() == 0:  # an empty batch or no heads: an empty output that autograd connects to q, k, v
+        return q * 0 + (k.sum() + v.sum()).to(q.dtype) * 0
+    if q.device.type == "meta":  # shapes only: the op's fake kernel
+        return _sparse_attention_op(*args)[0]
     if _plain_eager(tensors):
         return _EagerAttention.apply(*args)
     if not torch.compiler.is_compiling() and _functorch(tensors):
@@ -349,7 +354,9 @@ def _check_inputs(q, k, v):
     if k.shape[3] != d:
         raise ValueError(f"head_dim of k/v ({k.shape[3]}) differs from q's ({d})")
     hkv = k.shape[1]
-    if hkv == 0 or h % hkv != 0:
+    if hkv == 0:
+        raise ValueError(f"k/v have 0 heads (q has {h}); give them at least one head")
+    if h % hkv != 0:
         raise ValueError(f"q has {h} heads, which is not a multiple of k/v's {hkv} heads")
     if not 1 <= d <= 256:
         raise ValueError(f"head_dim must be between 1 and 256, got {d}")
@@ -385,7 +392,13 @@ def kernel_layout(layout: Layout, head_dim: int, refine: bool = True) -> Layout:
 def _as_layout(mask, q: Tensor, nq: int, nk: int, refine: bool = True) -> Layout:
     block = _kernel_block(q.shape[-1], refine)
     if mask is None:
-        if torch.compiler.is_compiling():  # built inside the graph: no cache mutated while tracing
+        if not torch.compiler.is_dynamo_compiling() and not (type(nq) is int and type(nk) is int):
+            raise ValueError(
+                f"mask=None with symbolic sequence lengths ({nq}, {nk}; torch.export with dynamic shapes) is not "
+                "supported: the dense layout's tables are sized by the lengths. Export with static lengths, or "
+                "call PyTorch's scaled_dot_product_attention where no sparsity is wanted")
+        if torch.compiler.is_compiling() or not _plain_eager((q,)):
+            # traced (fake tensors, functorch transforms): built inside the graph, no cache mutated
             return Layout.dense(nq, nk, block, device=q.device)
         key = (nq, nk, block, str(q.device))
         layout = _dense_layouts.get(key)

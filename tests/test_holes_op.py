@@ -184,3 +184,44 @@ def test_token_mask_under_compile():
         torch.compile(fn, fullgraph=True, backend="eager")(q, k, v)
     # without fullgraph the Layout is built eagerly (a graph break) and the answer is exact
     assert_close(torch.compile(fn, backend="eager")(q, k, v), dense_attention(q, k, v, mask), 1e-5, "compiled")
+
+
+# ------------------------------------------------------------------------------ the sweep's holes
+@cpu_path
+@pytest.mark.parametrize("b,h,hkv", [(0, 2, 2), (2, 0, 1)], ids=["empty_batch", "no_query_heads"])
+def test_empty_batch_or_heads_give_an_empty_output(b, h, hkv):
+    q, k, v = qkv(b, h, hkv, 8, 8, 16, seed=14)
+    out = op(q, k, v, causal=True)
+    assert out.shape == q.shape
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    assert [g.shape for g in grads] == [q.shape, k.shape, v.shape]
+    with pytest.raises(ValueError, match="k/v have 0 heads"):
+        op(*qkv(1, 2, 0, 8, 8, 16, seed=14))
+
+
+@cpu_path
+def test_numpy_scalars_for_scale_and_causal():
+    np = pytest.importorskip("numpy")
+    q, k, v = qkv(1, 2, 2, 9, 12, 8, seed=15, grad=False)
+    got = op(q, k, v, scale=np.float32(0.2), causal=np.bool_(True))
+    assert_close(got, dense_attention(q, k, v, scale=0.2, causal=True), 1e-5)
+
+
+@cpu_path
+def test_meta_tensors_give_the_output_shape():
+    q, k, v = (torch.empty(2, 4, 9, 16, device="meta"), torch.empty(2, 2, 7, 16, device="meta"),
+               torch.empty(2, 2, 7, 16, device="meta"))
+    out = op(q, k, v, causal=True)
+    assert out.device.type == "meta" and out.shape == (2, 4, 9, 16)
+
+
+@cpu_path
+def test_export_with_symbolic_lengths_and_no_mask_says_so():
+    class Attend(torch.nn.Module):
+        def forward(self, q, k, v):
+            return op(q, k, v, causal=True)
+
+    q, k, v = qkv(1, 2, 2, 40, 40, 16, seed=16, grad=False)
+    n = torch.export.Dim("n", min=2, max=512)
+    with pytest.raises(Exception, match="symbolic sequence lengths"):
+        torch.export.export(Attend(), (q, k, v), dynamic_shapes=({2: n}, {2: n}, {2: n}))
