@@ -36,3 +36,27 @@ def test_gallery(tmp_path):
         head = f.read(24)
     assert head[:8] == b"\x89PNG\r\n\x1a\n"
     assert (int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")) == (1280, 380)  # 4 panels
+
+
+@pytest.mark.slow  # about 40 s on a busy 2-core machine
+def test_finetune_loss_goes_down():
+    out = run_example("finetune.py", "--small", "--steps", "20")  # exits 1 unless the loss falls by a fifth
+    assert "mean loss of the first" in out
+
+
+def test_calibrate_example():
+    out = run_example("calibrate_vit.py", "--small", "--batches", "2")
+    assert "block density asked 30.0%" in out and "of the attention mass" in out
+    assert "max error" in out
+
+
+def test_hf_bert_long_padded():
+    pytest.importorskip("transformers")
+    out = run_example("hf_bert_long.py", "--small")
+    assert "rewritten" in out and "real tokens: max error" in out
+
+
+def test_hf_causal_lm_generates_with_a_window():
+    pytest.importorskip("transformers")
+    out = run_example("hf_causal_lm.py", "--small")
+    assert "identical to the original model decoding with the window as a 4-D mask: True" in out
