@@ -271,17 +271,18 @@ class _Problem:
         return s
 
     def probabilities(self, s):
-        """softmax over the scores [..., R, S] in a scratch buffer, and the rows with no allowed key
-        ([..., R, 1] bool, or None when there are none); their probabilities are 0."""
-        m = s.amax(-1, keepdim=True)
+        """softmax over the scores [..., R, S] in a scratch buffer; the row max (0 for an empty row) and
+        where it is, [..., R, 1]; the rows with no allowed key ([..., R, 1] bool, or None when there are
+        none), whose probabilities are 0."""
+        m, at = s.max(-1, keepdim=True)
         prob = _buffer("prob", s.shape, s.dtype)
         torch.ops.aten._softmax.out(s, -1, False, out=prob)  # one fused pass; an empty row gives NaN
         empty = m == float("-inf")
         if not bool(empty.any()):
-            return prob, m, None
+            return prob, m, at, None
         rows = empty.view(-1).nonzero().view(-1)
         prob.view(-1, prob.shape[-1]).index_fill_(0, rows, 0.0)
-        return prob, m.masked_fill_(empty, 0.0), empty
+        return prob, m.masked_fill_(empty, 0.0), at, empty
 
 
 def _bmm(a, b, role):
@@ -314,11 +315,11 @@ def forward(q, k, v, tables, bias, scale: float, block_size: int, causal: bool, 
     for chunk in p.chunks:
         flat = p.flat_kv_index(chunk)
         s = p.scores(p.take_rows(q_rows, chunk, d, "q"), p.gather_kv(kb, chunk, flat, d, "k"), bias4, chunk)
-        prob, m, _ = p.probabilities(s)
+        prob, m, at, _ = p.probabilities(s)
         p.put_rows(o_rows, chunk, _bmm(prob, p.gather_kv(vb, chunk, flat, dv, "v"), "o"))
-        # the largest probability of a row is exp(max - max) / sum = 1 / sum: the log-sum is -log of it
+        # the probability at a row's max is exp(max - max) / sum = 1 / sum: the log-sum is -log of it
         # (+inf for an empty row, whose probabilities are all 0)
-        p.put_rows(stat_rows, chunk, torch.cat([m, prob.amax(-1, keepdim=True).log_().neg_()], -1))
+        p.put_rows(stat_rows, chunk, torch.cat([m, prob.gather(-1, at).log_().neg_()], -1))
     out.copy_(p.unrows(o_rows, dv))
     return p.unrows(stat_rows, 2).transpose(-1, -2).contiguous()
 
