@@ -1001,6 +1001,10 @@ def _check_scores_users(m: Match, scores: fx.Node):
     the scores' dtype): otherwise removing them would change the model."""
     retarget = {n for n, _ in m.retarget}
     for n in list(m.nodes - {m.out}):
+        writer = next((u for u in n.users if u not in m.nodes and _writes_into(u, n)), None)
+        if writer is not None:
+            m.skip = m.skip or (f"the scores are written into in place (`{writer.name}`: a slice assigned, as "
+                                "MViTv2 adds its relative positions); the walk cannot turn that into a bias")
         for user in list(n.users):
             dead = _dead_nodes(user)
             if _is_assertion(user):
@@ -1023,6 +1027,20 @@ def _dead_nodes(node: fx.Node, depth: int = 8) -> set:
             return set()
         out |= dead
     return out
+
+
+def _writes_into(user: fx.Node, n: fx.Node) -> bool:
+    """Whether user (or a view of n it starts) assigns into n's memory."""
+    todo, seen = [user], 0
+    while todo and seen < 16:
+        u = todo.pop()
+        seen += 1
+        if _mutates(u) and not _is_assertion(u) and u.args and u.args[0] is not None:
+            return True
+        name = u.target if u.op == "call_method" else getattr(u.target, "__name__", "").split(".")[0]
+        if u.op in ("call_function", "call_method") and name in ("getitem", "view", "slice", "narrow"):
+            todo.extend(u.users)
+    return False
 
 
 def _mutates(node: fx.Node) -> bool:

@@ -3,7 +3,7 @@ weights (no downloads).
 
 Each ``Arch`` gives the model (eval mode, seeded), its keyword inputs, and what a reader of the
 model's code counts: ``sites``, the attentions in graph order (encoder before decoder, self before
-cross), and ``skipped``, those among them fxsparse must report skipped, with a word its reason
+cross), and ``skipped``, those among them fxsparse must report skipped, with a pattern its reason
 must contain. Two layers everywhere, so a site's count is layers x attentions per layer.
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ class Arch:
     make: Callable[[str], torch.nn.Module]   # attn_implementation -> model
     inputs: Callable[[], dict]
     sites: int
-    skipped: dict = field(default_factory=dict)   # site index -> a word of the reason
+    skipped: dict = field(default_factory=dict)   # site index -> a regex its reason matches
     attns: tuple = ("sdpa", "eager")          # the attention implementations it has
 
     def build(self, attn: str) -> torch.nn.Module:

@@ -15,6 +15,7 @@ backend door and the other implementations are marked slow.
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 
 import pytest
@@ -78,7 +79,7 @@ def check(model, args, kwargs, door, sites, skipped):
     assert len(rows) == sites, f"{len(rows)} sites reported, the model has {sites}:\n{report()}"
     for i, row in enumerate(rows):
         if i in skipped:
-            assert row.status == "skipped" and skipped[i] in row.reason, f"site {i}:\n{report()}"
+            assert row.status == "skipped" and re.search(skipped[i], row.reason), f"site {i}:\n{report()}"
         else:
             assert row.status == "rewritten", f"site {i}:\n{report()}"
     err = worst(got, want)
@@ -100,6 +101,7 @@ KNOWN = {
     "albert-sdpa-transform": _OWNER, "wav2vec2-sdpa-transform": _OWNER, "deberta_v2-eager-transform": _OWNER,
     "bloom-eager-transform": _OWNER, "swinv2-transform": _OWNER, "twins-transform": _OWNER,
     "mobilevit-transform": _OWNER, "convit-transform": _OWNER,
+    "tiny_vit-transform": "its attention runs inside a module timm registers as not traceable, a leaf for torch.fx",
 }
 
 

@@ -3,7 +3,7 @@
 
 Each ``Family`` gives timm's model name, the arguments that make it tiny, the image size, and
 what a reader of its code counts: ``sites``, the attentions in graph order, and ``skipped``, the
-ones fxsparse must report skipped, with a word of the reason.
+ones fxsparse must report skipped, with a pattern their reason matches.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ class Family:
     kwargs: dict
     img: int
     sites: int
-    skipped: dict = field(default_factory=dict)   # site index -> a word of the reason
+    skipped: dict = field(default_factory=dict)   # site index -> a regex its reason matches
     slow: bool = False
 
     def build(self) -> torch.nn.Module:
@@ -55,7 +55,7 @@ FAMILIES = [
     Family("efficientformerv2", "efficientformerv2_s0", dict(img_size=64), 64, 5,
            skipped={0: "talking heads", 1: "talking heads", 2: "head dim", 3: "talking heads", 4: "talking heads"}),
     Family("davit", "davit_tiny", dict(depths=(1, 1, 1, 1)), 64, 8, skipped={i: "channel" for i in (1, 3, 5, 7)}),
-    Family("mvitv2", "mvitv2_tiny", dict(img_size=64), 64, 10, skipped=_all(10, "also used")),
+    Family("mvitv2", "mvitv2_tiny", dict(img_size=64), 64, 10, skipped=_all(10, "in place|cal_rel_pos_type")),
     Family("twins", "twins_svt_small", dict(img_size=64, depths=(1, 1, 1, 1)), 64, 4),
     Family("xcit", "xcit_nano_12_p16_224", dict(img_size=32, depth=2), 32, 4,
            skipped={0: "channel", 1: "channel"}),
@@ -65,7 +65,7 @@ FAMILIES = [
     Family("tnt", "tnt_s_patch16_224", dict(img_size=32, depth=2), 32, 4),
     Family("volo", "volo_d1_224", dict(img_size=64), 64, 16),
     Family("maxvit", "maxvit_tiny_tf_224", dict(img_size=64, depths=(1, 1, 1, 1)), 64, 8),
-    Family("fastvit", "fastvit_sa12", dict(), 64, 2),
+    Family("fastvit", "fastvit_sa12", dict(layer_scale_init_value=1.0), 128, 2),
     Family("nextvit", "nextvit_small", dict(), 64, 4),
     Family("tiny_vit", "tiny_vit_5m_224", dict(), 64, 10),
     Family("gcvit", "gcvit_xxtiny", dict(img_size=64), 64, 12),
