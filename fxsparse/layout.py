@@ -562,8 +562,17 @@ def _run_mod(mask_mod, fn, dims, args) -> torch.Tensor:
     return out
 
 
+def _broadcasts(mask_mod) -> bool:
+    """fxsparse's own mask_mods (patterns, runtime masks) take broadcasting index tensors directly:
+    they skip torch.vmap, whose per-call cost dominates small tiles."""
+    return getattr(mask_mod, "broadcasts", False)
+
+
 def _eval_grid(mask_mod, b, h, q, kv) -> torch.Tensor:
     """mask_mod on the grid b x h x q x kv (1-D index tensors): bool [len(b), len(h), len(q), len(kv)]."""
+    if _broadcasts(mask_mod):
+        out = mask_mod(b[:, None, None, None], h[None, :, None, None], q[None, None, :, None], kv[None, None, None, :])
+        return out.expand(len(b), len(h), len(q), len(kv))
     dims = [(None, None, None, 0), (None, None, 0, None), (None, 0, None, None), (0, None, None, None)]
     return _run_mod(mask_mod, mask_mod, dims, (b, h, q, kv))
 
@@ -572,12 +581,16 @@ def _eval_tiles(mask_mod, b, h, q0, k0, bs: int, nq: int, nk: int) -> torch.Tens
     """mask_mod on P blocks of bs x bs starting at (q0[p], k0[p]) for batch b[p], head h[p]: bool [P, bs, bs];
     positions past the sequence are False (and the mask_mod sees the last position there instead)."""
     r = torch.arange(bs, device=q0.device)
+    if _broadcasts(mask_mod):
+        rows = torch.clamp(q0[:, None, None] + r[None, :, None], max=nq - 1)
+        cols = torch.clamp(k0[:, None, None] + r[None, None, :], max=nk - 1)
+        out = mask_mod(b[:, None, None], h[:, None, None], rows, cols).expand(len(q0), bs, bs)
+    else:
+        def one(b, h, q0, k0, i, j):
+            return mask_mod(b, h, torch.clamp(q0 + i, max=nq - 1), torch.clamp(k0 + j, max=nk - 1))
 
-    def one(b, h, q0, k0, i, j):
-        return mask_mod(b, h, torch.clamp(q0 + i, max=nq - 1), torch.clamp(k0 + j, max=nk - 1))
-
-    dims = [(None, None, None, None, None, 0), (None, None, None, None, 0, None), (0, 0, 0, 0, None, None)]
-    out = _run_mod(mask_mod, one, dims, (b, h, q0, k0, r, r))
+        dims = [(None, None, None, None, None, 0), (None, None, None, None, 0, None), (0, 0, 0, 0, None, None)]
+        out = _run_mod(mask_mod, one, dims, (b, h, q0, k0, r, r))
     inside = ((q0[:, None] + r) < nq)[:, :, None] & ((k0[:, None] + r) < nk)[:, None, :]
     return out & inside
 

@@ -88,6 +88,7 @@ def key_padding_layout(keep: torch.Tensor, q_len: int, *, block_size: int = DEFA
         ok = keep[bi, kv_idx]
         return ok & (kv_idx <= q_idx) if causal else ok
 
+    mask_mod.broadcasts = True  # evaluated on broadcasting index tensors, without torch.vmap
     return _build(mask_mod, nq, nk, b, 1, bs, keep.device, classify)
 
 
@@ -152,6 +153,7 @@ def document_layout(doc_ids: torch.Tensor, *, causal: bool = False, block_size: 
         same = (qd == kv[bi, kv_idx]) & (qd >= 0)
         return same & (kv_idx <= q_idx) if causal else same
 
+    mask_mod.broadcasts = True
     return _build(mask_mod, nq, nk, b, 1, bs, kv.device, classify)
 
 

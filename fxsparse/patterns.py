@@ -214,6 +214,8 @@ class BoundMaskMod:
     def __call__(self, b, h, q_idx, kv_idx):
         return self.pattern._mod(self.ctx, b, h, q_idx, kv_idx)
 
+    broadcasts = True  # patterns' masks take broadcasting index tensors as well as vmap's 0-d ones
+
     @property
     def diagonal(self) -> bool:
         """True when the mask depends on q_idx - kv_idx alone (layouts then evaluate one block a diagonal)."""

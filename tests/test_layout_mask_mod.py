@@ -358,3 +358,17 @@ def test_document_layout_skips_blocks_across_documents():
     kinds = layout.kinds[0, 0]
     assert int((kinds == 2).sum()) == 16 and int((kinds == 1).sum()) == 32  # one full and two diagonal blocks a doc
     assert layout.density == pytest.approx(16 * 3 * 128 * 128 / 4096**2)  # the scores of the visited blocks
+
+
+@pytest.mark.interpret
+def test_runtime_layouts_through_the_kernels():
+    """The Triton kernels (GPU, or the interpreter) on a document layout that holds causality, with and
+    without the op's causal flag, and on a padding layout."""
+    ids = document_ids(torch.tensor([[50, 30, 48], [100, 28, 0]]))
+    layout = document_layout(ids, causal=True, block_size=32)
+    mask = ((ids[:, :, None] == ids[:, None, :]) & torch.ones(128, 128, dtype=torch.bool).tril())[:, None]
+    q, k, v = qkv(2, 2, 1, 128, 128, 32, seed=10)
+    for causal in (False, True):
+        compare_with_oracle(fxsparse.sparse_attention, q, k, v, mask, op_mask=layout, causal=causal)
+    pad = padding_layout(torch.tensor([128, 70]), 128, block_size=64)
+    compare_with_oracle(fxsparse.sparse_attention, q, k, v, pad.to_mask(), op_mask=pad)
