@@ -5,12 +5,15 @@ module whose forward computes all of it: its *owner* (timm's ``Attention``, HF's
 ``LlamaAttention``, a user's block). Only owners change; every other module stays the user's
 object and Python code. An owner keeps its class as a base (``isinstance`` holds, attributes and
 methods stay) and gains the site modules as children ``fxsparse_site_<k>``; its forward runs
-the original code with the attention redirected to those site modules, by one of two routes:
+the original code with the attention redirected to those site modules, by one of three routes:
 
 * **redirect** (sites that are ``scaled_dot_product_attention`` or ``nn.MultiheadAttention``):
   the original forward runs under a ``TorchFunctionMode`` that hands the k-th SDPA (or
   ``multi_head_attention_forward``) call of that forward to the k-th site module. Nothing is
   traced, so any argument works: KV caches, optional masks, any shape.
+* **discover** (modules a library marks as not traceable, such as timm's cached-bias attention):
+  the graph never looked inside them, so their attentions become sites at their first call, by
+  the run-time rules of the other two routes.
 * **graph** (matmul-softmax and einsum sites): the owner's forward is traced with torch.fx once
   per *call signature* (which arguments are tensors, the values of the others, train/eval), the
   attention in that graph is rewritten, and the generated code runs with ``self`` being the
@@ -46,7 +49,9 @@ class OwnerState:
         self.path = path
         self.sites = sites  # per match of this owner, in graph order: site module name, or None (skipped)
         self.kinds = kinds  # per match: "sdpa", "mha", "matmul-softmax", "einsum"
-        self.route = route  # "redirect" or "graph"
+        self.route = route  # "redirect", "graph" or "discover"
+        self.mask_fn = None  # "discover": sites are made at their first call, with this mask_fn
+        self.next_index = None  # "discover": a shared counter [n] for the report's site numbers
         self.graphs: dict = {}  # call signature -> generated forward function
         self.code: dict = {}  # call signature -> the rewritten forward's Python source
 
@@ -100,6 +105,8 @@ def owner_state(module: nn.Module) -> Optional[OwnerState]:
 
 def _owner_forward(self, base: type, args, kwargs):
     state = self.__dict__["_fxsparse_owner"]
+    if state.route == "discover":
+        return _deferred_forward(self, base, state, args, kwargs)
     if state.route == "redirect":
         mode = _Redirect(self, state)  # not `with ... as mode`: Dynamo binds `as` to another object
         with mode:
@@ -112,7 +119,7 @@ def _owner_forward(self, base: type, args, kwargs):
 def _check_all_ran(state: OwnerState, mode: "_Redirect"):
     """Every site of the owner must have run through its site module: a mask silently not
     applied is the one thing this library must never do."""
-    if mode.counter[0] == len(state.sites):
+    if mode.counter[0] == len(state.sites) or state.route == "discover":
         return
     why = f" ({', '.join(sorted(set(mode.materialized)))} used the attention scores)" if mode.materialized else ""
     raise SiteError(
@@ -155,6 +162,8 @@ class _Redirect(TorchFunctionMode):
         k = self.counter[0]
         self.counter[0] += 1
         sites = self.state.sites
+        if k >= len(sites) and self.state.route == "discover":
+            self._discover(kind)
         if k >= len(sites) or sites[k] is None or self.state.kinds[k] != kind:
             return func(*args, **kwargs)
         site = getattr(self.owner, sites[k])
@@ -167,10 +176,27 @@ class _Redirect(TorchFunctionMode):
         n = self.counter[0]
         self.counter[0] += 1
         sites, kinds = self.state.sites, self.state.kinds
+        if n >= len(sites) and self.state.route == "discover":
+            self._discover("matmul-softmax")
         if n >= len(sites) or sites[n] is None or kinds[n] not in ("matmul-softmax", "einsum"):
             probs = deferred.Scores(q, k, scale=scale, bias=bias, probs=True).compute()
             return torch.matmul(probs.to(v.dtype), v)
         return getattr(self.owner, sites[n])(q, k, v, bias=bias, scale=scale)
+
+
+    @torch.compiler.disable
+    def _discover(self, kind: str):
+        """A module the graph could not look into computed an attention: it becomes a site."""
+        state = self.state
+        index = state.next_index[0]
+        state.next_index[0] += 1
+        site = SiteAttention(match.AttentionSite(index=index, name=state.path, kind=kind), state.mask_fn)
+        site.owner = state.path
+        site.training = self.owner.training
+        name = f"fxsparse_site_{len(state.sites)}"
+        self.owner.add_module(name, site)
+        state.sites.append(name)
+        state.kinds.append(kind)
 
 
 def _sdpa_to_site(site: SiteAttention, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,

@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import inspect
 from typing import Callable, Optional
 
 import torch
@@ -66,11 +67,12 @@ def transform(model: nn.Module, mask_fn: Callable, *, example_inputs=None, concr
             sites.append(name)
         if not modules:
             continue
-        route = "redirect" if set(kinds) <= _REDIRECTABLE else "graph"
+        route = "redirect" if set(kinds) <= _REDIRECTABLE and not any(_graph_knows_more(m) for m in owned) else "graph"
         owner = sparse.get_submodule(path) if path else sparse
         make_owner(owner, OwnerState(path, sites, kinds, route), modules)
         for site_module in modules.values():
             site_module.training = owner.training
+    _discover_inside_leaves(model, sparse, set(by_owner), mask_fn, options, len(matches))
     sparse.__dict__["fxsparse_skipped"] = skipped
     if example_inputs is not None:
         warm_up(sparse, example_inputs)
@@ -79,6 +81,12 @@ def transform(model: nn.Module, mask_fn: Callable, *, example_inputs=None, concr
 
         print(report(sparse))
     return sparse
+
+
+def _graph_knows_more(m: match.Match) -> bool:
+    """An SDPA site whose k/v the graph traced back before a head repeat (grouped-query attention
+    written with `repeat_kv`): a rewrite of the owner's graph hands the op the un-repeated k/v."""
+    return m.site.kind == "sdpa" and m.k is not match.arg(m.out, 1, "key")
 
 
 def owner_path(m: match.Match, facts: match.GraphFacts) -> str:
@@ -93,6 +101,33 @@ def owner_path(m: match.Match, facts: match.GraphFacts) -> str:
             n += 1
         common = common[:n]
     return ".".join(part for part in common if part)
+
+
+def _discover_inside_leaves(model: nn.Module, sparse: nn.Module, owned: set, mask_fn, options, first_index: int):
+    """Modules that a library registers as not traceable (timm's attentions that cache biases per
+    device, blocks that pad to windows) were leaves of the graph: those with a forward that
+    mentions attention somewhere inside look for it at run time, and each attention they compute becomes a site (listed in the report once it ran)."""
+    leaf_types, _ = capture.library_hints()
+    if not leaf_types:
+        return
+    counter = [first_index]
+    for path, module in model.named_modules():
+        if not isinstance(module, tuple(leaf_types)) or not any(_mentions_attention(type(m)) for m in module.modules()):
+            continue
+        if any(path == o or path.startswith(o + ".") or o.startswith(path + ".") or not o for o in owned):
+            continue
+        state = OwnerState(path, [], [], "discover")
+        state.mask_fn, state.next_index = mask_fn, counter
+        make_owner(sparse.get_submodule(path), state, {})
+        owned.add(path)
+
+
+def _mentions_attention(cls: type) -> bool:
+    try:
+        source = inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return False
+    return "softmax" in source or "scaled_dot_product_attention" in source
 
 
 def warm_up(sparse: nn.Module, example_inputs) -> None:
