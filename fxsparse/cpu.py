@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from .layout import EMPTY, FULL, PARTIAL, _table_view, _unpack_bits
 from .reference import acc_dtype
@@ -177,7 +176,7 @@ class _Problem:
 
     Everything runs query-block-major: rows are stored ``[NQB, B, Hx, Gr * bs, X]`` and a chunk's
     tensors are ``[C, B, Hx, ...]``, so whole query blocks and kv blocks are taken and put back
-    as contiguous slabs (``F.embedding`` and ``index_copy_``, the fastest row gathers on the CPU)."""
+    as contiguous slabs (``index_select`` into reused buffers, and ``index_copy_``)."""
 
     def __init__(self, q, k, tables, bs, causal):
         data, self.bl, self.hl = tables
@@ -193,14 +192,20 @@ class _Problem:
         self.acc = acc_dtype(q)
 
     def rows(self, t, scale=None):
-        """[B, H, Nq, X] -> padded, in the accumulation dtype, [NQB, B * Hx * Gr * bs * X] (times scale)."""
-        x = t.shape[-1]
-        t = t.to(self.acc)
+        """[B, H, Nq, X] -> padded, in the accumulation dtype, [NQB, B * Hx * Gr * bs * X] (times scale):
+        one copy into place, the padding rows zero."""
+        x, bs = t.shape[-1], self.bs
+        out = torch.empty(self.nqb, self.b, self.hx, self.gr, bs, x, dtype=self.acc)
+        view = out.permute(1, 2, 3, 0, 4, 5)  # [B, Hx, Gr, NQB, bs, X]
+        whole, rest = divmod(self.nq, bs)
+        shape = (self.b, self.hx, self.gr)
+        view[:, :, :, :whole] = t[:, :, : whole * bs].reshape(*shape, whole, bs, x)
+        if rest:
+            view[:, :, :, whole, :rest] = t[:, :, whole * bs:].reshape(*shape, rest, x)
+            view[:, :, :, whole, rest:] = 0
         if scale is not None:
-            t = t * scale
-        t = F.pad(t, (0, 0, 0, self.nqb * self.bs - self.nq))
-        t = t.view(self.b, self.hx, self.gr, self.nqb, self.bs, x).permute(3, 0, 1, 2, 4, 5)
-        return t.reshape(self.nqb, -1)
+            out.mul_(scale)
+        return out.view(self.nqb, -1)
 
     def new_rows(self, x):
         return torch.zeros(self.nqb, self.b * self.h * self.bs * x, dtype=self.acc)
@@ -220,10 +225,12 @@ class _Problem:
         t.index_copy_(0, chunk.q_blocks, val.reshape(len(chunk.q_blocks), -1))
 
     def kv_blocks(self, t):
-        """[B, Hkv, Nk, X] -> padded with one extra zero block, [B * Hkv * (NKB + 1), bs * X]."""
+        """[B, Hkv, Nk, X] -> padded with one extra zero block, [B * Hkv * (NKB + 1), bs * X] (one copy)."""
         x = t.shape[-1]
-        t = F.pad(t.to(self.acc), (0, 0, 0, (self.nkb + 1) * self.bs - self.nk))
-        return t.reshape(-1, self.bs * x)
+        out = torch.empty(self.b, self.hkv, (self.nkb + 1) * self.bs, x, dtype=self.acc)
+        out[:, :, self.nk:] = 0
+        out[:, :, : self.nk] = t
+        return out.view(-1, self.bs * x)
 
     def flat_kv_index(self, chunk):
         """Row of each visited block in kv_blocks(...), [C * B * Hx * M] in the chunk's order."""
@@ -261,7 +268,7 @@ class _Problem:
 
     def scores(self, qc, kc, bias4, chunk):
         """Scores with scale (in q), bias and mask, [C, B, Hx, Gr * bs, M * bs]."""
-        s = _bmm(qc, kc.transpose(-1, -2), "scores")
+        s = _bmm(qc, kc, "scores", tb=True)
         if bias4 is not None or chunk.blocked is not None:
             s6 = s.view(*s.shape[:3], self.gr, self.bs, s.shape[-1])
             if bias4 is not None:
@@ -271,25 +278,27 @@ class _Problem:
         return s
 
     def probabilities(self, s):
-        """softmax over the scores [..., R, S] in a scratch buffer; the row max (0 for an empty row) and
-        where it is, [..., R, 1]; the rows with no allowed key ([..., R, 1] bool, or None when there are
-        none), whose probabilities are 0."""
-        m, at = s.max(-1, keepdim=True)
+        """softmax over the scores [..., R, S] in a scratch buffer; the row max (0 for an empty row),
+        [..., R, 1]; the rows with no allowed key ([..., R, 1] bool, or None when there are none), whose
+        probabilities are 0."""
+        m = s.amax(-1, keepdim=True)
         prob = _buffer("prob", s.shape, s.dtype)
         torch.ops.aten._softmax.out(s, -1, False, out=prob)  # one fused pass; an empty row gives NaN
         empty = m == float("-inf")
         if not bool(empty.any()):
-            return prob, m, at, None
+            return prob, m, None
         rows = empty.view(-1).nonzero().view(-1)
         prob.view(-1, prob.shape[-1]).index_fill_(0, rows, 0.0)
-        return prob, m.masked_fill_(empty, 0.0), at, empty
+        return prob, m.masked_fill_(empty, 0.0), empty
 
 
-def _bmm(a, b, role):
-    """a [..., R, X] @ b [..., X, S] over the leading dims, into the scratch buffer `role`."""
-    lead = a.shape[:-2]
-    out = _buffer(role, (*lead, a.shape[-2], b.shape[-1]), a.dtype)
-    torch.bmm(a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:]), out=out.view(-1, *out.shape[-2:]))
+def _bmm(a, b, role, *, ta: bool = False, tb: bool = False):
+    """a @ b over the leading dims (a, b contiguous; ta / tb: use aᵀ / bᵀ, transposed as views so that
+    no copy is made), into the scratch buffer `role`."""
+    a3, b3 = a.view(-1, *a.shape[-2:]), b.view(-1, *b.shape[-2:])
+    a3, b3 = a3.transpose(1, 2) if ta else a3, b3.transpose(1, 2) if tb else b3
+    out = _buffer(role, (*a.shape[:-2], a3.shape[1], b3.shape[2]), a.dtype)
+    torch.bmm(a3, b3, out=out.view(-1, *out.shape[-2:]))
     return out
 
 
@@ -315,11 +324,11 @@ def forward(q, k, v, tables, bias, scale: float, block_size: int, causal: bool, 
     for chunk in p.chunks:
         flat = p.flat_kv_index(chunk)
         s = p.scores(p.take_rows(q_rows, chunk, d, "q"), p.gather_kv(kb, chunk, flat, d, "k"), bias4, chunk)
-        prob, m, at, _ = p.probabilities(s)
+        prob, m, _ = p.probabilities(s)
         p.put_rows(o_rows, chunk, _bmm(prob, p.gather_kv(vb, chunk, flat, dv, "v"), "o"))
-        # the probability at a row's max is exp(max - max) / sum = 1 / sum: the log-sum is -log of it
-        # (+inf for an empty row, whose probabilities are all 0)
-        p.put_rows(stat_rows, chunk, torch.cat([m, prob.gather(-1, at).log_().neg_()], -1))
+        # a row's largest probability is exp(max - max) / sum = 1 / sum: the log-sum is -log of it (+inf
+        # for an empty row, whose probabilities are all 0); amax is a fast pass, max with its index is not
+        p.put_rows(stat_rows, chunk, torch.cat([m, prob.amax(-1, keepdim=True).log_().neg_()], -1))
     out.copy_(p.unrows(o_rows, dv))
     return p.unrows(stat_rows, 2).transpose(-1, -2).contiguous()
 
@@ -342,10 +351,10 @@ def backward(dout, q, k, v, out, lse, tables, bias, scale: float, block_size: in
         kc, vc = p.gather_kv(kb, chunk, flat, d, "k"), p.gather_kv(vb, chunk, flat, dv_dim, "v")
         # the forward's probabilities again (the same fused softmax over the same scores)
         prob = p.probabilities(p.scores(qc, kc, bias4, chunk))[0]
-        dv.index_add_(0, flat, _bmm(prob.transpose(-1, -2), doc, "dkv").view(len(flat), -1))
-        ds = _bmm(doc, vc.transpose(-1, -2), "ds").sub_(p.take_rows(delta_rows, chunk, 1, "delta")).mul_(prob)
+        dv.index_add_(0, flat, _bmm(prob, doc, "dkv", ta=True).view(len(flat), -1))
+        ds = _bmm(doc, vc, "ds", tb=True).sub_(p.take_rows(delta_rows, chunk, 1, "delta")).mul_(prob)
         p.put_rows(dq_rows, chunk, _bmm(ds, kc, "o").mul_(scale))
-        dk.index_add_(0, flat, _bmm(ds.transpose(-1, -2), qc, "dkv").view(len(flat), -1))  # qc carries the scale
+        dk.index_add_(0, flat, _bmm(ds, qc, "dkv", ta=True).view(len(flat), -1))  # qc carries the scale
         if dbias is not None:
             # padding slots all point at the zero block's columns, where ds = 0: repeated writes agree
             dbias[p.score_index(chunk)] = ds.view(*ds.shape[:3], p.gr, bs, ds.shape[-1])
