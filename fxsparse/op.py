@@ -99,7 +99,9 @@ def _sparse_attention_backward_op(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     dq, dk, dv, dbias = _backward_impl(dout, q, k, v, out, lse, layout, layout_batch, layout_heads, bias, scale,
                                        block_size, causal, bias_grad, options)
-    return dq, dk, dv, dbias if dbias is not None else q.new_empty(0, dtype=reference.acc_dtype(q))
+    # contiguous, as the fake kernel promises (a compiled graph checks the strides); no copy where they already are
+    dq, dk, dv = dq.contiguous(), dk.contiguous(), dv.contiguous()
+    return dq, dk, dv, dbias.contiguous() if dbias is not None else q.new_empty(0, dtype=reference.acc_dtype(q))
 
 
 @_sparse_attention_backward_op.register_fake

@@ -225,3 +225,14 @@ def test_export_with_symbolic_lengths_and_no_mask_says_so():
     n = torch.export.Dim("n", min=2, max=512)
     with pytest.raises(Exception, match="symbolic sequence lengths"):
         torch.export.export(Attend(), (q, k, v), dynamic_shapes=({2: n}, {2: n}, {2: n}))
+
+
+@cpu_path
+def test_double_backward_through_a_compiled_call_raises():
+    torch._dynamo.reset()
+    q, k, v = qkv(1, 2, 2, 16, 16, 8, seed=17)
+    out = torch.compile(lambda q, k, v: op(q, k, v, causal=True), backend="aot_eager")(q, k, v)
+    gq, = torch.autograd.grad((out * out).sum(), q, create_graph=True)
+    assert gq.requires_grad
+    with pytest.raises(RuntimeError, match="double backward"):
+        (out.sum() + (gq ** 2).sum()).backward()
