@@ -228,7 +228,8 @@ class Layout:
     @classmethod
     def _from_kinds(cls, kinds, mask_id, bits, bs, shape, density: float | None = None,
                     causal: bool | None = None) -> "Layout":
-        """The flat tables from block kinds [Bl, Hl, NQB, NKB], mask ids and distinct packed masks.
+        """The flat tables from block kinds [Bl, Hl, NQB, NKB], mask ids (the same shape, -1 where not
+        partial; or a pair (flat positions, ids) of the partial blocks) and distinct packed masks.
 
         Written straight into one preallocated tensor, a bounded number of block rows at a time:
         the memory beyond the result is O(_CHUNK), whatever the number of blocks. ``density`` and
@@ -245,7 +246,13 @@ class Layout:
             return data[off: off + math.prod(size)].view(size)
 
         view("kinds").copy_(kinds)
-        view("mask_id").copy_(mask_id)
+        mid_view = view("mask_id")
+        if isinstance(mask_id, tuple):  # (flat block positions, ids) of the partial blocks; -1 elsewhere
+            mid_view.fill_(-1)
+            mid_view.view(-1)[mask_id[0]] = mask_id[1].to(torch.int32)
+        else:
+            mid_view.copy_(mask_id)
+        mask_id = mid_view
         lists = dict(full=(FULL, "full_num", "full_idx", None), part=(PARTIAL, "part_num", "part_idx", "part_mid"))
         step = max(1, _CHUNK // max(1, bl * hl * nkb))
         for qb0 in range(0, nqb, step):  # forward tables: per query block, its kv blocks
@@ -478,7 +485,7 @@ def _check_block_size_any(bs, what: str = "block_size") -> int:
 
 
 # ------------------------------------------------------------------------------ sizes and checks
-_CHUNK = 1 << 21  # elements (blocks or mask entries) handled at once while building: bounds the scratch memory
+_CHUNK = 1 << 20  # elements (blocks or mask entries) handled at once while building: bounds the scratch memory
 
 
 def _density(kinds: torch.Tensor, bs: int, nq: int, nk: int) -> float:
@@ -608,7 +615,6 @@ def _build(mask_mod, nq: int, nk: int, bl: int, hl: int, bs: int, device, classi
     device = torch.device("cpu") if device is None else torch.device(device)
     nqb, nkb = math.ceil(nq / bs), math.ceil(nk / bs)
     kinds = torch.empty(bl, hl, nqb, nkb, dtype=torch.int8, device=device)
-    mask_id = torch.full((bl, hl, nqb, nkb), -1, dtype=torch.int32, device=device)
     packed, where = [], []  # packed masks of partial blocks, and their flat block positions
     if classify is not None:
         step = max(1, _CHUNK // max(1, bl * hl * nkb))
@@ -646,10 +652,12 @@ def _build(mask_mod, nq: int, nk: int, bl: int, hl: int, bs: int, device, classi
     if packed:
         allp = torch.cat(packed)
         uniq, inverse = torch.unique(allp.reshape(allp.shape[0], -1), dim=0, return_inverse=True)
-        mask_id.view(-1)[torch.cat(where)] = inverse.to(torch.int32)
+        mask_id = (torch.cat(where), inverse)
         bits = uniq.reshape(-1, bs, bs // 32).contiguous()
     else:
+        mask_id = (torch.zeros(0, dtype=torch.int64, device=device), torch.zeros(0, dtype=torch.int32, device=device))
         bits = torch.zeros(1, bs, bs // 32, dtype=torch.int32, device=device)
+    del packed, where
     return Layout._from_kinds(kinds, mask_id, bits, bs, (nq, nk))
 
 
