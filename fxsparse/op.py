@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from . import cpu, reference
-from .layout import Layout
+from .layout import Layout, resolve_mask
 from .options import KernelOptions, decode, encode
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -272,11 +272,15 @@ def sparse_attention(
 
     mask: a ``Layout`` (build it once and reuse it: the per-call cost is then nothing), a bool token
     mask broadcastable to [B|1, H|1, Nq, Nk] with True = may attend (compiled into a Layout on every
-    call), or None for dense attention.
+    call), a FlexAttention ``mask_mod(b, h, q_idx, kv_idx) -> bool`` (evaluated for every head and
+    batch index on every call: build ``Layout.from_mask_mod`` once for repeated calls), a pattern from
+    ``fxsparse.patterns`` (its layout cached), or None for dense attention.
     bias: additive float tensor broadcastable to [B, H, Nq, Nk] (padding masks, relative position
     bias, ALiBi); it receives a gradient when it requires one.
     causal: query i attends keys j <= i, top-left aligned as in ``scaled_dot_product_attention``
-    (for Nq != Nk that is ``torch.ones(Nq, Nk).tril()``); blocks above the diagonal are skipped.
+    (for Nq != Nk that is ``torch.ones(Nq, Nk).tril()``); blocks above the diagonal are skipped. With
+    a Layout that already lies inside that triangle (``layout.causal``, e.g. ``layout.fold_causal()``)
+    the flag costs nothing: the kernels' per-element causal test is left out.
 
     options: a ``fxsparse.KernelOptions``: how the Triton kernels are launched (None: the tuned
     defaults). The CPU path ignores it.
@@ -301,7 +305,8 @@ def sparse_attention(
     if isinstance(causal, Tensor) or not (isinstance(causal, (bool, numbers.Integral))
                                           or type(causal).__module__ == "numpy" and hasattr(causal, "__bool__")):
         raise TypeError(f"causal must be a bool, got {type(causal).__module__}.{type(causal).__qualname__}")
-    args = (q, k, v, layout.data, layout.batch, layout.num_heads, bias, scale, layout.block_size, bool(causal), key)
+    causal = bool(causal) and not layout.causal  # a layout that holds causality needs no per-element test
+    args = (q, k, v, layout.data, layout.batch, layout.num_heads, bias, scale, layout.block_size, causal, key)
     tensors = (q, k, v, layout.data, bias)
     if q.numel() == 0:  # an empty batch or no heads: an empty output that autograd connects to q, k, v
         return q * 0 + (k.sum() + v.sum()).to(q.dtype) * 0
@@ -422,7 +427,14 @@ def _as_layout(mask, q: Tensor, nq: int, nk: int, refine: bool = True) -> Layout
     if isinstance(mask, Tensor):
         build = _token_mask_layout_outside_graph if torch.compiler.is_compiling() else _token_mask_layout
         return build(mask, tuple(q.shape[:2]), nq, nk, q.device, block)
-    raise TypeError(f"mask must be a fxsparse.Layout, a bool tensor or None, got {type(mask).__name__}")
+    if callable(mask):  # a pattern (its layout cached) or a FlexAttention mask_mod (evaluated on every call)
+        if torch.compiler.is_compiling():
+            raise TypeError("a mask_mod or pattern cannot be built into a Layout inside torch.compile: build "
+                            "`fxsparse.Layout.from_mask_mod(mask_mod, q_len, kv_len)` once outside and pass the Layout")
+        return resolve_mask(mask, q_len=nq, kv_len=nk, num_heads=q.shape[1], batch=q.shape[0], device=q.device,
+                            block_size=block, where="mask")
+    raise TypeError(f"mask must be a fxsparse.Layout, a bool tensor, a mask_mod (b, h, q_idx, kv_idx) -> bool, a "
+                    f"pattern or None, got {type(mask).__name__}")
 
 
 def _token_mask_layout(mask: Tensor, lead: tuple, nq: int, nk: int, device, block) -> Layout:
