@@ -451,6 +451,10 @@ def _token_mask_layout(mask: Tensor, lead: tuple, nq: int, nk: int, device, bloc
         )
     while mask.dim() < 2:
         mask = mask.unsqueeze(0)
+    if torch.device(device).type == "meta":  # shapes only: no values to cut into blocks
+        return Layout.dense(nq, nk, block, device=device)
+    if mask.device.type == "meta":
+        raise ValueError(f"mask is on the meta device (it has no values) but q is on {device}; pass a real mask")
     return Layout.from_mask(mask.expand(*mask.shape[:-2], nq, nk).to(device), block)
 
 

@@ -213,6 +213,12 @@ def test_meta_tensors_give_the_output_shape():
                torch.empty(2, 2, 7, 16, device="meta"))
     out = op(q, k, v, causal=True)
     assert out.device.type == "meta" and out.shape == (2, 4, 9, 16)
+    meta_mask = torch.ones(9, 7, dtype=torch.bool, device="meta")
+    assert op(q, k, v, meta_mask).shape == (2, 4, 9, 16)
+    with pytest.raises(ValueError, match="does not broadcast"):
+        op(q, k, v, meta_mask[:, :6])
+    with pytest.raises(ValueError, match="mask is on the meta device"):
+        op(*qkv(1, 2, 2, 9, 7, 16, grad=False), meta_mask)
 
 
 @cpu_path
@@ -236,3 +242,25 @@ def test_double_backward_through_a_compiled_call_raises():
     assert gq.requires_grad
     with pytest.raises(RuntimeError, match="double backward"):
         (out.sum() + (gq ** 2).sum()).backward()
+
+
+@pytest.mark.interpret
+@needs_kernels
+def test_awkward_inputs_through_the_kernels():
+    """Broadcast (stride-0) k/v, a per-head bias with grad under grouped-query heads, one query
+    against many keys with causal, head dim 1: the kernels against the float64 oracle."""
+    tol = TOLERANCES[torch.float32]
+    kb, vb = (torch.randn(1, 1, 20, 16, generator=gen(s)).to(DEVICE).requires_grad_() for s in (18, 19))
+    q = torch.randn(2, 2, 20, 16, generator=gen(20)).to(DEVICE).requires_grad_()
+    k, v = kb.expand(2, 2, 20, 16), vb.expand(2, 2, 20, 16)
+    out = op(q, k, v, causal=True)
+    want = dense_attention(q, k, v, causal=True)
+    dout = torch.randn(out.shape, generator=gen(21), dtype=torch.float64).to(DEVICE)
+    for name, g, w in zip("q k v".split(), torch.autograd.grad(out, (q, kb, vb), dout.float()),
+                          torch.autograd.grad(want, (q, kb, vb), dout)):
+        assert_close(g, w, tol[1], f"broadcast grad {name}")
+    q, k, v = qkv(2, 4, 2, 20, 30, 16, device=DEVICE, seed=22)
+    bias = torch.randn(2, 4, 20, 30, generator=gen(23)).to(DEVICE).requires_grad_()
+    compare_with_oracle(op, q, k, v, mixed_mask((2, 4), 20, 30, 32, seed=24, device=DEVICE), bias=bias, tols=tol)
+    compare_with_oracle(op, *qkv(1, 2, 1, 1, 37, 16, device=DEVICE, seed=25), causal=True, tols=tol)
+    compare_with_oracle(op, *qkv(1, 1, 1, 20, 24, 1, device=DEVICE, seed=26), causal=True, tols=tol)
