@@ -9,7 +9,7 @@
    tokens; GPU: ViT-B/16 at 1024 px, 4097 tokens), the report's FLOPs saved, a check against the
    masked original, and dense vs sparse time end to end.
 
-    python examples/sparse_vit.py            # both parts (about a minute on a 2-core CPU)
+    python examples/sparse_vit.py            # both parts (one to two minutes on a 2-core CPU)
     python examples/sparse_vit.py --small    # a seconds-long run of the same steps (the tests use it)
 """
 import os
