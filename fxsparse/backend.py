@@ -133,14 +133,12 @@ def _parameter_values(gm: fx.GraphModule, example_inputs) -> dict:
 
 
 def _prepare(gm: fx.GraphModule, matches):
-    """Shapes are static here: ask mask_fn and build each Layout before the graph is compiled."""
-    for m in matches:
-        if m.skip is None and any(_has_symbolic_size(n) for n in (m.q, m.k, m.out.args[0] if m.out.args else None)):
-            raise ValueError(
-                f"{m.site.where}: sequence lengths are dynamic in this graph (Dynamo recompiled with symbolic "
-                "sizes); fxsparse builds one layout per length, so compile with `dynamic=False`"
-            )
-    prepare_sites(gm, matches, lambda m: _device_of(m.q if m.q is not None else m.out.args[0]), static=True)
+    """Where this graph's lengths are static, ask mask_fn and build each Layout now (the report then
+    shows them); sites with symbolic lengths (Dynamo's dynamic shapes) find their layout when they
+    run, as one opaque op (``fxsparse::site_attention``), so one graph serves every length."""
+    static = [m for m in matches if not any(_has_symbolic_size(n) for n in (m.q, m.k, m.out.args[0] if m.out.args
+                                                                                else None))]
+    prepare_sites(gm, static, lambda m: _device_of(m.q if m.q is not None else m.out.args[0]))
 
 
 def _has_symbolic_size(node) -> bool:

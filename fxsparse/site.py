@@ -4,6 +4,9 @@ keeps the site dense)."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import math
+import weakref
 from collections import OrderedDict
 from typing import Callable, Optional
 
@@ -13,6 +16,7 @@ from torch import nn
 
 from .layout import Layout
 from .match import AttentionSite
+from . import op, reference
 from .op import kernel_layout, sparse_attention
 
 _MISSING = object()
@@ -43,6 +47,11 @@ class SiteAttention(nn.Module):
         self.options = None  # fxsparse.KernelOptions for the op, or None
         self._layouts: OrderedDict = OrderedDict()  # (q_len, kv_len) -> None (dense) | (buffer, block, density, Layout)
         self.recorder = None  # fxsparse.calibrate: called with (site, q, k, bias, scale, causal) before each call
+        self.uid = _register(self)
+
+    def __setstate__(self, state):  # a copy (deepcopy, pickle) is a site of its own in the registry
+        super().__setstate__(state)
+        self.uid = _register(self)
 
     @property
     def status(self) -> str:
@@ -71,6 +80,10 @@ class SiteAttention(nn.Module):
             )
         rank, lead = q.dim(), q.shape[:-3]
         q, k, v, bias = _as_4d(q, k, v, bias)
+        if op.is_traced(q, k, v, bias):  # compiled, exported or transformed: one opaque op, any length
+            scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+            out = torch.ops.fxsparse.site_attention(q, k, v, bias, scale, bool(causal), self.uid)[0]
+            return _from_4d(out, rank, lead)
         if self.recorder is not None:
             self.recorder(self.site, q, k, bias, scale, causal)
         shape = (q.shape[-2], k.shape[-2])
@@ -94,6 +107,21 @@ class SiteAttention(nn.Module):
                 raise
             raise SiteError(f"{self.site.where}: {err}") from err
         return _from_4d(out, rank, lead)
+
+    def kernel_layout_for(self, q, k) -> Layout:
+        """The Layout the kernels walk for these inputs, whatever mask_fn said (dense: all blocks)."""
+        shape = (q.shape[-2], k.shape[-2])
+        entry = self._layouts.get(shape, _MISSING)
+        if entry is _MISSING:
+            entry = self._prepare(q, k)
+        if entry is None:
+            layout = Layout.dense(*shape, device=q.device)
+        elif entry[0] is None:
+            layout = Layout.from_mask(entry[3])
+        else:
+            layout = dataclasses.replace(entry[3], data=getattr(self, entry[0]))
+            return layout
+        return kernel_layout(layout, q.shape[-1])
 
     @torch.compiler.disable
     def _prepare(self, q, k):
@@ -123,6 +151,79 @@ class SiteAttention(nn.Module):
             if old is not None and old[0] is not None:
                 delattr(self, old[0])
         return entry
+
+
+# ------------------------------------------------------------------------------ the site as one op
+# Under a compiler (torch.compile of a transformed model, fxsparse.backend with dynamic shapes) a
+# site is one opaque op that finds its layout when it runs: lengths may be symbolic while tracing.
+_SITES: "weakref.WeakValueDictionary[int, SiteAttention]" = weakref.WeakValueDictionary()
+_NEXT = itertools.count()
+
+
+def _register(site: "SiteAttention") -> int:
+    uid = next(_NEXT)
+    _SITES[uid] = site
+    return uid
+
+
+def _site(uid: int) -> "SiteAttention":
+    site = _SITES.get(uid)
+    if site is None:
+        raise RuntimeError(f"fxsparse: the site module with id {uid} no longer exists (the model that held it was "
+                           "deleted); compile the model again")
+    return site
+
+
+@torch.library.custom_op("fxsparse::site_attention", mutates_args=())
+def _site_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor], scale: float,
+             causal: bool, site: int) -> tuple[torch.Tensor, torch.Tensor]:
+    s = _site(site)
+    return op.layout_forward(q, k, v, s.kernel_layout_for(q, k), scale=scale, bias=bias, causal=causal,
+                             options=s.options)
+
+
+@_site_op.register_fake
+def _(q, k, v, bias, scale, causal, site):
+    b, h, nq, _ = q.shape
+    dv = v.shape[-1]
+    out = q.new_empty_strided((b, h, nq, dv), (nq * h * dv, dv, h * dv, 1))
+    return out, q.new_empty(b, h, 2, nq, dtype=reference.acc_dtype(q))
+
+
+@torch.library.custom_op("fxsparse::site_attention_backward", mutates_args=())
+def _site_backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                      lse: torch.Tensor, bias: Optional[torch.Tensor], scale: float, causal: bool, site: int,
+                      bias_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    s = _site(site)
+    dq, dk, dv, dbias = op.layout_backward(dout, q, k, v, out, lse, s.kernel_layout_for(q, k), scale=scale,
+                                           bias=bias, causal=causal, bias_grad=bias_grad, options=s.options)
+    dbias = dbias if dbias is not None else q.new_empty(0)
+    return dq.contiguous(), dk.contiguous(), dv.contiguous(), dbias
+
+
+@_site_backward_op.register_fake
+def _(dout, q, k, v, out, lse, bias, scale, causal, site, bias_grad):
+    dbias = torch.empty_like(bias, memory_format=torch.contiguous_format) if bias_grad else q.new_empty(0)
+    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+            torch.empty_like(k, memory_format=torch.contiguous_format),
+            torch.empty_like(v, memory_format=torch.contiguous_format), dbias)
+
+
+def _site_setup(ctx, inputs, output):
+    q, k, v, bias, scale, causal, site = inputs
+    ctx.save_for_backward(q, k, v, output[0], output[1], bias)
+    ctx.scale, ctx.causal, ctx.site = scale, causal, site
+    ctx.bias_grad = bias is not None and bias.requires_grad
+
+
+def _site_backward(ctx, dout, dlse):
+    q, k, v, out, lse, bias = ctx.saved_tensors
+    dq, dk, dv, dbias = torch.ops.fxsparse.site_attention_backward(
+        dout, q, k, v, out, lse, bias, ctx.scale, ctx.causal, ctx.site, ctx.bias_grad)
+    return dq, dk, dv, (dbias if ctx.bias_grad else None), None, None, None
+
+
+torch.library.register_autograd("fxsparse::site_attention", _site_backward, setup_context=_site_setup)
 
 
 def _mask_bias(mask, bias, like):

@@ -52,16 +52,16 @@ def test_backend_rejects_a_non_callable():
         fxsparse.backend("local")
 
 
-def test_backend_new_length_needs_static_shapes():
+def test_backend_new_lengths_default_and_static_shapes():
     torch.manual_seed(0)
     model = GPT().eval()
     tokens = _tokens()[0]
     with torch.no_grad():
-        # default settings: Dynamo recompiles the second length with symbolic sizes -> a clear error
+        # default settings: Dynamo recompiles the second length with symbolic sizes; the sites find
+        # their layouts when they run
         compiled = torch.compile(model, backend=fxsparse.backend(WINDOW, compiler="eager"))
-        compiled(tokens)
-        with pytest.raises(Exception, match=r"dynamic=False"):
-            compiled(tokens[:, :-3])
+        for t in (tokens, tokens[:, :-3], tokens[:, :-5]):
+            assert_close(compiled(t), masked_forward(model, (t,), WINDOW)[0])
         # dynamic=False: one graph and one layout per length, each against the oracle
         static = torch.compile(model, backend=fxsparse.backend(WINDOW, compiler="eager"), dynamic=False)
         for t in (tokens, tokens[:, :-3]):
