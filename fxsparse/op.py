@@ -32,6 +32,7 @@ def clear_layout_cache() -> None:
     """Forget the dense Layouts cached for ``mask=None`` calls (at most ``DENSE_LAYOUT_CACHE_SIZE``)."""
     _dense_layouts.clear()
 
+
 def _use_triton(q: Tensor) -> bool:
     return q.is_cuda or (_INTERPRET and q.dtype != torch.float64)
 
@@ -484,3 +485,27 @@ def _check_bias(bias, q: Tensor, nk: int) -> Tensor:
     if not ok:
         raise ValueError(f"bias of shape {tuple(bias.shape)} does not broadcast to [B, H, Nq, Nk] = {[b, h, nq, nk]}")
     return bias
+
+
+# ------------------------------------------------------------------------------------- for fxsparse's site op
+def is_traced(*tensors) -> bool:
+    """True when a compiler, tracer or transform sees these tensors (the eager fast path is off)."""
+    return torch.compiler.is_compiling() or not _plain_eager(tensors)
+
+
+def layout_forward(q: Tensor, k: Tensor, v: Tensor, layout: Layout, *, scale: float, bias: Optional[Tensor],
+                   causal: bool, options: Optional[KernelOptions] = None) -> tuple[Tensor, Tensor]:
+    """The op's forward on a kernel Layout (``kernel_layout``), outside autograd: (out, lse)."""
+    causal = bool(causal) and not layout.causal
+    return _forward(q, k, v, layout.data, layout.batch, layout.num_heads, bias, float(scale), layout.block_size,
+                    causal, encode(options))
+
+
+def layout_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, layout: Layout, *,
+                    scale: float, bias: Optional[Tensor], causal: bool, bias_grad: bool,
+                    options: Optional[KernelOptions] = None) -> tuple:
+    """The op's backward for ``layout_forward``: (dq, dk, dv, dbias or None, dbias reduced to bias's shape)."""
+    causal = bool(causal) and not layout.causal
+    dq, dk, dv, dbias = _backward_impl(dout, q, k, v, out, lse, layout.data, layout.batch, layout.num_heads, bias,
+                                       float(scale), layout.block_size, causal, bias_grad, encode(options))
+    return dq, dk, dv, (_reduce_to(dbias, tuple(bias.shape)).to(bias.dtype) if bias_grad else None)
