@@ -9,6 +9,9 @@ documents), evaluates only the blocks the mask cuts, and returns an exact Layout
 * :func:`key_padding_layout`: any key padding, a bool [B, Nk] (True = a real token, as in
   HuggingFace's ``attention_mask``; nn.MultiheadAttention's ``key_padding_mask`` is the opposite: pass
   ``~key_padding_mask``);
+* :func:`model_mask_layout`: the mask a model passes its attention (bool, or additive with -inf /
+  the dtype's minimum for "masked"), [B|1, H|1, Nq|1, Nk]: a key-padding mask ([..., 1, Nk]) in
+  O(N), a full [Nq, Nk] one block by block;
 * :func:`document_layout`: packed sequences, a document id per token (tokens attend within their
   document; ``causal=True`` adds causality), with :func:`document_ids` to make ids from lengths.
 
@@ -29,7 +32,7 @@ import torch
 
 from .layout import DEFAULT_BLOCK_SIZE, EMPTY, FULL, PARTIAL, Layout, _build, _check_block_size_any, _count
 
-__all__ = ["padding_layout", "key_padding_layout", "document_layout", "document_ids"]
+__all__ = ["padding_layout", "key_padding_layout", "document_layout", "document_ids", "model_mask_layout"]
 
 
 def _lengths(lengths, what: str) -> torch.Tensor:
@@ -197,3 +200,36 @@ def _intersect_kinds(kinds: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     full = (kinds == FULL) & (other == FULL)
     empty = (kinds == EMPTY) | (other == EMPTY)
     return torch.where(full, FULL, torch.where(empty, EMPTY, PARTIAL)).to(torch.int8)
+
+
+def model_mask_layout(mask: torch.Tensor, q_len: int, *, block_size: int = DEFAULT_BLOCK_SIZE) -> Layout:
+    """The Layout of the mask a model hands its attention: bool (True = may attend) or additive float
+    (an entry at or below half the dtype's minimum, or -inf, is masked; other values stay a bias the
+    caller still adds), shaped [B|1, H|1, Nq|1, Nk] or [B|1, Nk] (HuggingFace's 2-D padding mask,
+    1 = a real token).
+
+    A mask that does not vary along the queries (key padding, [..., 1, Nk]) costs O(B x Nk) through
+    :func:`key_padding_layout`; a full [Nq, Nk] mask goes through ``Layout.from_mask``. Skipping a
+    masked block is exact: exp(finfo.min) is 0 in every float dtype, except in a row with no allowed
+    key (see the module's note).
+    """
+    if not isinstance(mask, torch.Tensor) or mask.dim() not in (2, 4):
+        got = f"shape {tuple(mask.shape)}" if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise ValueError(f"model_mask_layout: mask must be [batch, kv_len] or [batch|1, heads|1, q_len|1, kv_len], "
+                         f"got {got}")
+    q_len = _count(q_len, "q_len", 1)
+    if mask.dtype == torch.bool:
+        keep = mask
+    elif mask.is_floating_point():
+        keep = mask > torch.finfo(mask.dtype).min / 2
+    elif mask.dim() == 2:  # HuggingFace's attention_mask: 1 = token, 0 = padding
+        keep = mask != 0
+    else:
+        raise ValueError(f"model_mask_layout: a 4-D mask must be bool or additive float, got {mask.dtype}")
+    if keep.dim() == 2:
+        return key_padding_layout(keep, q_len, block_size=block_size)
+    if keep.shape[2] not in (1, q_len):
+        raise ValueError(f"model_mask_layout: the mask has {keep.shape[2]} query rows, expected 1 or {q_len}")
+    if keep.shape[1] == 1 and keep.shape[2] == 1:
+        return key_padding_layout(keep[:, 0, 0], q_len, block_size=block_size)
+    return Layout.from_mask(keep.expand(*keep.shape[:2], q_len, keep.shape[3]), block_size)

@@ -16,7 +16,7 @@ import fxsparse
 from fxsparse import Layout
 from fxsparse import patterns as P
 from fxsparse.layout import _LAYOUTS, LAYOUT_CACHE_SIZE, resolve_mask
-from fxsparse.masks import document_ids, document_layout, key_padding_layout, padding_layout
+from fxsparse.masks import document_ids, document_layout, key_padding_layout, model_mask_layout, padding_layout
 from fxsparse.testing import compare_with_oracle
 from helpers import gen, qkv
 
@@ -372,3 +372,25 @@ def test_runtime_layouts_through_the_kernels():
         compare_with_oracle(fxsparse.sparse_attention, q, k, v, mask, op_mask=layout, causal=causal)
     pad = padding_layout(torch.tensor([128, 70]), 128, block_size=64)
     compare_with_oracle(fxsparse.sparse_attention, q, k, v, pad.to_mask(), op_mask=pad)
+
+
+def test_model_mask_layout_forms():
+    """HuggingFace's 2-D padding mask, its 4-D additive expansion and a bool 4-D mask give the exact
+    layout; the additive one runs exactly as the dense masked attention it replaces."""
+    attention_mask = torch.tensor([[1] * 90 + [0] * 10, [0] * 30 + [1] * 70])  # right and left padding
+    keep = attention_mask.bool()
+    want = keep[:, None, None, :].expand(2, 1, 100, 100)
+    additive = torch.zeros(2, 1, 1, 100).masked_fill(~keep[:, None, None, :], torch.finfo(torch.float32).min)
+    for form in (attention_mask, additive, keep[:, None, None, :], want):
+        layout = model_mask_layout(form, 100, block_size=32)
+        assert layout.batch == 2 and torch.equal(layout.to_mask(), want), form.shape
+    causal_additive = additive + torch.full((100, 100), float("-inf")).triu(1)
+    layout = model_mask_layout(causal_additive, 100, block_size=32)
+    assert torch.equal(layout.to_mask(), want & torch.ones(100, 100, dtype=torch.bool).tril())
+    q, k, v = qkv(2, 2, 2, 100, 100, 16, seed=11)
+    rows = layout.to_mask().any(-1, keepdim=True)  # the rows with a key (fully masked rows differ: see masks)
+    got = fxsparse.sparse_attention(q, k, v, layout) * rows
+    want_out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=causal_additive) * rows
+    torch.testing.assert_close(got, want_out, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="query rows"):
+        model_mask_layout(torch.zeros(2, 1, 7, 100), 100)
