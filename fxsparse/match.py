@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import operator
 import re
+import types
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -190,6 +191,9 @@ def _arg(node: fx.Node, index: int, name: str, default=None):
     if len(node.args) > index:
         return node.args[index]
     return node.kwargs.get(name, default)
+
+
+arg = _arg  # the public name, for the modules that rewrite what a match found
 
 
 def _first_arg(node: fx.Node):
@@ -471,6 +475,8 @@ def find(gm: fx.GraphModule, constants: Optional[dict] = None) -> list[Match]:
             m = _match_mha(node, facts)
         elif c == "mha_fn":
             m = _match_mha_fn(node, facts)
+        elif c is None and node.op in ("call_function", "call_module"):
+            m = _opaque(node, facts)
         if m is not None:
             m.site.index = len(matches)
             if m.q is not None:
@@ -627,6 +633,29 @@ def _unrewritable(sm: fx.Node, facts: GraphFacts) -> Optional[Match]:
 _PLAIN_OPS = {"mul", "div", "add", "truediv", "to", "float", "type_as", "contiguous", "clone", "view", "reshape",
               "permute", "transpose", "dropout", "masked_fill", "where", "getitem", "softmax", "_softmax",
               "__mul__", "__truediv__", "__add__", "_to_copy"}
+
+
+def _opaque(n: fx.Node, facts: GraphFacts) -> Optional[Match]:
+    """A call the trace kept whole (a `torch.fx.wrap`ped function such as torchvision's
+    `shifted_window_attention`, a module a library marks as not traceable) whose name says it
+    computes attention: its inside is never seen, so it is reported rather than silently missed."""
+    if n.op == "call_function":
+        fn = n.target
+        if not isinstance(fn, types.FunctionType) or fn.__module__.startswith("torch."):
+            return None
+        what, name = f"the function `{fn.__name__}`", fn.__name__
+    else:
+        mod = facts.modules.get(n.target)
+        if mod is None or len(mod._modules) == 0 and not any(True for _ in mod.parameters(recurse=False)):
+            return None
+        what, name = f"the module `{n.target}` ({type(mod).__name__})", type(mod).__name__
+    if not re.search(r"(attention|attn)$", name, re.IGNORECASE):  # not `resolve_self_attn_mask`
+        return None
+    site = AttentionSite(index=-1, name=facts.module_path(n) if n.op == "call_function" else n.target,
+                         kind="opaque call")
+    return Match(site=site, out=n, nodes={n}, skip=(
+        f"inside {what}, which torch.fx keeps as one call (not traced into), so its attention is not seen; "
+        "`torch.compile(model, backend=fxsparse.backend(mask_fn))` traces into it"))
 
 
 def _score_like(prod: _Product, x, facts: GraphFacts) -> bool:

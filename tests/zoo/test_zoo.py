@@ -141,3 +141,37 @@ def _timm_params():
 def test_timm(family, door):
     model = family.build()
     check(model, family.inputs(), {}, door, family.sites, family.skipped)
+
+
+# ------------------------------------------------------------------------------ torchvision
+def _tv_swin():
+    from torchvision.models.swin_transformer import SwinTransformer
+
+    return SwinTransformer([4, 4], 16, [2, 2], [2, 2], [4, 4], num_classes=10)
+
+
+def _tv_maxvit():
+    from torchvision.models.maxvit import MaxVit
+
+    return MaxVit((32, 32), 16, 4, [16, 32], [1, 1], 8, 0.0, num_classes=10)
+
+
+# torchvision's Swin computes its attention in `shifted_window_attention`, a function torch.fx keeps
+# whole (torch.fx.wrap): transform sees the four calls and reports them; the backend traces into them.
+_OPAQUE = "torch.fx keeps as one call"
+TORCHVISION = [
+    ("swin", _tv_swin, "transform", 4, {i: _OPAQUE for i in range(4)}),
+    ("swin", _tv_swin, "backend", 4, {}),
+    ("maxvit", _tv_maxvit, "transform", 4, {}),
+    ("maxvit", _tv_maxvit, "backend", 4, {}),
+]
+
+
+@pytest.mark.parametrize("make, door, sites, skipped", [
+    pytest.param(make, door, sites, skipped, marks=_marks(f"{name}-{door}", door == "backend"), id=f"{name}-{door}")
+    for name, make, door, sites, skipped in TORCHVISION])
+def test_torchvision(make, door, sites, skipped):
+    torch.manual_seed(0)
+    model = make().eval()
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    check(model, (x,), {}, door, sites, skipped)
