@@ -570,25 +570,27 @@ def _unrewritable(sm: fx.Node, facts: GraphFacts) -> Optional[Match]:
     that the walk could not prove to be scale * q kᵀ + bias: reported skipped with the reason."""
     x, dim = _softmax_parts(sm, facts)
     over_keys = _is_last_axis(dim, x, facts)
-    scores, back_ops = None, []
-    todo, seen = [(x, 0)], set()
+    scores, parent = None, {x: None}
+    todo = [(x, 0)]
     while todo and scores is None:
         n, depth = todo.pop(0)
-        if not isinstance(n, fx.Node) or n in seen or depth > 10 or not facts.is_activation(n):
+        if not isinstance(n, fx.Node) or depth > 10 or not facts.is_activation(n):
             continue
-        seen.add(n)
         prod = _product(n, facts)
         if prod is not None and _score_like(prod, x, facts):
             scores = prod
             break
         if prod is not None:
             continue
-        back_ops.append(_op_name(n, facts))
-        todo.extend((a, depth + 1) for a in n.all_input_nodes)
+        for a in n.all_input_nodes:
+            if a not in parent:
+                parent[a] = n
+                todo.append((a, depth + 1))
     if scores is None:
         return None
-    out, fwd_ops = None, []
-    todo, seen = [(sm, 0)], set()
+    back_ops = _path_ops(scores.node, parent, facts)  # the ops between the product and the softmax only
+    out, parent = None, {sm: None}
+    todo = [(sm, 0)]
     while todo and out is None:
         n, depth = todo.pop(0)
         for user in n.users:
@@ -597,13 +599,14 @@ def _unrewritable(sm: fx.Node, facts: GraphFacts) -> Optional[Match]:
                 other = prod.right if prod.left is n else prod.left
                 if facts.is_activation(other) and other is not n:
                     out = prod
+                    parent[user] = n
                     break
-            if user not in seen and depth < 8 and prod is None:
-                seen.add(user)
-                fwd_ops.append(_op_name(user, facts))
+            if user not in parent and depth < 8 and prod is None:
+                parent[user] = n
                 todo.append((user, depth + 1))
     if out is None:
         return None
+    fwd_ops = _path_ops(out.node, parent, facts)
     ops = set(back_ops)
     reason = next((r for names, r in _REASONS if names & ops), None)
     if not over_keys:
@@ -628,6 +631,14 @@ def _unrewritable(sm: fx.Node, facts: GraphFacts) -> Optional[Match]:
     m.v = out.right if out.left is not None and out.right is not None else None
     m.nodes = {sm}
     return m
+
+
+def _path_ops(end: fx.Node, parent: dict, facts: GraphFacts) -> list:
+    ops, n = [], parent.get(end)
+    while n is not None:
+        ops.append(_op_name(n, facts))
+        n = parent.get(n)
+    return ops[:-1]  # the softmax's input / the softmax itself ends the path
 
 
 _PLAIN_OPS = {"mul", "div", "add", "truediv", "to", "float", "type_as", "contiguous", "clone", "view", "reshape",
@@ -862,7 +873,9 @@ def _regroups_leading_axes(n: fx.Node, facts: GraphFacts) -> bool:
     src, out = node_shape(n.args[0]), node_shape(n)
     if src is not None and out is not None:
         return len(out) >= 3 and src[-2:] == out[-2:]
-    return len(shape) >= 3 and not any(isinstance(d, int) and d == -1 for d in shape[-2:])
+    # without shapes: a view that names its last two sizes, or leaves only the last one to infer
+    # (`view(B, self.num_heads, q_len, -1)` of bmm's [B*H, q_len, kv_len])
+    return len(shape) >= 3 and not (isinstance(shape[-2], int) and shape[-2] == -1)
 
 
 def _reshape_target(n: fx.Node) -> tuple:
