@@ -1,0 +1,176 @@
+"""Whole models, one run, the same mask for every method (GPU).
+
+Methods: the model as shipped (dense SDPA), SDPA given the bool mask, FlexAttention with the same
+mask written as a ``mask_mod`` in index arithmetic (compiled, as its users write it), and
+``fxsparse.transform``. Forward (no grad) and training step (forward + backward), bf16, medians of
+CUDA-event timings. A correctness line compares fxsparse with Flex in fp32 and shows how far the mask
+moves the output (so the check has teeth). Then a GPT-2-small-shaped LM at 8k tokens with every site
+kept dense (mask_fn returns None): the transformed model must cost what the original costs.
+
+    PYTHONPATH=. python benchmarks/models.py [--quick]
+
+Prints a table; writes ``benchmarks/out/models.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+from torch.overrides import TorchFunctionMode
+
+import fxsparse
+from fxsparse import patterns
+
+flex = torch.compile(flex_attention, dynamic=False)
+
+
+class SdpaWith(TorchFunctionMode):
+    """Every SDPA call of the model gets the bool mask (baseline: SDPA given the mask) or runs
+    FlexAttention with the block mask instead (baseline: the model's attention as Flex)."""
+
+    def __init__(self, attn_mask=None, block_mask=None):
+        super().__init__()
+        self.attn_mask, self.block_mask = attn_mask, block_mask
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            q, k, v = args[:3]
+            if self.block_mask is not None:
+                return flex(q, k, v, block_mask=self.block_mask)
+            return func(q, k, v, attn_mask=self.attn_mask)
+        return func(*args, **kwargs)
+
+
+def timed(fn, warmup=3, reps=10):
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def local_window_mod(grid, window, prefix):
+    """The local 2-D window with global prefix tokens, as index arithmetic."""
+    def mask_mod(b, h, q_idx, kv_idx):
+        qp, kp = q_idx - prefix, kv_idx - prefix
+        near = ((qp // grid - kp // grid).abs() <= window) & ((qp % grid - kp % grid).abs() <= window)
+        return (q_idx < prefix) | (kv_idx < prefix) | near
+    return mask_mod
+
+
+def vit_case(img, window, batch, rows, quick):
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_base_patch16_224", img_size=img, pretrained=False).cuda()
+    grid, n = img // 16, (img // 16) ** 2 + 1
+    mask_mod = local_window_mod(grid, window, 1)
+    block_mask = create_block_mask(mask_mod, None, None, n, n, device="cuda")
+    bool_mask = create_mask_dense(mask_mod, n)
+    mask_fn = patterns.local_2d(window=window, prefix_tokens=1)
+    x = torch.randn(batch, 3, img, img, device="cuda")
+    sparse = fxsparse.transform(model, mask_fn)
+    density = None
+    for train in (False, True) if not quick else (False,):
+        results = {}
+        for method in ("fxsparse", "dense", "sdpa+mask", "flex") * 2:  # two rounds in turns; the best median
+            net = sparse if method == "fxsparse" else model
+            mode = {"sdpa+mask": SdpaWith(attn_mask=bool_mask), "flex": SdpaWith(block_mask=block_mask)}.get(method)
+
+            def step():
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    if mode is not None:
+                        with mode:
+                            out = net(x)
+                    else:
+                        out = net(x)
+                if train:
+                    out.float().square().mean().backward()
+            if train:
+                net.train()
+                t = timed(step)
+            else:
+                net.eval()
+                with torch.no_grad():
+                    t = timed(step)
+            results[method] = min(t, results.get(method, t))
+        density = density or fxsparse.report(sparse).rows[0].density
+        rows.append(dict(model=f"ViT-B/16 {img}px ({n} tok, {2 * window + 1}x{2 * window + 1} + CLS)", batch=batch,
+                         mode="train step" if train else "forward", density=density, **results))
+    model.eval(), sparse.eval()
+    with torch.no_grad():  # correctness in fp32 on one image
+        xs = x[:1]
+        got = sparse(xs)
+        with SdpaWith(block_mask=block_mask):
+            want = model(xs)
+        dense = model(xs)
+    err = ((got - want).abs().max() / want.abs().max()).item()
+    moved = ((dense - want).abs().max() / want.abs().max()).item()
+    print(f"check ViT {img}px fp32: fxsparse vs Flex max rel err {err:.2e}; the mask moves the output by {moved:.2e}")
+    return err
+
+
+def create_mask_dense(mask_mod, n):
+    i = torch.arange(n, device="cuda")
+    return mask_mod(0, 0, i[:, None], i[None, :])
+
+
+def lm_dense_sites(rows, quick):
+    import transformers
+
+    n = 2048 if quick else 8192
+    cfg = transformers.GPT2Config(n_positions=n, n_embd=768, n_layer=12, n_head=12, vocab_size=50257,
+                                  attn_implementation="sdpa")
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(cfg).cuda().to(torch.bfloat16).eval()
+    ids = torch.randint(0, 50257, (1, n), device="cuda")
+    sparse = fxsparse.transform(model, lambda site: None, example_inputs={"input_ids": ids})
+    with torch.no_grad():
+        t = {}
+        for name, m in (("dense", model), ("fxsparse", sparse)) * 2:
+            ms = timed(lambda m=m: m(input_ids=ids, use_cache=False))
+            t[name] = min(ms, t.get(name, ms))
+    rows.append(dict(model=f"GPT-2-small shape, {n} tok, every site kept dense", batch=1, mode="forward",
+                     density=1.0, **t))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smaller sizes, forward only")
+    args = parser.parse_args()
+    rows = []
+    vit_case(512 if args.quick else 1024, 3, 4 if not args.quick else 2, rows, args.quick)
+    if not args.quick:
+        vit_case(2048, 3, 1, rows, True)
+    lm_dense_sites(rows, args.quick)
+    from tabulate import tabulate
+
+    table = []
+    for r in rows:
+        base = r["dense"]
+        cells = [r["model"], r["batch"], r["mode"], f"{r['density']:.1%}"]
+        for m in ("dense", "sdpa+mask", "flex", "fxsparse"):
+            cells.append("" if m not in r else f"{r[m]:.2f} ({base / r[m]:.2f}x)")
+        table.append(cells)
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; ms (speed-up over dense)")
+    print(tabulate(table, headers=["model", "batch", "mode", "density", "dense", "sdpa+mask", "flex", "fxsparse"]))
+    os.makedirs("benchmarks/out", exist_ok=True)
+    with open("benchmarks/out/models.json", "w") as f:
+        json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
