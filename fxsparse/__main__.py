@@ -30,7 +30,6 @@ import torch
 import fxsparse
 from fxsparse import patterns
 
-
 # the mask_fn factories; the *_mask builders return tensors, not mask_fns
 FACTORIES = [n for n in patterns.__all__ if n != "MaskFn" and not n.endswith("_mask")]
 

@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from .layout import EMPTY, FULL, PARTIAL
+from .layout import FULL, PARTIAL
 
 COLOURS = {  # RGB
     "full": (0.13, 0.29, 0.53),

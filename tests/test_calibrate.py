@@ -6,9 +6,9 @@ import torch
 from torch import nn
 
 import fxsparse
-from helpers import assert_unchanged, snapshot
 from fxsparse.calibrate import block_mass
 from fxsparse.site import site_modules
+from helpers import assert_unchanged, snapshot
 
 
 class LocalAttention(nn.Module):
