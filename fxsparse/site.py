@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layout import Layout
+from .layout import Layout, resolve_mask
 from .match import AttentionSite
 from . import op, reference
 from .op import kernel_layout, sparse_attention
@@ -275,33 +275,17 @@ def _dense_attention(q, k, v, bias, scale, causal):
 
 
 def _layout_from(mask_fn, site: AttentionSite) -> Optional[Layout]:
-    """mask_fn(site), checked, as a Layout (or None for dense)."""
+    """mask_fn(site), checked, as a Layout (or None for dense): a Layout, a bool token mask, a pattern
+    or a FlexAttention mask_mod, as ``fxsparse.layout.resolve_mask`` takes them."""
     try:
         mask = mask_fn(site)
     except Exception as err:
         raise SiteError(f"{site.where}: mask_fn raised {type(err).__name__}: {err}") from err
-    H, nq, nk = site.num_heads, site.q_len, site.kv_len
-    expected = f"expected broadcastable to (H|1, {nq}, {nk}) with H={H}"
-    if mask is None:
-        return None
-    if isinstance(mask, Layout):
-        if tuple(mask.shape) != (nq, nk) or mask.num_heads not in (1, H) or mask.batch != 1:
-            raise SiteError(
-                f"{site.where}: mask_fn returned a Layout for (q_len, kv_len) = {tuple(mask.shape)} with "
-                f"{mask.num_heads} heads; expected ({nq}, {nk}) with 1 or {H} heads"
-            )
-        return mask
-    if not isinstance(mask, torch.Tensor):
-        raise SiteError(f"{site.where}: mask_fn returned {type(mask).__name__}; expected None, a bool tensor or a Layout")
-    if mask.dtype != torch.bool:
-        raise SiteError(f"{site.where}: mask_fn returned a mask of dtype {mask.dtype}; expected torch.bool (True = may attend)")
-    shape = tuple(mask.shape)
-    if mask.dim() > 3 or mask.dim() < 1:
-        raise SiteError(f"{site.where}: mask_fn returned shape {shape}, {expected}")
-    mask3 = mask.reshape((1,) * (3 - mask.dim()) + shape)
-    if mask3.shape[0] not in (1, H) or mask3.shape[1] not in (1, nq) or mask3.shape[2] not in (1, nk):
-        raise SiteError(f"{site.where}: mask_fn returned shape {shape}, {expected}")
-    return Layout.from_mask(mask3.expand(mask3.shape[0], nq, nk))
+    try:
+        return resolve_mask(mask, q_len=site.q_len, kv_len=site.kv_len, num_heads=site.num_heads,
+                            where=f"{site.where}: mask_fn")
+    except (ValueError, TypeError) as err:
+        raise SiteError(str(err)) from err
 
 
 def is_transformed(module: nn.Module) -> bool:

@@ -299,3 +299,55 @@ def test_a_forward_that_skips_the_attention_raises():
     sparse.fast = True
     with pytest.raises(RuntimeError, match="computed 0 of the 1 attention"):
         sparse(q, q, q)
+
+
+def test_site_layouts_stay_bounded_over_many_lengths():
+    class Attention(nn.Module):
+        def forward(self, q, k, v):
+            return F.scaled_dot_product_attention(q, k, v)
+
+    sparse = fxsparse.transform(Attention(), band(2))
+    site = next(m for m in sparse.modules() if isinstance(m, fxsparse.site.SiteAttention))
+    for n in range(17, 1017):
+        q = torch.randn(1, 1, n, 4)
+        sparse(q, q, q)
+    assert len(site._layouts) <= site.MAX_LAYOUTS
+    assert len(list(site.buffers())) <= site.MAX_LAYOUTS
+    q = torch.randn(1, 2, 40, 4)
+    want, _ = masked_forward(Attention(), (q, q, q), band(2))
+    assert_close(sparse(q, q, q), want, what="after 1000 lengths")
+
+
+def test_mask_fn_may_return_a_flex_mask_mod():
+    class Attention(nn.Module):
+        def forward(self, q, k, v):
+            return F.scaled_dot_product_attention(q, k, v)
+
+    def window_mod(b, h, q_idx, kv_idx):
+        return (q_idx - kv_idx).abs() <= 3
+
+    q = torch.randn(2, 2, 70, 8)
+    got = fxsparse.transform(Attention(), lambda site: window_mod)(q, q, q)
+    want, _ = masked_forward(Attention(), (q, q, q), band(3))
+    assert_close(got, want, what="a mask_mod from mask_fn")
+
+
+def test_huggingface_gradient_checkpointing():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=64, attention_probs_dropout_prob=0.0, hidden_dropout_prob=0.0,
+                                  attn_implementation="sdpa")
+    model = transformers.BertModel(cfg).train()
+    ids = torch.randint(1, 100, (2, 24))
+    grads = []
+    for checkpointing in (False, True):
+        sparse = fxsparse.transform(model, band(4), example_inputs={"input_ids": ids})
+        if checkpointing:
+            sparse.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        sparse(input_ids=ids).last_hidden_state.square().sum().backward()
+        grads.append({n: p.grad.clone() for n, p in sparse.named_parameters() if p.grad is not None})
+        sparse.zero_grad()
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
+    for name in grads[0]:
+        assert_close(grads[1][name], grads[0][name], what=f"checkpointed gradient of {name}")
