@@ -872,8 +872,9 @@ def resolve_mask(result, *, q_len: int, kv_len: int, num_heads: int, batch: int 
         except RuntimeError:
             ok = False
         if not ok:
+            lead = [f"batch {'1' if batch == 1 else f'{batch} or 1'}", f"heads {'1' if num_heads == 1 else f'{num_heads} or 1'}"]
             raise ValueError(f"{where}: a bool mask of shape {tuple(result.shape)} does not broadcast to "
-                             f"[batch {batch} or 1, heads {num_heads} or 1, {q_len}, {kv_len}]")
+                             f"[{lead[0]}, {lead[1]}, {q_len}, {kv_len}]")
         m4 = result.reshape((1,) * (4 - result.dim()) + tuple(result.shape))
         m4 = m4.expand(*m4.shape[:2], q_len, kv_len)
         return Layout.from_mask(m4 if dev is None else m4.to(dev), bs)
