@@ -1,11 +1,11 @@
 """Fine-tune a block-sparse ViT: gradients flow through fxsparse's op like through any attention.
 
-A small timm ViT (random weights) at 128 px, patches of 8 (257 tokens), gets a 2-D local window in
+A small timm ViT (random weights) at 96 px, patches of 8 (145 tokens), gets a 2-D local window in
 every block but the last; it learns a toy task, in which colour a square somewhere in the image is
 bright, and the loss goes down. The sparse model shares the original's weight memory: training it updates the
 weights both see (as with torch.compile); the original's modules and hooks are untouched.
 
-    python examples/finetune.py [--steps 30] [--small]
+    python examples/finetune.py [--steps 20] [--small]
 """
 import argparse
 import sys
@@ -32,10 +32,10 @@ def batch(n, img, gen):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--small", action="store_true", help="a smaller model and image (seconds)")
     args = parser.parse_args()
-    img, patch, dim, depth = (64, 8, 32, 2) if args.small else (128, 8, 64, 4)
+    img, patch, dim, depth = (64, 8, 32, 2) if args.small else (96, 8, 64, 4)
     torch.manual_seed(0)
     model = timm.models.vision_transformer.VisionTransformer(
         img_size=img, patch_size=patch, embed_dim=dim, depth=depth, num_heads=4, num_classes=3)

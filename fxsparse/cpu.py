@@ -245,34 +245,59 @@ class _Problem:
         torch.index_select(blocks, 0, flat, out=out)
         return out.view(len(chunk.q_blocks), self.b, self.hx, chunk.width * self.bs, x)
 
-    def score_index(self, chunk, bias_shape=None):
+    def score_index(self, chunk):
         """Index tensors (batch, head, row, column) of a chunk's scores [C, B, Hx, Gr, bs, M * bs] into
-        [B, H, rows, columns]; with bias_shape, size-1 dims of the bias index 0 and broadcast."""
+        [B, H, NQB * bs, (NKB + 1) * bs]."""
         c, m, bs = len(chunk.q_blocks), chunk.width, self.bs
-        bshape = bias_shape or (self.b, self.h, 2, 2)
-        one = torch.zeros(1, 1, 1, 1, 1, 1, dtype=torch.long)
-        bi = torch.arange(self.b).view(1, -1, 1, 1, 1, 1) if bshape[0] > 1 else one
-        if bshape[1] > 1:
-            x = torch.arange(self.hx).view(-1, 1)
-            heads = x * self.gr + torch.arange(self.gr) if self.hl == 1 else x
-            hi = heads.view(1, 1, self.hx, self.gr, 1, 1)
-        else:
-            hi = one
-        ri = chunk.q_blocks[:, None] * bs + torch.arange(bs)
-        ci = chunk.kv_blocks[..., None] * bs + torch.arange(bs)  # [C, Bl, Hl, M, bs]
-        if bias_shape is not None:
-            ri, ci = ri.clamp(max=self.nq - 1), ci.clamp(max=self.nk - 1)
-        ri = ri.view(c, 1, 1, 1, bs, 1) if bshape[2] > 1 else one
-        ci = ci.reshape(c, *chunk.kv_blocks.shape[1:3], 1, 1, m * bs) if bshape[3] > 1 else one
+        bi = torch.arange(self.b).view(1, -1, 1, 1, 1, 1)
+        hi = self.query_heads().view(1, 1, self.hx, self.gr, 1, 1)
+        ri = (chunk.q_blocks[:, None] * bs + torch.arange(bs)).view(c, 1, 1, 1, bs, 1)
+        ci = (chunk.kv_blocks[..., None] * bs + torch.arange(bs)).reshape(c, *chunk.kv_blocks.shape[1:3], 1, 1, m * bs)
         return bi, hi, ri, ci
 
-    def scores(self, qc, kc, bias4, chunk):
+    def query_heads(self):
+        """[Hx, Gr]: the query head of each (matmul head, row group)."""
+        x = torch.arange(self.hx).view(-1, 1)
+        return x * self.gr + torch.arange(self.gr) if self.hl == 1 else x
+
+    def bias_tiles(self, bias):
+        """The bias [B|1, H|1, Nq|1, Nk|1] as tiles [Bb, Hb, NQB|1, NKB|1, bs|1, bs|1] (a view where the
+        lengths are whole blocks; dims the bias broadcasts, by size 1 or stride 0, stay 1)."""
+        while bias.dim() < 4:
+            bias = bias.unsqueeze(0)
+        for dim in range(4):  # an expanded bias (stride 0) is the same values: keep one
+            if bias.shape[dim] > 1 and bias.stride(dim) == 0:
+                bias = bias.narrow(dim, 0, 1)
+        bs = self.bs
+        rows, cols = bias.shape[2] > 1, bias.shape[3] > 1
+        pad_r = self.nqb * bs - self.nq if rows else 0
+        pad_c = self.nkb * bs - self.nk if cols else 0
+        if pad_r or pad_c:
+            bias = torch.nn.functional.pad(bias, (0, pad_c, 0, pad_r))
+        tiles = bias.unflatten(3, (self.nkb, bs) if cols else (1, 1)).unflatten(2, (self.nqb, bs) if rows else (1, 1))
+        return tiles.permute(0, 1, 2, 4, 3, 5)  # [Bb, Hb, NQB, NKB, bs, bs]
+
+    def chunk_bias(self, tiles, chunk):
+        """The bias of a chunk's scores, broadcastable to [C, B, Hx, Gr, bs, M, bs]: whole tiles taken
+        by index (the padding slots take tile 0; they are masked out)."""
+        zero = torch.zeros((1,) * 5, dtype=torch.long)
+        c = len(chunk.q_blocks)
+        bi = torch.arange(self.b).view(1, -1, 1, 1, 1) if tiles.shape[0] > 1 else zero
+        hi = self.query_heads().view(1, 1, self.hx, self.gr, 1) if tiles.shape[1] > 1 else zero
+        qi = chunk.q_blocks.view(c, 1, 1, 1, 1) if tiles.shape[2] > 1 else zero
+        if tiles.shape[3] > 1:
+            ki = chunk.kv_blocks.clamp(max=self.nkb - 1).unsqueeze(3)  # [C, Bl, Hl, 1, M]
+        else:
+            ki = zero
+        return tiles[bi, hi, qi, ki].permute(0, 1, 2, 3, 5, 4, 6)  # [C, B|1, Hx|1, Gr|1, bs|1, M|1, bs|1]
+
+    def scores(self, qc, kc, tiles, chunk):
         """Scores with scale (in q), bias and mask, [C, B, Hx, Gr * bs, M * bs]."""
         s = _bmm(qc, kc, "scores", tb=True)
-        if bias4 is not None or chunk.blocked is not None:
+        if tiles is not None or chunk.blocked is not None:
             s6 = s.view(*s.shape[:3], self.gr, self.bs, s.shape[-1])
-            if bias4 is not None:
-                s6.add_(bias4[self.score_index(chunk, tuple(bias4.shape))].to(self.acc))
+            if tiles is not None:
+                s6.view(*s6.shape[:-1], chunk.width, self.bs).add_(self.chunk_bias(tiles, chunk))
             if chunk.blocked is not None:
                 s6.add_(chunk.mask(self.acc))
         return s
@@ -302,13 +327,6 @@ def _bmm(a, b, role, *, ta: bool = False, tb: bool = False):
     return out
 
 
-def _bias4(bias):
-    if bias is None:
-        return None
-    while bias.dim() < 4:
-        bias = bias.unsqueeze(0)
-    return bias
-
 
 # --------------------------------------------------------------------------------- forward
 def forward(q, k, v, tables, bias, scale: float, block_size: int, causal: bool, out):
@@ -320,10 +338,10 @@ def forward(q, k, v, tables, bias, scale: float, block_size: int, causal: bool, 
     kb, vb = p.kv_blocks(k), p.kv_blocks(v)
     o_rows, stat_rows = p.new_rows(dv), p.new_rows(2)
     stat_rows.view(-1, 2)[:, 1] = float("inf")  # rows no chunk reaches are empty
-    bias4 = _bias4(bias)
+    tiles = None if bias is None else p.bias_tiles(bias)
     for chunk in p.chunks:
         flat = p.flat_kv_index(chunk)
-        s = p.scores(p.take_rows(q_rows, chunk, d, "q"), p.gather_kv(kb, chunk, flat, d, "k"), bias4, chunk)
+        s = p.scores(p.take_rows(q_rows, chunk, d, "q"), p.gather_kv(kb, chunk, flat, d, "k"), tiles, chunk)
         prob, m, _ = p.probabilities(s)
         p.put_rows(o_rows, chunk, _bmm(prob, p.gather_kv(vb, chunk, flat, dv, "v"), "o"))
         # a row's largest probability is exp(max - max) / sum = 1 / sum: the log-sum is -log of it (+inf
@@ -344,13 +362,13 @@ def backward(dout, q, k, v, out, lse, tables, bias, scale: float, block_size: in
     dq_rows = p.new_rows(d)
     dk, dv = torch.zeros_like(kb), torch.zeros_like(vb)
     dbias = torch.zeros(b, h, p.nqb * bs, (p.nkb + 1) * bs, dtype=p.acc) if bias_grad else None
-    bias4 = _bias4(bias)
+    tiles = None if bias is None else p.bias_tiles(bias)
     for chunk in p.chunks:
         flat = p.flat_kv_index(chunk)
         qc, doc = p.take_rows(q_rows, chunk, d, "q"), p.take_rows(do_rows, chunk, dv_dim, "do")
         kc, vc = p.gather_kv(kb, chunk, flat, d, "k"), p.gather_kv(vb, chunk, flat, dv_dim, "v")
         # the forward's probabilities again (the same fused softmax over the same scores)
-        prob = p.probabilities(p.scores(qc, kc, bias4, chunk))[0]
+        prob = p.probabilities(p.scores(qc, kc, tiles, chunk))[0]
         dv.index_add_(0, flat, _bmm(prob, doc, "dkv", ta=True).view(len(flat), -1))
         ds = _bmm(doc, vc, "ds", tb=True).sub_(p.take_rows(delta_rows, chunk, 1, "delta")).mul_(prob)
         p.put_rows(dq_rows, chunk, _bmm(ds, kc, "o").mul_(scale))

@@ -124,3 +124,16 @@ def test_plan_is_rebuilt_when_the_tables_change():
     second = fxsparse.sparse_attention(q, k, v, dataclasses.replace(b, data=data))
     assert_close(first, fxsparse.sparse_attention(q, k, v, a), 1e-12, "tril")
     assert_close(second, fxsparse.sparse_attention(q, k, v, b), 1e-12, "dense")
+
+
+def test_expanded_and_materialized_padding_bias():
+    """A padding mask as an additive bias, expanded (stride 0) or materialized [B, 1, Nq, Nk] as HuggingFace
+    passes it: both against the float64 oracle, with the bias's gradient."""
+    b, h, n, d = 2, 2, 150, 16
+    q, k, v = qkv(b, h, h, n, n, d)
+    keys = torch.zeros(b, 1, 1, n)
+    keys[1, ..., 100:] = torch.finfo(torch.float32).min  # the second sequence is padded
+    window = (torch.arange(n)[:, None] - torch.arange(n)[None, :]).abs() <= 40
+    layout = Layout.from_mask(window, 32)
+    for bias in (keys.expand(b, 1, n, n).requires_grad_(), keys.expand(b, 1, n, n).contiguous().requires_grad_()):
+        compare_with_oracle(fxsparse.sparse_attention, q, k, v, window, op_mask=layout, bias=bias)
