@@ -95,7 +95,8 @@ def test_bad_arguments_in_process(args, words, capsys):
 def test_unknown_model_and_failing_forward_exit_2(capsys):
     for args, words in [(["timm:no_such_model"], "timm:no_such_model"),
                         (["no_such_module:make"], "No module named"),
-                        ([*TINY_VIT[:3], "--input", "1,3,31"], "IndexError")]:
+                        # the forward fails on a 3-D image; which exception the model raises is its own business
+                        ([*TINY_VIT[:3], "--input", "1,3,31"], "fxsparse: timm:vit_tiny_patch16_224: ")]:
         assert main(["inspect", *args]) == 2
         err = capsys.readouterr().err
         assert words in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
