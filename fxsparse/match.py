@@ -660,13 +660,26 @@ def _opaque(n: fx.Node, facts: GraphFacts) -> Optional[Match]:
         if mod is None or len(mod._modules) == 0 and not any(True for _ in mod.parameters(recurse=False)):
             return None
         what, name = f"the module `{n.target}` ({type(mod).__name__})", type(mod).__name__
-    if not re.search(r"(attention|attn)$", name, re.IGNORECASE):  # not `resolve_self_attn_mask`
+    if not re.search(r"(attention|attn)$", name, re.IGNORECASE) and not _source_has_attention(
+            fn if n.op == "call_function" else type(mod)):  # not `resolve_self_attn_mask`
         return None
     site = AttentionSite(index=-1, name=facts.module_path(n) if n.op == "call_function" else n.target,
                          kind="opaque call")
     return Match(site=site, out=n, nodes={n}, skip=(
         f"inside {what}, which torch.fx keeps as one call (not traced into), so its attention is not seen; "
         "`torch.compile(model, backend=fxsparse.backend(mask_fn))` traces into it"))
+
+
+def _source_has_attention(obj) -> bool:
+    """Whether the Python source of a function or class computes a softmax and a matrix product
+    (ConViT's GPSA, a module timm keeps whole)."""
+    import inspect
+
+    try:
+        src = inspect.getsource(obj)
+    except (OSError, TypeError):
+        return False
+    return "softmax(" in src and ("@" in src or "matmul(" in src or "einsum(" in src or "bmm(" in src)
 
 
 def _score_like(prod: _Product, x, facts: GraphFacts) -> bool:

@@ -100,7 +100,7 @@ _OWNER = "transform's per-owner rewrite does not reach this site yet (the backen
 KNOWN = {
     "albert-sdpa-transform": _OWNER, "wav2vec2-sdpa-transform": _OWNER, "deberta_v2-eager-transform": _OWNER,
     "bloom-eager-transform": _OWNER, "swinv2-transform": _OWNER, "twins-transform": _OWNER,
-    "mobilevit-transform": _OWNER, "convit-transform": _OWNER,
+    "mobilevit-transform": _OWNER,
     "tiny_vit-transform": "its attention runs inside a module timm registers as not traceable, a leaf for torch.fx",
 }
 

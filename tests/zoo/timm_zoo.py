@@ -60,7 +60,8 @@ FAMILIES = [
     Family("xcit", "xcit_nano_12_p16_224", dict(img_size=32, depth=2), 32, 4,
            skipped={0: "channel", 1: "channel"}),
     Family("pvt_v2", "pvt_v2_b0", dict(depths=(1, 1, 1, 1)), 64, 4),
-        Family("convit", "convit_tiny", dict(img_size=32, patch_size=8, depth=2, local_up_to_layer=1), 32, 2),
+        Family("convit", "convit_tiny", dict(img_size=32, patch_size=8, depth=2, local_up_to_layer=1), 32, 2,
+           skipped={0: "pass through `sum`|keeps as one call"}),  # GPSA: two softmaxes mixed by a gate
     Family("coat", "coat_lite_tiny", dict(img_size=64), 64, 0),  # factorized: softmax over k alone
     Family("tnt", "tnt_s_patch16_224", dict(img_size=32, depth=2), 32, 4),
     Family("volo", "volo_d1_224", dict(img_size=64), 64, 16),
