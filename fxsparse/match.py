@@ -616,11 +616,12 @@ def _unrewritable(sm: fx.Node, facts: GraphFacts) -> Optional[Match]:
     if reason is None and {"linear", "module", "conv2d"} & set(fwd_ops):
         reason = "talking heads: the probabilities are mixed across heads by a linear layer"
     odd_back = [o for o in back_ops if o not in _PLAIN_OPS]
-    odd_fwd = [o for o in fwd_ops if o not in _PLAIN_OPS]
+    odd_fwd = [o for o in fwd_ops if o not in _FORWARD_OPS]
     if reason is None and odd_back:
         reason = f"the scores pass through `{odd_back[0]}`, which is not a scale, bias or mask the op can apply"
     if reason is None and odd_fwd:
-        reason = f"the probabilities pass through `{odd_fwd[0]}` before the product with v"
+        reason = (f"the probabilities are mixed with other values (`{'`, `'.join(dict.fromkeys(odd_fwd))}`) before "
+                  "the product with v")
     reason = reason or "the graph between q kᵀ, the softmax and ·v is not one the walk can prove"
     site = AttentionSite(index=-1, name=facts.module_path(scores.node), kind="matmul-softmax")
     m = Match(site=site, out=out.node, scores=scores.node, q=scores.left, skip=reason)
@@ -680,6 +681,9 @@ def _source_has_attention(obj) -> bool:
     except (OSError, TypeError):
         return False
     return "softmax(" in src and ("@" in src or "matmul(" in src or "einsum(" in src or "bmm(" in src)
+
+
+_FORWARD_OPS = {"to", "float", "type_as", "contiguous", "clone", "view", "reshape", "dropout", "_to_copy", "module"}
 
 
 def _score_like(prod: _Product, x, facts: GraphFacts) -> bool:
