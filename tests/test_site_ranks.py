@@ -32,5 +32,5 @@ def test_other_ranks_are_rewritten_exactly(shape):
 def test_errors_name_the_root_module():
     q = k = v = torch.randn(1, 2, 10, 16)
     sparse = fxsparse.transform(Plain(), lambda site: torch.ones(3, 3, dtype=torch.bool))
-    with pytest.raises(ValueError, match=r"^\(root\): mask_fn returned shape"):
+    with pytest.raises(ValueError, match=r"^\(root\): mask_fn: a bool mask of shape \(3, 3\)"):
         sparse(q, k, v)
