@@ -16,7 +16,7 @@ from torch import nn
 
 from .layout import Layout, resolve_mask
 from .match import AttentionSite
-from . import op, reference
+from . import masks, op, reference
 from .op import kernel_layout, sparse_attention
 
 _MISSING = object()
@@ -45,6 +45,10 @@ class SiteAttention(nn.Module):
         self.mask_fn = mask_fn
         self.owner = ""  # path of the module whose forward calls this site
         self.options = None  # fxsparse.KernelOptions for the op, or None
+        # A per-sample mask among the site's own masks (HuggingFace's padding or document masks) also
+        # removes the blocks it masks entirely: they are skipped, not computed and masked. Costs one
+        # pass over the mask per call (O(batch x keys) for key padding); off: False.
+        self.skip_padding = True
         self._layouts: OrderedDict = OrderedDict()  # (q_len, kv_len) -> None (dense) | (buffer, block, density, Layout)
         self.recorder = None  # fxsparse.calibrate: called with (site, q, k, bias, scale, causal) before each call
         self.uid = _register(self)
@@ -98,6 +102,8 @@ class SiteAttention(nn.Module):
             else:
                 name, _, _, built = entry  # the tables come from the buffer, which follows .to(device)
                 layout = dataclasses.replace(built, data=getattr(self, name))
+                if self.skip_padding:
+                    layout = _with_key_padding(layout, bias)
                 if self.options is not None:
                     out = sparse_attention(q, k, v, layout, scale=scale, bias=bias, causal=causal, options=self.options)
                 else:
@@ -224,6 +230,26 @@ def _site_backward(ctx, dout, dlse):
 
 
 torch.library.register_autograd("fxsparse::site_attention", _site_backward, setup_context=_site_setup)
+
+
+def _with_key_padding(layout: Layout, bias):
+    """``layout`` without the blocks a per-sample mask in the site's bias removes entirely (padding,
+    packed documents): they are skipped instead of computed and masked. Only for biases with a batch
+    axis (masks; relative-position biases have none), and only when every query row keeps a key, so
+    the result is exactly the masked dense one."""
+    if bias is None or bias.dim() != 4 or bias.shape[0] == 1 or bias.shape[-1] != layout.shape[1]:
+        return layout
+    if bias.shape[1] > 1 and bias.stride(1) != 0:
+        return layout  # per-head masks stay a bias
+    keep = bias[:, :1] > torch.finfo(bias.dtype).min / 2
+    if keep.shape[2] == 1 or keep.stride(2) == 0:  # key padding: O(batch x keys)
+        keep = keep[:, 0, 0]
+        if not bool(keep.any(-1).all()):
+            return layout
+        return layout & masks.key_padding_layout(keep, layout.shape[0], block_size=layout.block_size)
+    if not bool(keep.any(-1).all()):
+        return layout  # a row with no key: the dense result is the mean of v there, not 0
+    return layout & Layout.from_mask(keep.expand(-1, -1, layout.shape[0], -1), layout.block_size)
 
 
 def _mask_bias(mask, bias, like):
