@@ -19,12 +19,13 @@ gives 0 with gradient 0, and the row statistics have the reference's form.
 """
 from __future__ import annotations
 
+import functools
 import math
 import threading
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -33,6 +34,7 @@ from .reference import acc_dtype
 
 # scores held at once per chunk (float32: 4 MiB): small enough to stay near the CPU's caches
 _CHUNK_ELEMENTS = 1 << 21
+_MASK_BYTES = 256 << 20  # per plan: masks kept (bool, then their additive form); past it they are rebuilt per call
 _WASTE = 1.25  # a chunk takes query blocks visiting up to this many times its first block's count
 _PLANS: "OrderedDict[tuple, tuple]" = OrderedDict()
 _MAX_PLANS = 64
@@ -42,21 +44,28 @@ _MAX_PLANS = 64
 class _Chunk:
     q_blocks: torch.Tensor  # long [C]: the query blocks of this chunk
     kv_blocks: torch.Tensor  # long [C, Bl, Hl, M]: visited kv blocks; padding points at the zero block NKB
-    blocked: Optional[torch.Tensor]  # bool [C, Bl, Hl, 1, bs, M * bs]: True = masked out; None: nothing is
-
-    additive: dict = field(default_factory=dict)  # dtype -> blocked as 0 / -inf, [C, Bl, Hl, 1, bs, M * bs]
+    masked: bool  # some score of the chunk is masked out (partial blocks, causality, padding slots)
+    blocked: Optional[torch.Tensor]  # bool [C, Bl, Hl, 1, bs, M * bs], True = masked out; None: see rebuild
+    rebuild: Optional[Callable]  # () -> blocked, for masks past the plan's memory budget (built at each call)
+    budget: list  # [bytes left] shared by the plan's chunks for the masks they keep
+    additive: dict = field(default_factory=dict)  # dtype -> blocked as 0 / -inf
 
     @property
     def width(self) -> int:
         return self.kv_blocks.shape[-1]
 
-    def mask(self, dtype) -> Optional[torch.Tensor]:
-        """The mask as an additive 0 / -inf tensor (adding is several times faster than masked_fill)."""
-        if self.blocked is None:
-            return None
-        if dtype not in self.additive:
-            self.additive[dtype] = torch.zeros(self.blocked.shape, dtype=dtype).masked_fill_(self.blocked, float("-inf"))
-        return self.additive[dtype]
+    def mask(self, dtype) -> torch.Tensor:
+        """The mask as an additive 0 / -inf tensor (adding is several times faster than masked_fill);
+        kept while the plan's budget lasts, else built for this call."""
+        if dtype in self.additive:
+            return self.additive[dtype]
+        blocked = self.blocked if self.blocked is not None else self.rebuild()
+        add = torch.zeros(blocked.shape, dtype=dtype).masked_fill_(blocked, float("-inf"))
+        size = add.numel() * add.element_size()
+        if self.budget[0] >= size:
+            self.budget[0] -= size
+            self.additive[dtype] = add
+        return add
 
 
 def _plan(data, bl, hl, bs, nq, nk, causal, rows_per_block, heads):
@@ -96,7 +105,7 @@ def _build_plan(data, bl, hl, bs, nq, nk, causal, rows_per_block):
     order = (~visit).long() * nkb + kb
     lists = order.sort(-1).values
     lists = torch.where(lists >= nkb, nkb, lists)
-    chunks = []
+    chunks, budget = [], [_MASK_BYTES]
     by_width = torch.argsort(widest, stable=True).tolist()
     widest = widest.tolist()
     i = 0
@@ -116,15 +125,21 @@ def _build_plan(data, bl, hl, bs, nq, nk, causal, rows_per_block):
         members = torch.tensor(sorted(by_width[i:j]), dtype=torch.long, device=dev)
         width = widest[by_width[j - 1]]
         idx = lists[:, :, members, :width]  # [Bl, Hl, C, M]
-        blocked = _blocked(idx, kinds, mask_id, bits, members, bs, nq, nkb, causal)
-        chunks.append(_Chunk(members, idx.permute(2, 0, 1, 3).contiguous(),
-                             None if blocked is None else blocked.permute(2, 0, 1, 3, 4, 5).contiguous()))
+        rebuild = functools.partial(_blocked, idx, kinds, mask_id, bits, members, bs, nq, nkb, causal)
+        blocked = rebuild()
+        masked = blocked is not None
+        if masked and budget[0] >= blocked.numel():
+            budget[0] -= blocked.numel()
+        else:  # past the budget (long sequences with per-head layouts): the mask is rebuilt at each call
+            blocked = None
+        chunks.append(_Chunk(members, idx.permute(2, 0, 1, 3).contiguous(), masked, blocked,
+                             rebuild if masked and blocked is None else None, budget))
         i = j
     return chunks
 
 
 def _blocked(idx, kinds, mask_id, bits, members, bs, nq, nkb, causal):
-    """bool [Bl, Hl, C, 1, bs, M * bs], True where a score is masked out; None when nothing is."""
+    """bool [C, Bl, Hl, 1, bs, M * bs], True where a score is masked out; None when nothing is."""
     pad = idx == nkb
     safe = idx.clamp(max=nkb - 1)
     kind = torch.where(pad, EMPTY, _take(kinds, members, safe))
@@ -144,7 +159,7 @@ def _blocked(idx, kinds, mask_id, bits, members, bs, nq, nkb, causal):
     allowed = allowed.permute(0, 1, 2, 4, 3, 5).reshape(bl, hl, c, bs, m * bs)
     if causal:
         allowed &= cols.reshape(bl, hl, c, 1, m * bs) <= rows[None, None, :, :, None]
-    return (~allowed).unsqueeze(3)
+    return (~allowed).unsqueeze(3).permute(2, 0, 1, 3, 4, 5).contiguous()
 
 
 def _take(table, members, idx):
@@ -294,11 +309,11 @@ class _Problem:
     def scores(self, qc, kc, tiles, chunk):
         """Scores with scale (in q), bias and mask, [C, B, Hx, Gr * bs, M * bs]."""
         s = _bmm(qc, kc, "scores", tb=True)
-        if tiles is not None or chunk.blocked is not None:
+        if tiles is not None or chunk.masked:
             s6 = s.view(*s.shape[:3], self.gr, self.bs, s.shape[-1])
             if tiles is not None:
                 s6.view(*s6.shape[:-1], chunk.width, self.bs).add_(self.chunk_bias(tiles, chunk))
-            if chunk.blocked is not None:
+            if chunk.masked:
                 s6.add_(chunk.mask(self.acc))
         return s
 

@@ -137,3 +137,22 @@ def test_expanded_and_materialized_padding_bias():
     layout = Layout.from_mask(window, 32)
     for bias in (keys.expand(b, 1, n, n).requires_grad_(), keys.expand(b, 1, n, n).contiguous().requires_grad_()):
         compare_with_oracle(fxsparse.sparse_attention, q, k, v, window, op_mask=layout, bias=bias)
+
+
+@pytest.mark.parametrize("case", ["odd_lengths_gqa_batch_mask", "causal_square_block_128"])
+def test_masks_past_the_memory_budget_are_rebuilt_per_call(case, monkeypatch):
+    """With no memory kept for masks the plan rebuilds each chunk's mask at every call: same results."""
+    monkeypatch.setattr(cpu, "_MASK_BYTES", 0)
+    monkeypatch.setattr(cpu, "_PLANS", type(cpu._PLANS)())
+    b, h, hkv, nq, nk, d, lead, bs, causal, bias_shape = CASES[case]
+    q, k, v = qkv(b, h, hkv, nq, nk, d, dtype=torch.float64, grad=False)
+    layout = Layout.from_mask(mixed_mask(lead, nq, nk, bs, seed=6), bs)
+    bias = None if bias_shape is None else torch.randn(bias_shape, dtype=torch.float64, generator=gen(7))
+    dout = torch.randn(b, h, nq, d, dtype=torch.float64, generator=gen(8))
+    want = _run(reference, q, k, v, layout, bias, 0.3, causal, dout)
+    got = _run(cpu, q, k, v, layout, bias, 0.3, causal, dout)
+    (plan,) = [p[1] for p in cpu._PLANS.values()]
+    assert all(c.blocked is None and not c.additive for c in plan) and any(c.rebuild is not None for c in plan)
+    for name, g, w in zip(["out", "stats", "dq", "dk", "dv", "dbias"], got, want):
+        if name != "stats" and w is not None:
+            assert_close(g, w, 1e-12, name)
