@@ -18,6 +18,7 @@ import torch
 from torch import fx
 
 from . import match, rewrite
+from .options import KernelOptions
 from .rewrite import prepare_sites
 from .site import site_modules
 
@@ -25,10 +26,11 @@ from .site import site_modules
 class Backend:
     """A torch.compile backend; ``fxsparse.report(backend)`` lists the sites of every graph it compiled."""
 
-    def __init__(self, mask_fn: Callable, compiler: str = "inductor"):
+    def __init__(self, mask_fn: Callable, compiler: str = "inductor", options=None):
         if compiler not in ("inductor", "eager"):
             raise ValueError(f"compiler must be 'inductor' or 'eager', got {compiler!r}")
         self.mask_fn = mask_fn
+        self.options = options
         self.compiler = compiler
         self.graphs: list[fx.GraphModule] = []
         self._indices: dict = {}  # (site name, its ordinal among the graph's sites of that name) -> index
@@ -48,6 +50,8 @@ class Backend:
             ordinal[m.site.name] += 1
             m.site.index = self._indices.setdefault(key, len(self._indices))
         skipped = rewrite.rewrite(gm, matches, self.mask_fn)
+        for site in site_modules(gm):
+            site.options = self.options
         gm.fxsparse_skipped = [(m.site, m.skip) for m in skipped]
         _prepare(gm, matches)
         self.graphs.append(gm)
@@ -79,14 +83,17 @@ class Backend:
         return f"fxsparse.backend({getattr(self.mask_fn, '__name__', self.mask_fn)!r}, compiler={self.compiler!r})"
 
 
-def backend(mask_fn: Callable, *, compiler: str = "inductor") -> Backend:
+def backend(mask_fn: Callable, *, compiler: str = "inductor", options=None) -> Backend:
     """A torch.compile backend that rewrites every attention Dynamo captures to the sparse op.
 
     ``compiler="inductor"`` compiles the rewritten graph with inductor; ``"eager"`` runs it as is.
+    ``options``: a ``fxsparse.KernelOptions`` for every site's kernels (None: the defaults).
     """
     if not callable(mask_fn):
         raise TypeError(f"mask_fn must be callable (site -> None | bool mask | Layout), got {type(mask_fn).__name__}")
-    return Backend(mask_fn, compiler)
+    if options is not None and not isinstance(options, KernelOptions):
+        raise TypeError(f"options must be a fxsparse.KernelOptions, got {type(options).__name__}")
+    return Backend(mask_fn, compiler, options)
 
 
 def _function_info(code) -> str:

@@ -52,6 +52,7 @@ class OwnerState:
         self.route = route  # "redirect", "graph" or "discover"
         self.mask_fn = None  # "discover": sites are made at their first call, with this mask_fn
         self.next_index = None  # "discover": a shared counter [n] for the report's site numbers
+        self.options = None  # "discover": the KernelOptions of the sites it makes
         self.graphs: dict = {}  # call signature -> generated forward function
         self.code: dict = {}  # call signature -> the rewritten forward's Python source
 
@@ -192,6 +193,7 @@ class _Redirect(TorchFunctionMode):
         state.next_index[0] += 1
         site = SiteAttention(match.AttentionSite(index=index, name=state.path, kind=kind), state.mask_fn)
         site.owner = state.path
+        site.options = state.options
         site.training = self.owner.training
         name = f"fxsparse_site_{len(state.sites)}"
         self.owner.add_module(name, site)

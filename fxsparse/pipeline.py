@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from . import capture, match
+from .options import KernelOptions
 from .owner import OwnerState, make_owner
 from .site import SiteAttention, is_transformed
 
@@ -38,11 +39,14 @@ def transform(model: nn.Module, mask_fn: Callable, *, example_inputs=None, concr
     (a tensor, a tuple of positional arguments, or a dict of keyword arguments) are needed only for
     models torch.fx cannot trace (captured with torch.export); given, the model runs once on them
     in eval mode without gradients, so layouts are built and the report is complete at once.
+    ``options``: a ``fxsparse.KernelOptions`` for every site's kernels (None: the defaults).
     """
     if is_transformed(model):
         raise ValueError("this module was already transformed by fxsparse; transform the original model instead")
     if not callable(mask_fn):
         raise TypeError(f"mask_fn must be callable (site -> None | bool mask | Layout), got {type(mask_fn).__name__}")
+    if options is not None and not isinstance(options, KernelOptions):
+        raise TypeError(f"options must be a fxsparse.KernelOptions, got {type(options).__name__}")
     gm = capture.capture(model, example_inputs, concrete_args)
     matches = match.find(gm)
     facts = match.GraphFacts(gm)
@@ -117,7 +121,7 @@ def _discover_inside_leaves(model: nn.Module, sparse: nn.Module, owned: set, mas
         if any(path == o or path.startswith(o + ".") or o.startswith(path + ".") or not o for o in owned):
             continue
         state = OwnerState(path, [], [], "discover")
-        state.mask_fn, state.next_index = mask_fn, counter
+        state.mask_fn, state.next_index, state.options = mask_fn, counter, options
         make_owner(sparse.get_submodule(path), state, {})
         owned.add(path)
 

@@ -381,3 +381,24 @@ def test_padding_blocks_are_skipped_and_the_result_is_exact(impl, monkeypatch):
     assert layout.batch == 2
     per_sample = layout.to_mask().flatten(1).float().mean(1)
     assert per_sample[0] == 1.0 and per_sample[1] < 0.5, "the padded sample's key blocks are skipped"
+
+
+def test_options_reach_every_site(monkeypatch):
+    class Attention(nn.Module):
+        def forward(self, q, k, v):
+            return F.scaled_dot_product_attention(q, k, v)
+
+    seen = []
+    real = fxsparse.site.sparse_attention
+
+    def spy(*args, **kw):
+        seen.append(kw.get("options"))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(fxsparse.site, "sparse_attention", spy)
+    options = fxsparse.KernelOptions(refine=False)
+    q = torch.randn(1, 2, 40, 8)
+    fxsparse.transform(Attention(), band(2), options=options)(q, q, q)
+    assert seen == [options]
+    with pytest.raises(TypeError, match="KernelOptions"):
+        fxsparse.transform(Attention(), band(2), options={"refine": False})
