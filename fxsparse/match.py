@@ -588,7 +588,7 @@ def _unrewritable(sm: fx.Node, facts: GraphFacts) -> Optional[Match]:
                 todo.append((a, depth + 1))
     if scores is None:
         return None
-    back_ops = _path_ops(scores.node, parent, facts)  # the ops between the product and the softmax only
+    back_ops = _path_ops(scores.node, parent, facts) + [_op_name(x, facts)]  # between q kᵀ and the softmax
     out, parent = None, {sm: None}
     todo = [(sm, 0)]
     while todo and out is None:

@@ -100,7 +100,7 @@ _OWNER = "transform's per-owner rewrite does not reach this site yet (the backen
 KNOWN = {
     "albert-sdpa-transform": _OWNER, "wav2vec2-sdpa-transform": _OWNER, "deberta_v2-eager-transform": _OWNER,
     "bloom-eager-transform": _OWNER, "twins-transform": _OWNER,
-    "mobilevit-transform": _OWNER, "albert-eager-transform": _OWNER, "opt-eager-transform": _OWNER,
+    "albert-eager-transform": _OWNER, "opt-eager-transform": _OWNER,
     "wav2vec2-eager-transform": _OWNER, "falcon-eager-transform": _OWNER, "falcon_alibi-eager-transform": _OWNER,
 }
 
