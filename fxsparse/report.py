@@ -105,11 +105,20 @@ def report(obj) -> Report:
             row.block, row.density = built
             from .plot import site_layout
             row.layout = site_layout(mod)
+            if row.density >= 1.0 and status == "rewritten":
+                row.reason = _nothing_skipped(row.block, site)
         elif status == "dense":
             row.density = 1.0
         rows.append(row)
     rows.sort(key=lambda r: r.index)
     return Report(rows)
+
+
+def _nothing_skipped(block: int, site: AttentionSite) -> str:
+    """Why a rewritten site saves nothing, and what to do about it."""
+    n = max(site.q_len or 0, site.kv_len or 0)
+    hint = f"; at {n} tokens pass a smaller block_size (32 or 64)" if block > 32 and n and n < 8 * block else ""
+    return f"the layout keeps every {block}-token block: nothing is skipped{hint}"
 
 
 def _si(x: float) -> str:

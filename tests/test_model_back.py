@@ -402,3 +402,13 @@ def test_options_reach_every_site(monkeypatch):
     assert seen == [options]
     with pytest.raises(TypeError, match="KernelOptions"):
         fxsparse.transform(Attention(), band(2), options={"refine": False})
+
+
+def test_report_says_when_a_rewrite_saves_nothing():
+    model = vit(True)
+    x = torch.randn(1, 3, 64, 64)
+    coarse = fxsparse.report(fxsparse.transform(model, fxsparse.patterns.local_2d(window=1, prefix_tokens=1),
+                                                example_inputs=(x,)))
+    assert all(r.density == 1.0 and "nothing is skipped" in r.reason and "block_size" in r.reason for r in coarse)
+    kept = fxsparse.report(fxsparse.transform(model, lambda site: None, example_inputs=(x,)))
+    assert all(r.status == "dense" and r.reason == "mask_fn returned None" for r in kept)
