@@ -55,7 +55,7 @@ def test_timm_vit_with_pattern_layers_and_block_size():
     assert proc.returncode == 0, proc.stderr
     rows = site_rows(proc.stdout)
     assert [r[1] for r in rows] == ["blocks.0.attn", "blocks.1.attn", "blocks.2.attn"]
-    assert [r[-1] for r in rows[:2]] == ["rewritten", "rewritten"]
+    assert all("rewritten" in r for r in rows[:2])  # the status column (a reason may follow it)
     assert " ".join(rows[2][-4:]) == "dense mask_fn returned None"
     assert all(r[r.index("17×17") + 1] == "32" for r in rows[:2])  # the block column
 
@@ -65,7 +65,7 @@ def test_module_callable_with_tokens():
                    "--block-size", "32")
     assert proc.returncode == 0, proc.stderr
     rows = site_rows(proc.stdout)
-    assert len(rows) == 2 and all(r[-1] == "rewritten" for r in rows)
+    assert len(rows) == 2 and all("rewritten" in r for r in rows)
     assert all("256×256" in r for r in rows)
 
 
