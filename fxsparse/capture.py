@@ -205,7 +205,8 @@ _REBUILT = ("_parameters", "_buffers", "_modules")
 
 
 def _shallow_copy(mod: nn.Module, aliases: dict) -> nn.Module:
-    new = copy.copy(mod)
+    new = object.__new__(type(mod))  # not copy.copy: parametrized modules refuse to be pickled or copied
+    new.__dict__.update(mod.__dict__)
     for key, value in list(new.__dict__.items()):
         if key not in _REBUILT and isinstance(value, (dict, list, set)):
             new.__dict__[key] = copy.copy(value)

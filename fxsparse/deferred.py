@@ -19,13 +19,24 @@ import torch.nn.functional as F
 from torch import Tensor
 
 MATMUL = {torch.matmul, Tensor.matmul, Tensor.__matmul__, torch.bmm, Tensor.bmm}
-_MUL = {torch.mul, Tensor.mul, Tensor.__mul__, Tensor.__rmul__, Tensor.__imul__, operator.mul}
-_DIV = {torch.div, Tensor.div, Tensor.__truediv__, Tensor.__itruediv__, torch.true_divide}
-_ADD = {torch.add, Tensor.add, Tensor.__add__, Tensor.__radd__, Tensor.__iadd__}
+_MUL = {torch.mul, Tensor.mul, Tensor.__mul__, Tensor.__rmul__, Tensor.__imul__, Tensor.mul_, operator.mul}
+_DIV = {torch.div, Tensor.div, Tensor.__truediv__, Tensor.__itruediv__, Tensor.div_, torch.true_divide}
+_ADD = {torch.add, Tensor.add, Tensor.__add__, Tensor.__radd__, Tensor.__iadd__, Tensor.add_}
 _FILL = {torch.masked_fill, Tensor.masked_fill, Tensor.masked_fill_}
+# in place on the scores: the Scores object itself takes the step (`s.div_(c)` with no assignment)
+_INPLACE = {Tensor.__imul__, Tensor.mul_, Tensor.__itruediv__, Tensor.div_, Tensor.__iadd__, Tensor.add_,
+            Tensor.masked_fill_}
+_BADDBMM = {torch.baddbmm, Tensor.baddbmm}
+# properties that return tensors (the others, shape, dtype, device, ..., are metadata)
+_TENSOR_PROPERTIES = {"T", "mT", "H", "mH", "data", "grad", "real", "imag"}
 _SOFTMAX = {F.softmax, torch.softmax, Tensor.softmax, torch.special.softmax}
 _CAST = {Tensor.to, Tensor.type, Tensor.type_as, Tensor.float, Tensor.half, Tensor.bfloat16, Tensor.contiguous}
 _DROPOUT = {F.dropout, torch.dropout}
+_RESHAPE = {Tensor.view, Tensor.reshape, torch.reshape, Tensor.flatten, torch.flatten, Tensor.unflatten}
+# what asks only for the scores' metadata: answered without computing them
+_METADATA = {Tensor.size, Tensor.dim, Tensor.numel, Tensor.is_floating_point, Tensor.shape.__get__,
+             Tensor.dtype.__get__, Tensor.device.__get__, Tensor.ndim.__get__, Tensor.is_cuda.__get__,
+             Tensor.requires_grad.__get__}
 
 
 class DropoutActive(RuntimeError):
@@ -113,6 +124,10 @@ def handle(func, args, kwargs, on_attention: Callable) -> object:
     when the call does not involve deferred scores and is not a product to defer.
 
     ``on_attention(q, k, v, bias, scale, out_dtype)`` computes a recognised attention."""
+    if func in _BADDBMM and not has_scores(args, kwargs):
+        product = _baddbmm(args, kwargs)
+        if product is not None:
+            return product
     if func in MATMUL and not kwargs and len(args) == 2:
         a, b = args
         if isinstance(a, Scores) and a.probs and isinstance(b, Tensor) and not isinstance(b, Scores):
@@ -123,9 +138,30 @@ def handle(func, args, kwargs, on_attention: Callable) -> object:
             return Scores(a, b.transpose(-2, -1))
     if not has_scores(args, kwargs):
         return NotImplemented
+    if func in _METADATA or (getattr(func, "__name__", "") == "__get__"
+                             and getattr(getattr(func, "__self__", None), "__name__", "") not in _TENSOR_PROPERTIES):
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **kwargs)
     s = next(x for x in list(args) + list(kwargs.values()) if isinstance(x, Scores))
     step = _step(func, args, kwargs, s)
+    if step is not None and func in _INPLACE and args and args[0] is s:
+        s.scale, s.bias, s.probs = step.scale, step.bias, step.probs
+        return s
     return step if step is not None else func(*real(args), **real(kwargs))
+
+
+def _baddbmm(args, kwargs):
+    """``beta * input + alpha * (batch1 @ batch2)`` as deferred scores (BLOOM's ALiBi scores)."""
+    names = ("input", "batch1", "batch2")
+    given = dict(zip(names, args[:3]), **{k: v for k, v in kwargs.items() if k in names})
+    beta, alpha = kwargs.get("beta", 1), kwargs.get("alpha", 1)
+    if len(given) != 3 or len(args) > 3 or not all(isinstance(t, Tensor) for t in given.values()):
+        return None
+    a, b, c = given["batch1"], given["batch2"], given["input"]
+    if _scalar(alpha) is None or _scalar(beta) is None or a.dim() != 3 or not a.is_floating_point():
+        return None
+    bias = None if _scalar(beta) == 0 else c * _scalar(beta)
+    return Scores(a, b.transpose(-2, -1), scale=_scalar(alpha), bias=bias)
 
 
 def _step(func, args, kwargs, s: Scores):
@@ -168,11 +204,29 @@ def _step(func, args, kwargs, s: Scores):
                 return s
             if args[0] is s:
                 raise DropoutActive(p)
+    if func in _RESHAPE and args[0] is s:
+        return _reshaped(func, args, kwargs, s)
     if func in _CAST and args[0] is s:
         dtype = _cast_dtype(func, args, kwargs, s)
         if dtype is not None:
             return s.but(dtype=dtype)
     return None
+
+
+def _reshaped(func, args, kwargs, s: Scores):
+    """A view that regroups the leading (batch, head) axes of the scores and keeps the last two
+    (``[B*H, N, N]`` viewed as ``[B, H, N, N]``): the same view of q, k and the bias."""
+    with torch._C.DisableTorchFunctionSubclass():
+        shape = func(torch.empty(s.shape, device="meta"), *args[1:], **kwargs).shape
+    if shape[-2:] != s.shape[-2:]:
+        return None
+    lead = tuple(shape[:-2])
+
+    def regroup(t):
+        return t.expand(*s.shape[:-2], *t.shape[-2:]).reshape(*lead, *t.shape[-2:])
+
+    bias = None if s.bias is None else s.bias.expand(s.shape).reshape(shape)
+    return Scores(regroup(s.q), regroup(s.k), scale=s.scale, bias=bias, probs=s.probs, dtype=s.dtype)
 
 
 def _cast_dtype(func, args, kwargs, s: Scores):

@@ -327,32 +327,31 @@ def _trace_signature(owner: nn.Module, base: type, state: OwnerState, arg_t, kw_
     try:
         graph = tracer.trace(shim)
     except Exception as err:  # data-dependent Python: run the code itself, with the scores deferred
-        state.code[(arg_t, kw_t, owner.training)] = f"# not traced ({type(err).__name__}: {err}); scores deferred"
-        return _DEFERRED
+        return _deferred(state, arg_t, kw_t, owner, f"{type(err).__name__}: {err}")
     gm = fx.GraphModule(shim, graph, class_name=base.__name__)
     found = match.find(gm)
     if len(found) != len(state.sites) or any(
             k != m.site.kind and not (k == "mha" and m.mha is not None) for k, m in zip(state.kinds, found)):
-        raise SiteError(
-            f"{where}: traced on its own, {base.__name__}.forward has {len(found)} attention(s) where the whole "
-            f"model showed {len(state.sites)}; this call signature takes another path through the code")
+        return _deferred(state, arg_t, kw_t, owner, f"traced on its own it shows {len(found)} attention(s), not "
+                         f"{len(state.sites)}")
     todo = []
     for k, (m, name) in enumerate(zip(found, state.sites)):
         if name is None:
             continue
-        if m.skip is not None:
-            site = getattr(owner, name).site
-            if site.dropout or "dropout" in m.skip:
-                raise SiteError(
-                    f"{site.where}: attention dropout p={m.site.dropout} is active in training mode; the sparse op "
-                    "has no dropout: set the attention dropout to 0, or keep this site dense (mask_fn returns None)")
-            raise SiteError(f"{site.where}: in this call the attention cannot be rewritten: {m.skip}")
+        if m.skip is not None:  # e.g. the owner returns the probabilities: run its code, scores deferred
+            return _deferred(state, arg_t, kw_t, owner, m.skip)
         m.site.index = int(name.rsplit("_", 1)[1])
         todo.append(m)
     rewrite.rewrite(gm, todo, _unused_mask_fn)
     _check_resolvable(gm, owner, where)
     state.code[(arg_t, kw_t, owner.training)] = gm.code
     return type(gm).forward
+
+
+def _deferred(state: OwnerState, arg_t, kw_t, owner: nn.Module, why: str):
+    """This signature runs the owner's own code with the scores deferred (why: for reading)."""
+    state.code[(arg_t, kw_t, owner.training)] = f"# not rewritten as a graph ({why}); scores deferred at run time"
+    return _DEFERRED
 
 
 def _unused_mask_fn(site):  # the owner's own site modules (with the user's mask_fn) run, not these

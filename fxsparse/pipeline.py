@@ -55,7 +55,11 @@ def transform(model: nn.Module, mask_fn: Callable, *, example_inputs=None, concr
     for m in matches:
         by_owner.setdefault(owner_path(m, facts), []).append(m)
     skipped = []
+    calls = _calls_per_owner(gm, facts, set(by_owner))
     for path, owned in by_owner.items():
+        n = calls.get(path, 1)
+        if n > 1 and len(owned) % n == 0:  # one module called n times (ALBERT's shared layer): its sites, once
+            owned = owned[:len(owned) // n]
         sites, kinds, modules = [], [], {}
         for k, m in enumerate(owned):
             kinds.append(m.site.kind)
@@ -85,6 +89,20 @@ def transform(model: nn.Module, mask_fn: Callable, *, example_inputs=None, concr
 
         print(report(sparse))
     return sparse
+
+
+def _calls_per_owner(gm, facts: match.GraphFacts, paths: set) -> dict:
+    """How many times the graph enters each owner's forward (a module shared by several layers)."""
+    counts, inside = {}, set()
+    for node in gm.graph.nodes:
+        if node.op in ("placeholder", "output", "get_attr"):
+            continue
+        here = facts.module_path(node)
+        now = {p for p in paths if p == "" or here == p or here.startswith(p + ".")}
+        for p in now - inside:
+            counts[p] = counts.get(p, 0) + 1
+        inside = now
+    return counts
 
 
 def _graph_knows_more(m: match.Match) -> bool:

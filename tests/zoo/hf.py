@@ -25,6 +25,7 @@ class Arch:
     sites: int
     skipped: dict = field(default_factory=dict)   # site index -> a regex its reason matches
     attns: tuple = ("sdpa", "eager")          # the attention implementations it has
+    modules: int = 0   # transform: attention modules, where fewer than sites (one layer shared by all); 0 = sites
 
     def build(self, attn: str) -> torch.nn.Module:
         torch.manual_seed(0)
@@ -81,7 +82,7 @@ ARCHS = [
     Arch("roberta", _tf("RobertaModel", "RobertaConfig", **_BERTLIKE, pad_token_id=0), _ids(), 2),
     Arch("distilbert", _tf("DistilBertModel", "DistilBertConfig", vocab_size=VOCAB, dim=D, n_layers=L, n_heads=H,
                             hidden_dim=2 * D, max_position_embeddings=64), _ids(), 2),
-    Arch("albert", _tf("AlbertModel", "AlbertConfig", **_BERTLIKE, embedding_size=16), _ids(), 2),
+    Arch("albert", _tf("AlbertModel", "AlbertConfig", **_BERTLIKE, embedding_size=16), _ids(), 2, modules=1),
     Arch("electra", _tf("ElectraModel", "ElectraConfig", **_BERTLIKE, embedding_size=16), _ids(), 2),
     Arch("modernbert", _tf("ModernBertModel", "ModernBertConfig", **_BERTLIKE, local_attention=8,
                            pad_token_id=0), _ids(), 2),
