@@ -22,7 +22,7 @@ from collections import defaultdict
 import torch
 import torch.nn.functional as F
 
-from .layout import Layout, _check_block_size
+from .layout import Layout, check_block_size
 from .patterns import MaskFn
 
 _CHUNK_ELEMENTS = 1 << 24  # probabilities held at once by the recorder: 64 MiB of float32
@@ -54,7 +54,7 @@ def calibrate(model, batches, *, density: float = 0.1, block_size: int = 128, pe
     """
     if not 0.0 < density <= 1.0:
         raise ValueError(f"calibrate: density is the fraction of blocks to keep, in (0, 1], got {density!r}")
-    block_size = _check_block_size(block_size)
+    block_size = check_block_size(block_size)
     from .pipeline import transform
     from .site import site_modules
 

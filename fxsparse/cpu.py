@@ -29,7 +29,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .layout import EMPTY, FULL, PARTIAL, _table_view, _unpack_bits
+from .layout import EMPTY, FULL, PARTIAL, table_view, unpack_bits
 from .reference import acc_dtype
 
 # scores held at once per chunk (float32: 4 MiB): small enough to stay near the CPU's caches
@@ -88,9 +88,9 @@ def _plan(data, bl, hl, bs, nq, nk, causal, rows_per_block, heads):
 
 def _build_plan(data, bl, hl, bs, nq, nk, causal, rows_per_block):
     shape = (nq, nk)
-    kinds = _table_view(data, bl, hl, bs, shape, "kinds").long()
-    mask_id = _table_view(data, bl, hl, bs, shape, "mask_id").long()
-    bits = _table_view(data, bl, hl, bs, shape, "bits")
+    kinds = table_view(data, bl, hl, bs, shape, "kinds").long()
+    mask_id = table_view(data, bl, hl, bs, shape, "mask_id").long()
+    bits = table_view(data, bl, hl, bs, shape, "bits")
     nqb, nkb = kinds.shape[-2:]
     dev = data.device
     visit = kinds != EMPTY
@@ -155,7 +155,7 @@ def _blocked(idx, kinds, mask_id, bits, members, bs, nq, nkb, causal):
     part = kind == PARTIAL
     if part.any():
         mid = _take(mask_id, members, safe)[part]
-        allowed[part] = _unpack_bits(bits[mid])
+        allowed[part] = unpack_bits(bits[mid])
     allowed = allowed.permute(0, 1, 2, 4, 3, 5).reshape(bl, hl, c, bs, m * bs)
     if causal:
         allowed &= cols.reshape(bl, hl, c, 1, m * bs) <= rows[None, None, :, :, None]

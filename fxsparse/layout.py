@@ -72,7 +72,7 @@ def bits_offsets(numel: int, bl: int, hl: int, nqb: int, nkb: int) -> tuple:
     return off, off + (numel - off) // 2
 
 
-def _table_view(data: torch.Tensor, bl: int, hl: int, block_size: int, shape: tuple, name: str) -> torch.Tensor:
+def table_view(data: torch.Tensor, bl: int, hl: int, block_size: int, shape: tuple, name: str) -> torch.Tensor:
     """One named table as a view of the flat tensor."""
     nqb, nkb = math.ceil(shape[0] / block_size), math.ceil(shape[1] / block_size)
     if name in ("bits", "t_bits"):
@@ -113,7 +113,7 @@ def _pack_bits(blocks: torch.Tensor) -> torch.Tensor:
     return octets.contiguous().view(torch.int32)  # four bytes a word, little-endian: byte k holds bits 8k..8k+7
 
 
-def _unpack_bits(words: torch.Tensor) -> torch.Tensor:
+def unpack_bits(words: torch.Tensor) -> torch.Tensor:
     """int32 [..., W] -> bool [..., 32 * W]."""
     shifts = torch.arange(32, device=words.device, dtype=torch.int32)
     bits = (words.unsqueeze(-1) >> shifts) & 1
@@ -136,10 +136,15 @@ class Layout:
     refined: dict = field(default_factory=dict, init=False, repr=False)
     # the mask function this layout was built from, if any (to_block_mask hands it to FlexAttention)
     mask_mod: object = field(default=None, init=False, repr=False)
+    # what the `kinds` table holds for each block (the module's constants, here for code that
+    # gets a Layout without importing this module)
+    EMPTY = EMPTY
+    PARTIAL = PARTIAL
+    FULL = FULL
 
     def __getattr__(self, name):  # the named tables, as views of `data`
         if name in TABLE_NAMES and "data" in self.__dict__:
-            return _table_view(self.data, self.batch, self.num_heads, self.block_size, self.shape, name)
+            return table_view(self.data, self.batch, self.num_heads, self.block_size, self.shape, name)
         raise AttributeError(name)
 
     # ---------------------------------------------------------------- building
@@ -153,7 +158,7 @@ class Layout:
                 f"mask must be a bool tensor (True = may attend), got dtype {mask.dtype}; "
                 "for an additive float mask pass it as `bias=` instead"
             )
-        bs = _check_block_size(DEFAULT_BLOCK_SIZE if block_size is None else block_size)
+        bs = check_block_size(DEFAULT_BLOCK_SIZE if block_size is None else block_size)
         m4 = _as_4d(mask)
         bl, hl, nq, nk = m4.shape
         if nq == 0 or nk == 0:
@@ -179,7 +184,7 @@ class Layout:
     @classmethod
     def dense(cls, q_len: int, kv_len: int, block_size: int | None = None, device=None) -> "Layout":
         """The all-True layout, built with no data-dependent step (so torch.compile can trace it)."""
-        bs = _check_block_size(DEFAULT_BLOCK_SIZE if block_size is None else block_size)
+        bs = check_block_size(DEFAULT_BLOCK_SIZE if block_size is None else block_size)
         nqb, nkb = math.ceil(q_len / bs), math.ceil(kv_len / bs)
         rows_left, cols_left = q_len - (nqb - 1) * bs, kv_len - (nkb - 1) * bs  # in the last block row / column
         kinds = torch.full((1, 1, nqb, nkb), FULL, dtype=torch.int8, device=device)
@@ -207,7 +212,7 @@ class Layout:
         """
         if not isinstance(blocks, torch.Tensor) or blocks.dtype != torch.bool:
             raise TypeError("blocks must be a bool tensor [NQB, NKB] (True = compute this block)")
-        bs = _check_block_size(block_size)
+        bs = check_block_size(block_size)
         b4 = _as_4d(blocks)
         nqb, nkb = b4.shape[-2:]
         nq, nk = shape if shape is not None else (nqb * bs, nkb * bs)
@@ -275,7 +280,7 @@ class Layout:
                     view("t_" + mid_name)[:, :, kb0: kb0 + step] = mid.gather(-1, idx.long())
         bits_at = offsets["bits"][0]
         data[bits_at: bits_at + words] = bits.reshape(-1)
-        data[bits_at + words:] = _pack_bits(_unpack_bits(bits).transpose(-1, -2)).reshape(-1)
+        data[bits_at + words:] = _pack_bits(unpack_bits(bits).transpose(-1, -2)).reshape(-1)
         if density is None:
             density = _density(kinds, bs, nq, nk)
         if causal is None:
@@ -299,14 +304,14 @@ class Layout:
         """
         if not callable(mask_mod):
             raise TypeError(f"mask_mod must be a function (b, h, q_idx, kv_idx) -> bool, got {type(mask_mod).__name__}")
-        nq, nk = _count(q_len, "q_len", 1), _count(kv_len, "kv_len", 1)
-        bl = 1 if batch is None else _count(batch, "batch", 1)
-        hl = 1 if heads is None else _count(heads, "heads", 1)
-        bs = _check_block_size_any(block_size)
+        nq, nk = check_count(q_len, "q_len", 1), check_count(kv_len, "kv_len", 1)
+        bl = 1 if batch is None else check_count(batch, "batch", 1)
+        hl = 1 if heads is None else check_count(heads, "heads", 1)
+        bs = check_block_size_any(block_size)
         classify = None
         if hasattr(mask_mod, "block_kinds"):
             classify = mask_mod.block_kinds(nq, nk, bs, torch.device("cpu") if device is None else torch.device(device))
-        out = _build(mask_mod, nq, nk, bl, hl, bs, device, classify)
+        out = build_tables(mask_mod, nq, nk, bl, hl, bs, device, classify)
         out.mask_mod = mask_mod
         return out
 
@@ -319,7 +324,7 @@ class Layout:
         if qbs != kbs:
             raise ValueError(f"from_block_mask: the BlockMask's query and kv block sizes differ ({qbs}, {kbs}); "
                              "build it with one BLOCK_SIZE of 32, 64, 128 or 256")
-        bs = _check_block_size_any(qbs, "the BlockMask's BLOCK_SIZE")
+        bs = check_block_size_any(qbs, "the BlockMask's BLOCK_SIZE")
         nq, nk = (int(n) for n in block_mask.seq_lengths)
         mask_mod = block_mask.mask_mod if mask_mod is None else mask_mod
         num, idx = block_mask.kv_num_blocks, block_mask.kv_indices
@@ -339,7 +344,7 @@ class Layout:
         if block_mask.full_kv_num_blocks is not None:
             mark(block_mask.full_kv_num_blocks, block_mask.full_kv_indices, FULL)
         kinds = kinds[..., :nkb].contiguous()
-        out = _build(mask_mod, nq, nk, bl, hl, bs, num.device, lambda qb0, qb1: kinds[:, :, qb0:qb1])
+        out = build_tables(mask_mod, nq, nk, bl, hl, bs, num.device, lambda qb0, qb1: kinds[:, :, qb0:qb1])
         out.mask_mod = mask_mod
         return out
 
@@ -367,7 +372,7 @@ class Layout:
         if self.causal:
             return self
         nq, nk = self.shape
-        tri = _build(_causal_mod(0), nq, nk, 1, 1, self.block_size, self.device,
+        tri = build_tables(_causal_mod(0), nq, nk, 1, 1, self.block_size, self.device,
                      _causal_classify(nq, nk, self.block_size, self.device))
         return self & tri
 
@@ -379,7 +384,7 @@ class Layout:
         three blocks a row, two of them partial; in 64-blocks five, two of them partial (a sixth of
         the work less, and half the element masks). The result is cached on this layout.
         """
-        fine = _check_block_size(block_size)
+        fine = check_block_size(block_size)
         bs = self.block_size
         if fine == bs:
             return self
@@ -456,12 +461,12 @@ class Layout:
 
 def block_mask(data, bl: int, hl: int, block_size: int, shape: tuple, qb_start: int, qb_end: int) -> torch.Tensor:
     """Token mask of query blocks [qb_start, qb_end) from the flat tables: bool [Bl, Hl, rows, kv_len]."""
-    kinds, mask_id, bits = (_table_view(data, bl, hl, block_size, shape, n) for n in ("kinds", "mask_id", "bits"))
+    kinds, mask_id, bits = (table_view(data, bl, hl, block_size, shape, n) for n in ("kinds", "mask_id", "bits"))
     nq, nk = shape
     bs = block_size
     k = kinds[:, :, qb_start:qb_end]  # [Bl,Hl,nb,NKB]
     mid = mask_id[:, :, qb_start:qb_end]
-    elems = _unpack_bits(bits[mid.clamp(min=0).long()])  # [Bl,Hl,nb,NKB,bs,bs]
+    elems = unpack_bits(bits[mid.clamp(min=0).long()])  # [Bl,Hl,nb,NKB,bs,bs]
     full = (k == FULL)[..., None, None]
     part = (k == PARTIAL)[..., None, None]
     tiles = full | (part & elems)
@@ -470,18 +475,18 @@ def block_mask(data, bl: int, hl: int, block_size: int, shape: tuple, qb_start: 
     return tok[:, :, : min(nb * bs, nq - qb_start * bs), :nk]
 
 
-def _check_block_size(bs) -> int:
+def check_block_size(bs) -> int:
     if not isinstance(bs, int) or bs not in (32, 64, 128, 256):
         raise ValueError(f"block_size must be one of 32, 64, 128, 256, got {bs!r}")
     return bs
 
 
-def _check_block_size_any(bs, what: str = "block_size") -> int:
+def check_block_size_any(bs, what: str = "block_size") -> int:
     """An integral block size (Python or numpy int, or an integral 0-d tensor), as an int."""
     if isinstance(bs, bool) or not isinstance(bs, numbers.Integral):
         if not (isinstance(bs, torch.Tensor) and bs.dim() == 0 and not bs.is_floating_point() and bs.dtype != torch.bool):
             raise ValueError(f"{what} must be one of 32, 64, 128, 256, got {bs!r}")
-    return _check_block_size(int(bs))
+    return check_block_size(int(bs))
 
 
 # ------------------------------------------------------------------------------ sizes and checks
@@ -530,7 +535,7 @@ def _within_causal(kinds, mask_id, bits, bs: int) -> bool:
     return not bool((bits[mids.long()] & _strict_upper(bs, bits.device)).any())
 
 
-def _count(x, what: str, minimum: int = 0) -> int:
+def check_count(x, what: str, minimum: int = 0) -> int:
     """An integral count (Python or numpy int), as an int; a clear error otherwise."""
     if isinstance(x, bool) or not isinstance(x, numbers.Integral):
         raise ValueError(f"{what} must be an integer, got {x!r}")
@@ -575,7 +580,7 @@ def _broadcasts(mask_mod) -> bool:
     return getattr(mask_mod, "broadcasts", False)
 
 
-def _eval_grid(mask_mod, b, h, q, kv) -> torch.Tensor:
+def eval_grid(mask_mod, b, h, q, kv) -> torch.Tensor:
     """mask_mod on the grid b x h x q x kv (1-D index tensors): bool [len(b), len(h), len(q), len(kv)]."""
     if _broadcasts(mask_mod):
         out = mask_mod(b[:, None, None, None], h[None, :, None, None], q[None, None, :, None], kv[None, None, None, :])
@@ -602,7 +607,7 @@ def _eval_tiles(mask_mod, b, h, q0, k0, bs: int, nq: int, nk: int) -> torch.Tens
     return out & inside
 
 
-def _build(mask_mod, nq: int, nk: int, bl: int, hl: int, bs: int, device, classify=None) -> "Layout":
+def build_tables(mask_mod, nq: int, nk: int, bl: int, hl: int, bs: int, device, classify=None) -> "Layout":
     """The exact Layout of ``mask_mod`` on [bl, hl, nq, nk], in bs-blocks.
 
     ``classify(qb0, qb1)``, when given, says per block of query blocks [qb0, qb1) x all kv blocks
@@ -642,7 +647,7 @@ def _build(mask_mod, nq: int, nk: int, bl: int, hl: int, bs: int, device, classi
             for kb0 in range(0, nkb, kv_step):
                 kb1 = min(nkb, kb0 + kv_step)
                 cols = torch.arange(kb0 * bs, kb1 * bs, device=device)
-                m = _eval_grid(mask_mod, b, h, rows.clamp(max=nq - 1), cols.clamp(max=nk - 1))
+                m = eval_grid(mask_mod, b, h, rows.clamp(max=nq - 1), cols.clamp(max=nk - 1))
                 m = m & (rows < nq)[:, None] & (cols < nk)[None, :]
                 tiles = m.reshape(bl, hl, qb1 - qb0, bs, kb1 - kb0, bs).transpose(3, 4)
                 bh = torch.arange(bl * hl, device=device)[:, None, None] * nqb
@@ -816,12 +821,9 @@ def cached_layout(key, build) -> "Layout":
     return layout
 
 
-def clear_caches() -> None:
-    """Forget every cached layout (patterns' layouts and the op's dense layouts)."""
+def clear_layout_cache() -> None:
+    """Forget the layouts patterns built (``fxsparse.clear_caches()`` clears the op's too)."""
     _LAYOUTS.clear()
-    from . import op
-
-    op.clear_layout_cache()
 
 
 def resolve_mask(result, *, q_len: int, kv_len: int, num_heads: int, batch: int = 1, device=None,
@@ -836,13 +838,11 @@ def resolve_mask(result, *, q_len: int, kv_len: int, num_heads: int, batch: int 
     ``block_size`` None: 128 for new layouts, a Layout's own otherwise. The Layout is on ``device``.
     Errors are ValueError / TypeError starting with ``where``.
     """
-    from . import patterns
-
     dev = None if device is None else torch.device(device)
-    bs = None if block_size is None else _check_block_size_any(block_size)
+    bs = None if block_size is None else check_block_size_any(block_size)
     if result is None:
         return None
-    if isinstance(result, patterns.MaskFn):
+    if not isinstance(result, Layout) and callable(getattr(result, "at", None)):  # a pattern (fxsparse.patterns)
         try:
             out = result.at(q_len, kv_len, num_heads=num_heads, device=dev, block_size=bs)
         except ValueError as err:

@@ -30,7 +30,7 @@ import math
 
 import torch
 
-from .layout import DEFAULT_BLOCK_SIZE, EMPTY, FULL, PARTIAL, Layout, _build, _check_block_size_any, _count
+from .layout import DEFAULT_BLOCK_SIZE, EMPTY, FULL, PARTIAL, Layout, build_tables, check_block_size_any, check_count
 
 __all__ = ["padding_layout", "key_padding_layout", "document_layout", "document_ids", "model_mask_layout"]
 
@@ -55,7 +55,7 @@ def padding_layout(lengths, q_len: int, kv_len: int | None = None, *, block_size
     lengths = _lengths(lengths, "padding_layout: lengths")
     kv_len = q_len if kv_len is None else kv_len
     device = lengths.device if device is None else torch.device(device)
-    keep = torch.arange(_count(kv_len, "kv_len", 1), device=device)[None, :] < lengths.to(device)[:, None]
+    keep = torch.arange(check_count(kv_len, "kv_len", 1), device=device)[None, :] < lengths.to(device)[:, None]
     return key_padding_layout(keep, q_len, block_size=block_size, causal=causal)
 
 
@@ -70,8 +70,8 @@ def key_padding_layout(keep: torch.Tensor, q_len: int, *, block_size: int = DEFA
     if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool or keep.dim() != 2:
         got = f"{keep.dtype} of shape {tuple(keep.shape)}" if isinstance(keep, torch.Tensor) else type(keep).__name__
         raise ValueError(f"key_padding_layout: keep must be a bool [batch, kv_len] tensor (True = real key), got {got}")
-    bs = _check_block_size_any(block_size)
-    nq, (b, nk) = _count(q_len, "q_len", 1), keep.shape
+    bs = check_block_size_any(block_size)
+    nq, (b, nk) = check_count(q_len, "q_len", 1), keep.shape
     nkb = math.ceil(nk / bs)
     counts = torch.zeros(b, nkb * bs, dtype=torch.int32, device=keep.device)
     counts[:, :nk] = keep
@@ -92,7 +92,7 @@ def key_padding_layout(keep: torch.Tensor, q_len: int, *, block_size: int = DEFA
         return ok & (kv_idx <= q_idx) if causal else ok
 
     mask_mod.broadcasts = True  # evaluated on broadcasting index tensors, without torch.vmap
-    return _build(mask_mod, nq, nk, b, 1, bs, keep.device, classify)
+    return build_tables(mask_mod, nq, nk, b, 1, bs, keep.device, classify)
 
 
 def document_ids(lengths, total: int | None = None) -> torch.Tensor:
@@ -108,7 +108,7 @@ def document_ids(lengths, total: int | None = None) -> torch.Tensor:
     if bool((lengths < 0).any()):
         raise ValueError("document_ids: lengths must be >= 0")
     ends = lengths.cumsum(-1)  # [B, D]
-    n = int(ends[:, -1].max()) if total is None else _count(total, "document_ids: total", 1)
+    n = int(ends[:, -1].max()) if total is None else check_count(total, "document_ids: total", 1)
     if total is not None and int(ends[:, -1].max()) > n:
         raise ValueError(f"document_ids: the documents hold {int(ends[:, -1].max())} tokens, more than total={n}")
     pos = torch.arange(n, device=lengths.device)
@@ -133,7 +133,7 @@ def document_layout(doc_ids: torch.Tensor, *, causal: bool = False, block_size: 
     q = kv if q_doc_ids is None else _doc_tensor(q_doc_ids, "q_doc_ids").to(kv.device)
     if q.shape[0] != kv.shape[0] and 1 not in (q.shape[0], kv.shape[0]):
         raise ValueError(f"document_layout: doc_ids has batch {kv.shape[0]} and q_doc_ids {q.shape[0]}")
-    bs = _check_block_size_any(block_size)
+    bs = check_block_size_any(block_size)
     b = max(q.shape[0], kv.shape[0])
     q, kv = q.expand(b, -1), kv.expand(b, -1)
     nq, nk = q.shape[1], kv.shape[1]
@@ -157,7 +157,7 @@ def document_layout(doc_ids: torch.Tensor, *, causal: bool = False, block_size: 
         return same & (kv_idx <= q_idx) if causal else same
 
     mask_mod.broadcasts = True
-    return _build(mask_mod, nq, nk, b, 1, bs, kv.device, classify)
+    return build_tables(mask_mod, nq, nk, b, 1, bs, kv.device, classify)
 
 
 def _doc_tensor(ids, what: str) -> torch.Tensor:
@@ -217,7 +217,7 @@ def model_mask_layout(mask: torch.Tensor, q_len: int, *, block_size: int = DEFAU
         got = f"shape {tuple(mask.shape)}" if isinstance(mask, torch.Tensor) else type(mask).__name__
         raise ValueError(f"model_mask_layout: mask must be [batch, kv_len] or [batch|1, heads|1, q_len|1, kv_len], "
                          f"got {got}")
-    q_len = _count(q_len, "q_len", 1)
+    q_len = check_count(q_len, "q_len", 1)
     if mask.dtype == torch.bool:
         keep = mask
     elif mask.is_floating_point():

@@ -47,10 +47,10 @@ from .layout import (
     FULL,
     PARTIAL,
     Layout,
-    _check_block_size_any,
-    _count,
-    _eval_grid,
     cached_layout,
+    check_block_size_any,
+    check_count,
+    eval_grid,
     resolve_mask,
 )
 
@@ -72,7 +72,7 @@ def _call_name(factory: str, **kwargs) -> str:
 
 
 def _block_size(bs):
-    return None if bs is None else _check_block_size_any(bs)
+    return None if bs is None else check_block_size_any(bs)
 
 
 class MaskFn:
@@ -166,13 +166,13 @@ class Pattern(_Named):
 
     def mask_mod(self, q_len: int, kv_len: int) -> "BoundMaskMod":
         """This pattern at these lengths as FlexAttention's ``mask_mod(b, h, q_idx, kv_idx) -> bool``."""
-        return BoundMaskMod(self, _count(q_len, "q_len", 1), _count(kv_len, "kv_len", 1))
+        return BoundMaskMod(self, check_count(q_len, "q_len", 1), check_count(kv_len, "kv_len", 1))
 
     def layout(self, q_len: int, kv_len: int, *, device=None, block_size=None) -> Layout:
         """This pattern's Layout at these lengths (cached: one per pattern, shape, block size, device)."""
         bs = _block_size(block_size) or self.block_size or DEFAULT_BLOCK_SIZE
         dev = torch.device("cpu") if device is None else torch.device(device)
-        q_len, kv_len = _count(q_len, "q_len", 1), _count(kv_len, "kv_len", 1)
+        q_len, kv_len = check_count(q_len, "q_len", 1), check_count(kv_len, "kv_len", 1)
         key = (self, q_len, kv_len, 1, 1, bs, str(dev))
         return cached_layout(key, lambda: Layout.from_mask_mod(self.mask_mod(q_len, kv_len), q_len, kv_len,
                                                                block_size=bs, device=dev))
@@ -185,7 +185,7 @@ class Pattern(_Named):
         step = max(1, (1 << 22) // kv_len)
         for r0 in range(0, q_len, step):
             rows = torch.arange(r0, min(q_len, r0 + step))
-            out[r0: r0 + step] = _eval_grid(mod, zero, zero, rows, torch.arange(kv_len))[0, 0]
+            out[r0: r0 + step] = eval_grid(mod, zero, zero, rows, torch.arange(kv_len))[0, 0]
         return out
 
     def _context(self, q_len, kv_len):
@@ -222,7 +222,7 @@ class BoundMaskMod:
         return self.pattern._diagonal
 
     def block_kinds(self, q_len, kv_len, bs, device):
-        """classify(qb0, qb1) for Layout building (see layout._build), or None: evaluate every block."""
+        """classify(qb0, qb1) for Layout building (see layout.build_tables), or None: evaluate every block."""
         if (q_len, kv_len) != (self.q_len, self.kv_len):
             raise ValueError(f"{self.__name__} was made for (q_len, kv_len) = {(self.q_len, self.kv_len)}, "
                              f"not {(q_len, kv_len)}")
@@ -283,7 +283,7 @@ def sliding_window(window: int, causal: bool = False, *, block_size: int | None 
     with ``causal=True`` ``p - window <= j <= p``). Queries sit at the last positions of the keys."""
     if not isinstance(causal, bool):
         raise ValueError(f"sliding_window: causal must be True or False, got {causal!r}")
-    return SlidingWindow(window=_count(window, "sliding_window: window"), causal=causal or None,
+    return SlidingWindow(window=check_count(window, "sliding_window: window"), causal=causal or None,
                          block_size=_block_size(block_size))
 
 
@@ -340,7 +340,7 @@ class GlobalTokens(Pattern):
 
 def global_tokens(n: int, *, block_size: int | None = None) -> GlobalTokens:
     """Pattern: :class:`GlobalTokens` (the first ``n`` positions attend to and are seen by all)."""
-    return GlobalTokens(n=_count(n, "global_tokens: n"), block_size=_block_size(block_size))
+    return GlobalTokens(n=check_count(n, "global_tokens: n"), block_size=_block_size(block_size))
 
 
 def global_tokens_mask(q_len: int, kv_len: int, *, n: int) -> torch.Tensor:
@@ -454,13 +454,13 @@ class Local2d(Pattern):
 def local_2d(window: int, grid: tuple[int, int] | None = None, prefix_tokens: int | None = None, *,
              block_size: int | None = None) -> Local2d:
     """Pattern: :class:`Local2d`, windows of Chebyshev radius ``window`` on a grid of patches."""
-    window = _count(window, "local_2d: window")
+    window = check_count(window, "local_2d: window")
     if grid is not None:
         if not isinstance(grid, (tuple, list)) or len(grid) != 2:
             raise ValueError(f"local_2d: grid must be (h, w), got {grid!r}")
-        grid = (_count(grid[0], "local_2d: grid height", 1), _count(grid[1], "local_2d: grid width", 1))
+        grid = (check_count(grid[0], "local_2d: grid height", 1), check_count(grid[1], "local_2d: grid width", 1))
     if prefix_tokens is not None:
-        prefix_tokens = _count(prefix_tokens, "local_2d: prefix_tokens")
+        prefix_tokens = check_count(prefix_tokens, "local_2d: prefix_tokens")
     return Local2d(window=window, grid=grid, prefix_tokens=prefix_tokens, block_size=_block_size(block_size))
 
 
@@ -524,13 +524,13 @@ class BigBird(Pattern):
 def bigbird(block: int, num_random: int, num_window: int, num_global: int, seed: int = 0, *,
             block_size: int | None = None) -> BigBird:
     """Pattern: :class:`BigBird` (window, global and seeded random blocks of ``block`` tokens)."""
-    block = _count(block, "bigbird: block", 1)
-    num_random, num_global = _count(num_random, "bigbird: num_random"), _count(num_global, "bigbird: num_global")
-    num_window = _count(num_window, "bigbird: num_window", 1)
+    block = check_count(block, "bigbird: block", 1)
+    num_random, num_global = check_count(num_random, "bigbird: num_random"), check_count(num_global, "bigbird: num_global")
+    num_window = check_count(num_window, "bigbird: num_window", 1)
     if num_window % 2 == 0:
         raise ValueError(f"bigbird: num_window is the odd number of window blocks (1, 3, 5, ...), got {num_window}")
     return BigBird(block=block, num_random=num_random, num_window=num_window, num_global=num_global,
-                   seed=_count(seed, "bigbird: seed"), block_size=_block_size(block_size))
+                   seed=check_count(seed, "bigbird: seed"), block_size=_block_size(block_size))
 
 
 def bigbird_mask(q_len: int, kv_len: int, *, block: int, num_random: int, num_window: int,
@@ -732,7 +732,7 @@ def only(fn, *, layers=None, names=None, where=None, block_size: int | None = No
     if layers is not None:
         if not isinstance(layers, (range, list, tuple, set, frozenset)):
             layers = (layers,) if isinstance(layers, int) or hasattr(layers, "__index__") else tuple(layers)
-        layers = layers if isinstance(layers, range) else type(layers)(_count(i, "only: a layer index", -2**62)
+        layers = layers if isinstance(layers, range) else type(layers)(check_count(i, "only: a layer index", -2**62)
                                                                         for i in layers)
         if any(i < 0 for i in layers):
             raise ValueError("only: layers are site indices counted from 0; negative indices "

@@ -10,12 +10,9 @@ orange, masked ones pale. matplotlib is an optional dependency: ``pip install 'f
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import torch
-
-from .layout import FULL, PARTIAL
 
 COLOURS = {  # RGB
     "full": (0.13, 0.29, 0.53),
@@ -51,7 +48,7 @@ def layout_image(layout, batch: int = 0, head: int = 0, max_tokens: int = MAX_TO
     tokens = kinds.repeat_interleave(bs, 0).repeat_interleave(bs, 1)[:nq, :nk]
     image = by_kind[tokens]
     mask = layout.to_mask()[min(batch, layout.batch - 1), min(head, layout.num_heads - 1)].cpu()
-    image[(tokens == PARTIAL) & ~mask] = colour["partial, masked out"]
+    image[(tokens == layout.PARTIAL) & ~mask] = colour["partial, masked out"]
     return image
 
 
@@ -70,7 +67,7 @@ def draw_layout(layout, ax, *, batch: int = 0, head: int = 0, title: str | None 
             ax.axvline(j * bs, color="white", linewidth=0.4)
     kinds = layout.kinds
     n = kinds.numel()
-    full, part = int((kinds == FULL).sum()), int((kinds == PARTIAL).sum())
+    full, part = int((kinds == layout.FULL).sum()), int((kinds == layout.PARTIAL).sum())
     head_note = "" if layout.num_heads == 1 else f", head {head}"
     ax.set_title(title or f"{nq}x{nk}{head_note}", fontsize=9)
     ax.set_xlabel(f"key, blocks of {layout.block_size}: {full / n:.0%} full, {part / n:.0%} partial, "
@@ -114,20 +111,7 @@ def plot_layout(layout, path=None, *, title: str | None = None, max_tokens: int 
 
 
 def _one_head(layout, head: int):
-    from .layout import Layout
-    return Layout.from_mask(layout.to_mask()[:1, head : head + 1], layout.block_size)
-
-
-def site_layout(module):
-    """The Layout a rewritten site (a ``SiteAttention``) runs at its latest lengths, or None."""
-    entry = module._layouts.get((module.site.q_len, module.site.kv_len))
-    if entry is None:
-        return None
-    name, block, _, built = entry
-    if name is None:  # few queries: the site keeps a token mask
-        from .layout import Layout
-        return Layout.from_mask(built, block)
-    return dataclasses.replace(built, data=getattr(module, name))
+    return type(layout).from_mask(layout.to_mask()[:1, head : head + 1], layout.block_size)
 
 
 def plot_report(report, path=None, **kwargs):

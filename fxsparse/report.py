@@ -7,6 +7,7 @@ from typing import Optional
 from tabulate import tabulate
 
 from .match import AttentionSite, flops
+from .site import site_modules
 
 COLUMNS = ["#", "site", "module", "pattern", "heads×dim", "q×kv", "block", "density", "attention FLOPs saved", "status", "reason"]
 
@@ -86,8 +87,6 @@ class Report:
 
 def report(obj) -> Report:
     """The report of a module returned by ``fxsparse.transform`` (or of a ``fxsparse.backend``)."""
-    from .site import site_modules
-
     rows = []
     for site, reason, *owner in getattr(obj, "fxsparse_skipped", []):
         rows.append(SiteReport(site.index, site.name, "skipped", reason, site.pattern, site,
@@ -103,8 +102,7 @@ def report(obj) -> Report:
                          module=getattr(mod, "owner", site.name))
         if built is not None:
             row.block, row.density = built
-            from .plot import site_layout
-            row.layout = site_layout(mod)
+            row.layout = mod.current_layout()
             if row.density >= 1.0 and status == "rewritten":
                 row.reason = _nothing_skipped(row.block, site)
         elif status == "dense":

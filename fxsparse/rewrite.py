@@ -14,11 +14,11 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import fx, nn
+from torch import fx
 
-from . import capture, match
-from .site import SiteAttention, is_transformed, site_modules  # noqa: F401  (re-exported)
+from . import match
 from .match import Match
+from .site import SiteAttention, is_transformed, site_modules  # noqa: F401  (re-exported)
 
 
 # ------------------------------------------------------------------------------ graph helpers
@@ -225,9 +225,9 @@ def _emit_scale(g: fx.Graph, m: Match):
 
 def _emit_mha(gm: fx.GraphModule, m: Match, name: str) -> fx.Node:
     g, n, mod = gm.graph, m.out, m.mha
-    query, key, value = n.args[0], match._arg(n, 1, "key"), match._arg(n, 2, "value")
-    key_padding_mask = match._arg(n, 3, "key_padding_mask")
-    attn_mask = match._arg(n, 5, "attn_mask")
+    query, key, value = n.args[0], match.arg(n, 1, "key"), match.arg(n, 2, "value")
+    key_padding_mask = match.arg(n, 3, "key_padding_mask")
+    attn_mask = match.arg(n, 5, "attn_mask")
 
     def attr(field):
         return g.get_attr(f"{n.target}.{field}") if getattr(mod, field, None) is not None else None
@@ -315,7 +315,7 @@ def prepare_sites(gm: fx.GraphModule, matches: list[Match], device_of: Callable,
 def _mha_shapes(m: Match):
     n, mod = m.out, m.mha
     qs = match.node_shape(n.args[0])
-    ks = match.node_shape(match._arg(n, 1, "key"))
+    ks = match.node_shape(match.arg(n, 1, "key"))
     if qs is None or ks is None or len(qs) != 3:
         return
     seq = 1 if mod.batch_first else 0

@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import masks, op, reference
 from .layout import Layout, resolve_mask
 from .match import AttentionSite
-from . import masks, op, reference
 from .op import kernel_layout, sparse_attention
 
 _MISSING = object()
@@ -65,6 +65,16 @@ class SiteAttention(nn.Module):
         """(block_size, density) of the layout at the site's latest lengths, or None."""
         entry = self._layouts.get((self.site.q_len, self.site.kv_len))
         return None if entry is None else entry[1:3]
+
+    def current_layout(self) -> Optional[Layout]:
+        """The Layout this site runs at its latest lengths (for reports and pictures), or None."""
+        entry = self._layouts.get((self.site.q_len, self.site.kv_len))
+        if entry is None:
+            return None
+        name, block, _, built = entry
+        if name is None:  # few queries: the site keeps a token mask
+            return Layout.from_mask(built, block)
+        return dataclasses.replace(built, data=getattr(self, name))
 
     def clear(self) -> None:
         """Forget every layout built so far (they are built again on demand)."""

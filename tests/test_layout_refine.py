@@ -8,7 +8,7 @@ import torch
 import fxsparse
 import fxsparse.op as op
 from fxsparse import Layout
-from fxsparse.layout import EMPTY, FULL, PARTIAL, _unpack_bits
+from fxsparse.layout import EMPTY, FULL, PARTIAL, unpack_bits
 from fxsparse.testing import compare_with_oracle
 from helpers import gen, mixed_mask, qkv
 
@@ -79,7 +79,7 @@ def test_refine_is_cached_and_travels_with_to():
 def test_transposed_element_masks():
     mask = mixed_mask((2,), 150, 170, 64, seed=4)
     layout = Layout.from_mask(mask, 64)
-    assert torch.equal(_unpack_bits(layout.t_bits), _unpack_bits(layout.bits).transpose(-1, -2))
+    assert torch.equal(unpack_bits(layout.t_bits), unpack_bits(layout.bits).transpose(-1, -2))
 
 
 @pytest.mark.parametrize("refine", [False, True])
@@ -89,7 +89,7 @@ def test_visit_lists_carry_each_partial_blocks_mask(refine):
     mask = mixed_mask((2,), 300, 257, 128, seed=5)
     layout = Layout.from_mask(mask, 128)
     layout = layout.refine(64) if refine else layout
-    kinds, bits = layout.kinds, _unpack_bits(layout.bits)
+    kinds, bits = layout.kinds, unpack_bits(layout.bits)
     bs = layout.block_size
     for b in range(kinds.shape[0]):
         for h in range(kinds.shape[1]):
