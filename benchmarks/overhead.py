@@ -67,8 +67,9 @@ def problem(spec: str):
 def at_shape(spec: str, gc_freeze: bool = False):
     """Host issue time against GPU time of forward+backward at a real shape, "B,H,N,D,window" as in
     problem() (fxsparse eager path, the custom-op path, FlexAttention)."""
-    import fxsparse.op as op
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    import fxsparse.op as op
 
     q, k, v, dout, layout = problem(spec)
     b, h, n, d = q.shape

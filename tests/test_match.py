@@ -8,7 +8,6 @@ import torch.nn.functional as F
 
 import fxsparse
 from fxsparse import patterns
-
 from fxsparse.testing import assert_close
 from helpers import check_model
 

@@ -12,9 +12,8 @@ import pytest
 import torch
 
 import fxsparse
-from fxsparse import patterns
-
 import models
+from fxsparse import patterns
 from fxsparse.testing import assert_close, masked_forward
 
 CASES = [make() for make in models.CASES]

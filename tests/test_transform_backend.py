@@ -5,7 +5,6 @@ import torch
 
 import fxsparse
 from fxsparse import patterns
-
 from fxsparse.testing import assert_close, masked_forward
 from test_transform_lm import GPT, LlamaModel, _tokens
 

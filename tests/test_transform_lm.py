@@ -8,9 +8,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fxsparse
-from fxsparse.owner import rewritten_code
 from fxsparse import patterns
-
+from fxsparse.owner import rewritten_code
 from fxsparse.testing import assert_close
 from helpers import check_model
 

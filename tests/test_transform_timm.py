@@ -5,7 +5,6 @@ import torch
 
 import fxsparse
 from fxsparse import patterns
-
 from helpers import check_model
 
 

@@ -23,7 +23,6 @@ import torch
 
 import fxsparse
 from fxsparse import patterns
-
 from zoo import hf, timm_zoo
 
 TOL = 1e-5  # relative to the largest magnitude of each output
