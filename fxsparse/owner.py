@@ -207,8 +207,20 @@ def _sdpa_to_site(site: SiteAttention, query, key, value, attn_mask=None, dropou
         raise SiteError(
             f"{site.site.where}: attention dropout p={dropout_p} is active (training mode); the sparse op has no "
             "dropout: set the model's attention dropout to 0 (HF: `attention_dropout=0.0`), or call `.eval()`")
-    bias = rewrite.sdpa_bias(attn_mask, query)
-    return site(query, key, value, bias=bias, scale=scale, causal=bool(is_causal))
+    return site(query, key, value, bias=_sdpa_bias(attn_mask, query), scale=scale, causal=bool(is_causal))
+
+
+_SDPA_BIAS: dict = {}  # the last bool mask made additive: every layer of a model passes the same one
+
+
+def _sdpa_bias(attn_mask, query):
+    if attn_mask is None or attn_mask.dtype != torch.bool:
+        return attn_mask
+    key = (attn_mask.data_ptr(), attn_mask._version, tuple(attn_mask.shape), attn_mask.stride(), query.dtype)
+    if _SDPA_BIAS.get("key") != key:
+        _SDPA_BIAS.clear()
+        _SDPA_BIAS.update(key=key, value=rewrite.sdpa_bias(attn_mask, query), mask=attn_mask)
+    return _SDPA_BIAS["value"]
 
 
 def _mha_to_site(site: SiteAttention, query, key, value, embed_dim_to_check, num_heads, in_proj_weight,

@@ -113,7 +113,7 @@ class SiteAttention(nn.Module):
                 name, _, _, built = entry  # the tables come from the buffer, which follows .to(device)
                 layout = dataclasses.replace(built, data=getattr(self, name))
                 if self.skip_padding:
-                    layout = _with_key_padding(layout, bias)
+                    layout, bias = _fold_mask_bias(layout, bias)
                 if self.options is not None:
                     out = sparse_attention(q, k, v, layout, scale=scale, bias=bias, causal=causal, options=self.options)
                 else:
@@ -159,7 +159,7 @@ class SiteAttention(nn.Module):
         elif layout is not None:
             name = f"layout_{q_len}x{kv_len}"
             tables = kernel_layout(layout, head_dim)  # what the kernels walk; the report shows mask_fn's layout
-            self.register_buffer(name, tables.data.to(device), persistent=False)
+            self.register_buffer(name, _on_device(tables.data, device), persistent=False)
             entry = (name, layout.block_size, layout.density, dataclasses.replace(tables, data=tables.data[:0]))
         self._layouts[key] = entry
         while len(self._layouts) > self.MAX_LAYOUTS:
@@ -242,24 +242,60 @@ def _site_backward(ctx, dout, dlse):
 torch.library.register_autograd("fxsparse::site_attention", _site_backward, setup_context=_site_setup)
 
 
-def _with_key_padding(layout: Layout, bias):
-    """``layout`` without the blocks a per-sample mask in the site's bias removes entirely (padding,
-    packed documents): they are skipped instead of computed and masked. Only for biases with a batch
-    axis (masks; relative-position biases have none), and only when every query row keeps a key, so
-    the result is exactly the masked dense one."""
+_ON_DEVICE: OrderedDict = OrderedDict()  # (id of tables, device) -> (tables, their copy there); 32 at most
+
+
+def _on_device(data, device):
+    """One copy on ``device`` of a layout's tables, shared by every site whose mask_fn returned the
+    same (cached) layout: a 12-layer model holds one copy, and per-call work keyed by the tables
+    (``_fold_mask_bias``) is done once for all its layers."""
+    device = torch.device(device)
+    if data.device == device:
+        return data
+    key = (id(data), str(device))
+    hit = _ON_DEVICE.get(key)
+    if hit is not None and hit[0] is data:
+        return hit[1]
+    moved = data.to(device)
+    _ON_DEVICE[key] = (data, moved)
+    while len(_ON_DEVICE) > 32:
+        _ON_DEVICE.popitem(last=False)
+    return moved
+
+
+_FOLDED: dict = {}  # the last (bias, layout) folded, and the result: every layer of a model gets the same mask
+
+
+def _fold_mask_bias(layout: Layout, bias):
+    """(layout, bias) for a call whose bias holds a per-sample mask (HuggingFace's padding or document
+    masks): the blocks the mask removes entirely leave the layout, so they are skipped, not computed and
+    masked; a bias that is nothing but that mask (0 or masked) is then dropped, since the layout holds
+    it exactly. Only for biases with a batch axis (relative-position biases have none), where mask_fn
+    keeps every pair (the site is sparse only by the model's own mask) and every query row keeps a
+    key, so the result is exactly the masked dense one."""
     if bias is None or bias.dim() != 4 or bias.shape[0] == 1 or bias.shape[-1] != layout.shape[1]:
-        return layout
+        return layout, bias
+    if not bool((layout.kinds == layout.FULL).all()):  # with mask_fn's own mask a row could lose every key
+        return layout, bias
     if bias.shape[1] > 1 and bias.stride(1) != 0:
-        return layout  # per-head masks stay a bias
-    keep = bias[:, :1] > torch.finfo(bias.dtype).min / 2
-    if keep.shape[2] == 1 or keep.stride(2) == 0:  # key padding: O(batch x keys)
-        keep = keep[:, 0, 0]
-        if not bool(keep.any(-1).all()):
-            return layout
-        return layout & masks.key_padding_layout(keep, layout.shape[0], block_size=layout.block_size)
-    if not bool(keep.any(-1).all()):
-        return layout  # a row with no key: the dense result is the mean of v there, not 0
-    return layout & Layout.from_mask(keep.expand(-1, -1, layout.shape[0], -1), layout.block_size)
+        return layout, bias  # per-head masks stay a bias
+    key = (bias.data_ptr(), bias._version, tuple(bias.shape), bias.stride(), bias.dtype,
+           layout.data.data_ptr(), layout.block_size, layout.shape)
+    if _FOLDED.get("key") == key:
+        return _FOLDED["value"]
+    one = bias[:, :1]
+    keep = one > torch.finfo(bias.dtype).min / 2
+    result = (layout, bias)
+    if bool(keep.any(-1).all()):  # else a row with no key: there the dense result is the mean of v, not 0
+        pure = bool(((one == 0) | ~keep).all())
+        if keep.shape[2] == 1 or keep.stride(2) == 0 or bool((keep == keep[:, :, :1]).all()):
+            mask_layout = masks.key_padding_layout(keep[:, 0, 0], layout.shape[0], block_size=layout.block_size)
+        else:
+            mask_layout = Layout.from_mask(keep.expand(-1, -1, layout.shape[0], -1), layout.block_size)
+        result = (layout & mask_layout, None if pure else bias)
+    _FOLDED.clear()
+    _FOLDED.update(key=key, value=result, bias=bias)  # holds the bias: its data_ptr is not reused meanwhile
+    return result
 
 
 def _mask_bias(mask, bias, like):
