@@ -1,11 +1,10 @@
-"""Rewrite matched attentions into calls of the sparse op; ``transform``, the public entry point.
+"""Rewrite matched attentions in a graph into calls of their site modules.
 
-Each rewritten site becomes a call of a small ``SiteAttention`` module stored on the GraphModule
-as ``fxsparse_site_<index>``. It holds the site, the user's mask_fn and the Layouts it built, one
-per (q_len, kv_len) (their tables are buffers, so they follow ``.to(device)``), and calls
-``fxsparse.sparse_attention``; a site that mask_fn keeps dense calls PyTorch's SDPA. The site's own scale,
-bias, masks and causality are computed in the graph by the small functions below, so
-``sparse.code`` reads like the model.
+Each rewritten site becomes a call of a ``SiteAttention`` module (``site.py``) named
+``fxsparse_site_<index>``: in a graph Dynamo hands ``fxsparse.backend``, or in an owner's own graph
+(``owner.py``, whose generated code runs with the owner as ``self``). The site's own scale, bias,
+masks and causality are computed in the graph by the small functions below, so the rewritten code
+reads like the model's (``fxsparse.owner.rewritten_code(sparse)`` prints it).
 """
 from __future__ import annotations
 
