@@ -45,10 +45,11 @@ class SiteAttention(nn.Module):
         self.mask_fn = mask_fn
         self.owner = ""  # path of the module whose forward calls this site
         self.options = None  # fxsparse.KernelOptions for the op, or None
-        # A per-sample mask among the site's own masks (HuggingFace's padding or document masks) also
-        # removes the blocks it masks entirely: they are skipped, not computed and masked. Costs one
-        # pass over the mask per call (O(batch x keys) for key padding); off: False.
-        self.skip_padding = True
+        # True: a per-sample mask among the site's own masks (HuggingFace's padding or document masks)
+        # also removes the blocks it masks entirely from the layout (``_fold_mask_bias``). Off by
+        # default: on the H200 the fold costs 8.5 ms per forward at 4 x 4096 tokens, more than the
+        # blocks it skips save there (docs/performance.md).
+        self.skip_padding = False
         self._layouts: OrderedDict = OrderedDict()  # (q_len, kv_len) -> None (dense) | (buffer, block, density, Layout)
         self.recorder = None  # fxsparse.calibrate: called with (site, q, k, bias, scale, causal) before each call
         self.uid = _register(self)
@@ -275,26 +276,35 @@ def _fold_mask_bias(layout: Layout, bias):
     key, so the result is exactly the masked dense one."""
     if bias is None or bias.dim() != 4 or bias.shape[0] == 1 or bias.shape[-1] != layout.shape[1]:
         return layout, bias
-    if not bool((layout.kinds == layout.FULL).all()):  # with mask_fn's own mask a row could lose every key
-        return layout, bias
     if bias.shape[1] > 1 and bias.stride(1) != 0:
         return layout, bias  # per-head masks stay a bias
     key = (bias.data_ptr(), bias._version, tuple(bias.shape), bias.stride(), bias.dtype,
            layout.data.data_ptr(), layout.block_size, layout.shape)
     if _FOLDED.get("key") == key:
         return _FOLDED["value"]
+    result = (layout, bias)
+    if bool((layout.kinds == layout.FULL).all()):  # with mask_fn's own mask a row could lose every key
+        result = _fold(layout, bias)
+    _FOLDED.clear()
+    _FOLDED.update(key=key, value=result, bias=bias)  # holds the bias: its data_ptr is not reused meanwhile
+    return result
+
+
+def _fold(layout: Layout, bias):
     one = bias[:, :1]
     keep = one > torch.finfo(bias.dtype).min / 2
+    # three facts about the mask, read back in one synchronisation: every row keeps a key; the bias is
+    # nothing but the mask (0 where kept); the mask is the same for every query (key padding)
+    rows_ok, pure, per_key = torch.stack([keep.any(-1).all(), ((one == 0) | ~keep).all(),
+                                          (keep == keep[:, :, :1]).all()]).tolist()
     result = (layout, bias)
-    if bool(keep.any(-1).all()):  # else a row with no key: there the dense result is the mean of v, not 0
-        pure = bool(((one == 0) | ~keep).all())
-        if keep.shape[2] == 1 or keep.stride(2) == 0 or bool((keep == keep[:, :, :1]).all()):
+    if rows_ok:  # else a row with no key: there the dense result is the mean of v, not 0
+        if per_key:
             mask_layout = masks.key_padding_layout(keep[:, 0, 0], layout.shape[0], block_size=layout.block_size)
         else:
             mask_layout = Layout.from_mask(keep.expand(-1, -1, layout.shape[0], -1), layout.block_size)
-        result = (layout & mask_layout, None if pure else bias)
-    _FOLDED.clear()
-    _FOLDED.update(key=key, value=result, bias=bias)  # holds the bias: its data_ptr is not reused meanwhile
+        # mask_fn's layout keeps every pair here: the mask's layout is the intersection
+        result = (mask_layout if layout.num_heads == 1 else layout & mask_layout, None if pure else bias)
     return result
 
 
