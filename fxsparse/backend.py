@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 from torch import fx
 
-from . import match, rewrite
+from . import match, patterns, rewrite
 from .options import KernelOptions
 from .rewrite import prepare_sites
 from .site import site_modules
@@ -36,6 +36,7 @@ class Backend:
         self._indices: dict = {}  # (site name, its ordinal among the graph's sites of that name) -> index
         self._codes: set = set()  # the functions whose frames this backend compiled, as Dynamo's log names them
         self.recompile_limit_hits: list[str] = []  # Dynamo's limit messages for those functions
+        self._warned = False  # the warning about sites without a module path, given once
         _LIMIT_WATCH.backends.add(self)
 
     def __call__(self, gm: fx.GraphModule, example_inputs):
@@ -49,6 +50,14 @@ class Backend:
             key = (m.site.name, ordinal[m.site.name])
             ordinal[m.site.name] += 1
             m.site.index = self._indices.setdefault(key, len(self._indices))
+        if any(m.site.name == "" for m in matches) and isinstance(self.mask_fn, patterns.Only) and not self._warned:
+            self._warned = True
+            warnings.warn(
+                "fxsparse.backend: a graph holds attention sites without a module path: Dynamo compiled the "
+                "function computing them as a frame of its own (often after a graph break inside a loop over "
+                "layers), and that graph is reused for every module running the same code, so "
+                f"{self.mask_fn.__name__} cannot tell those modules apart by name or index. "
+                "fxsparse.transform(model, mask_fn) keeps each module's identity", RuntimeWarning, stacklevel=2)
         skipped = rewrite.rewrite(gm, matches, self.mask_fn)
         for site in site_modules(gm):
             site.options = self.options

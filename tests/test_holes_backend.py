@@ -147,3 +147,41 @@ def test_recompile_limit_warns_that_the_model_now_runs_dense():
         with pytest.warns(RuntimeWarning, match="fxsparse: Dynamo hit .*runs dense"):
             compiled(torch.randn(1, 12, 16))
     assert len(be.recompile_limit_hits) == 1
+
+
+def test_sites_without_a_module_path_warn_when_only_selects():
+    """A graph break inside the loop over layers: Dynamo compiles each layer's forward as a frame of
+    its own, one graph for every layer, so a mask_fn selecting by name or index cannot tell the
+    layers apart. The backend says so instead of leaving the selection silently wrong."""
+    import warnings
+
+    import torch.nn.functional as F
+    from torch import nn
+
+    class Layer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv = nn.Linear(16, 48)
+
+        def forward(self, x):
+            q, k, v = self.qkv(x).unflatten(-1, (3, 2, 8)).permute(2, 0, 3, 1, 4)
+            return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+
+    class Stack(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList(Layer() for _ in range(3))
+
+        def forward(self, x):
+            for layer in self.layers:
+                x = x + layer(x)
+                torch._dynamo.graph_break()
+            return x
+
+    torch._dynamo.reset()
+    mask_fn = fxsparse.patterns.only(fxsparse.patterns.sliding_window(2), layers=[1])
+    compiled = torch.compile(Stack(), backend=fxsparse.backend(mask_fn, compiler="eager"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled(torch.randn(1, 10, 16))
+    assert any("without a module path" in str(w.message) for w in caught)
