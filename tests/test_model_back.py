@@ -415,3 +415,13 @@ def test_report_says_when_a_rewrite_saves_nothing():
     assert all(r.density == 1.0 and "nothing is skipped" in r.reason and "block_size" in r.reason for r in coarse)
     kept = fxsparse.report(fxsparse.transform(model, lambda site: None, example_inputs=(x,)))
     assert all(r.status == "dense" and r.reason == "mask_fn returned None" for r in kept)
+
+
+def test_huggingface_save_pretrained_round_trip(tmp_path):
+    model = hf_model("llama", "sdpa")
+    ids = torch.randint(1, 100, (2, 12))
+    sparse = fxsparse.transform(model, band(4), example_inputs={"input_ids": ids})
+    sparse.save_pretrained(tmp_path)
+    loaded = type(model).from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits, what="saved by the sparse model")
