@@ -52,8 +52,12 @@ def transform(model: nn.Module, mask_fn: Callable, *, example_inputs=None, concr
     facts = match.GraphFacts(gm)
     sparse = capture.clone_model(model)
     by_owner: dict = {}
+    opaque: dict = {}  # calls fx kept whole (a wrapped function, a no-trace module) that compute attention
     for m in matches:
-        by_owner.setdefault(owner_path(m, facts), []).append(m)
+        if m.site.kind == "opaque call":
+            opaque.setdefault(m.out.target if m.out.op == "call_module" else facts.module_path(m.out), []).append(m)
+        else:
+            by_owner.setdefault(owner_path(m, facts), []).append(m)
     skipped = []
     calls = _calls_per_owner(gm, facts, set(by_owner))
     for path, owned in by_owner.items():
@@ -80,7 +84,17 @@ def transform(model: nn.Module, mask_fn: Callable, *, example_inputs=None, concr
         make_owner(owner, OwnerState(path, sites, kinds, route), modules)
         for site_module in modules.values():
             site_module.training = owner.training
-    _discover_inside_leaves(model, sparse, set(by_owner), mask_fn, options, len(matches))
+    counter = [len(matches)]
+    owned = set(by_owner)
+    for path, calls in opaque.items():
+        if not path or any(path == o or path.startswith(o + ".") or o.startswith(path + ".") or not o for o in owned):
+            skipped.extend((m.site, m.skip, path) for m in calls)  # inside an owner: reported, not rewritten
+            continue
+        _discover(sparse, path, mask_fn, options, counter)
+        owned.add(path)
+        # reported until the module's attentions show at run time (the report drops these rows then)
+        skipped.extend((m.site, m.skip, path) for m in calls)
+    _discover_inside_leaves(model, sparse, owned, mask_fn, options, counter)
     sparse.__dict__["fxsparse_skipped"] = skipped
     if example_inputs is not None:
         warm_up(sparse, example_inputs)
@@ -125,22 +139,27 @@ def owner_path(m: match.Match, facts: match.GraphFacts) -> str:
     return ".".join(part for part in common if part)
 
 
-def _discover_inside_leaves(model: nn.Module, sparse: nn.Module, owned: set, mask_fn, options, first_index: int):
+def _discover(sparse: nn.Module, path: str, mask_fn, options, counter: list) -> None:
+    """The module at ``path`` computes attention the graph could not look into: its attentions
+    become sites at their first call (listed in the report once it ran)."""
+    state = OwnerState(path, [], [], "discover")
+    state.mask_fn, state.next_index, state.options = mask_fn, counter, options
+    make_owner(sparse.get_submodule(path), state, {})
+
+
+def _discover_inside_leaves(model: nn.Module, sparse: nn.Module, owned: set, mask_fn, options, counter: list):
     """Modules that a library registers as not traceable (timm's attentions that cache biases per
     device, blocks that pad to windows) were leaves of the graph: those with a forward that
     mentions attention somewhere inside look for it at run time, and each attention they compute becomes a site (listed in the report once it ran)."""
     leaf_types, _ = capture.library_hints()
     if not leaf_types:
         return
-    counter = [first_index]
     for path, module in model.named_modules():
         if not isinstance(module, tuple(leaf_types)) or not any(_mentions_attention(type(m)) for m in module.modules()):
             continue
         if any(path == o or path.startswith(o + ".") or o.startswith(path + ".") or not o for o in owned):
             continue
-        state = OwnerState(path, [], [], "discover")
-        state.mask_fn, state.next_index, state.options = mask_fn, counter, options
-        make_owner(sparse.get_submodule(path), state, {})
+        _discover(sparse, path, mask_fn, options, counter)
         owned.add(path)
 
 

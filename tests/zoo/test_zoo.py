@@ -95,9 +95,7 @@ def check(model, args, kwargs, door, sites, skipped):
 
 
 # Known failures, by test id: each is xfail(strict=True), so the entry must go the day it passes.
-KNOWN = {
-    "twins-transform": "LocallyGroupedAttn is a module timm marks as not traceable: reported skipped, not rewritten",
-}
+KNOWN: dict = {}
 
 
 def _marks(test_id, slow):
@@ -154,10 +152,10 @@ def _tv_maxvit():
 
 
 # torchvision's Swin computes its attention in `shifted_window_attention`, a function torch.fx keeps
-# whole (torch.fx.wrap): transform sees the four calls and reports them; the backend traces into them.
-_OPAQUE = "torch.fx keeps as one call"
+# whole (torch.fx.wrap): transform makes the module calling it find its attentions when it runs; the
+# backend traces into them.
 TORCHVISION = [
-    ("swin", _tv_swin, "transform", 4, {i: _OPAQUE for i in range(4)}),
+    ("swin", _tv_swin, "transform", 4, {}),
     ("swin", _tv_swin, "backend", 4, {}),
     ("maxvit", _tv_maxvit, "transform", 4, {}),
     ("maxvit", _tv_maxvit, "backend", 4, {}),
