@@ -27,7 +27,7 @@ Both routes are plain Python that Dynamo inlines: ``torch.compile(sparse)`` sees
 from __future__ import annotations
 
 import functools
-import threading
+import operator
 from typing import Optional
 
 import torch
@@ -39,7 +39,6 @@ from . import capture, deferred, match, rewrite
 from .site import SiteAttention, SiteError
 
 _REDIRECTED = {F.scaled_dot_product_attention: "sdpa", F.multi_head_attention_forward: "mha"}
-_local = threading.local()
 
 
 class OwnerState:
@@ -109,12 +108,17 @@ def _owner_forward(self, base: type, args, kwargs):
     if state.route == "discover":
         return _deferred_forward(self, base, state, args, kwargs)
     if state.route == "redirect":
-        mode = _Redirect(self, state)  # not `with ... as mode`: Dynamo binds `as` to another object
-        with mode:
-            out = base.forward(self, *args, **kwargs)
-        _check_all_ran(state, mode)
-        return out
+        return _redirected_forward(self, base, state, args, kwargs)
     return _graph_forward(self, base, state, args, kwargs)
+
+
+def _redirected_forward(self, base: type, state: OwnerState, args, kwargs, defer: bool = False):
+    """The owner's own forward with its attentions handed to its sites (scores deferred or not)."""
+    mode = _Redirect(self, state, defer)  # not `with ... as mode`: Dynamo binds `as` to another object
+    with mode:
+        out = base.forward(self, *args, **kwargs)
+    _check_all_ran(state, mode)
+    return out
 
 
 def _check_all_ran(state: OwnerState, mode: "_Redirect"):
@@ -314,11 +318,7 @@ _DEFERRED = object()  # a signature torch.fx cannot trace: the scores are deferr
 
 @torch.compiler.disable
 def _deferred_forward(self, base: type, state: OwnerState, args, kwargs):
-    mode = _Redirect(self, state, defer=True)
-    with mode:
-        out = base.forward(self, *args, **kwargs)
-    _check_all_ran(state, mode)
-    return out
+    return _redirected_forward(self, base, state, args, kwargs, defer=True)
 
 
 @torch.compiler.disable
@@ -381,7 +381,7 @@ def _check_resolvable(gm: fx.GraphModule, owner: nn.Module, where: str):
             continue
         if node.op == "call_module":
             raise SiteError(f"{where}: the traced forward calls a module {node.target!r} the owner does not have")
-        value = _lookup(gm, node.target)
+        value = operator.attrgetter(node.target)(gm)
         name = f"_fxsparse_const_{len(owner._buffers)}"
         owner.register_buffer(name, value, persistent=False)
         node.target = name
@@ -391,17 +391,11 @@ def _check_resolvable(gm: fx.GraphModule, owner: nn.Module, where: str):
 
 
 def _resolves(obj, target: str) -> bool:
-    for part in target.split("."):
-        if not hasattr(obj, part):
-            return False
-        obj = getattr(obj, part)
+    try:
+        operator.attrgetter(target)(obj)
+    except AttributeError:
+        return False
     return True
-
-
-def _lookup(obj, target: str):
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def rewritten_code(module: nn.Module) -> str:

@@ -87,7 +87,7 @@ def transform(model: nn.Module, mask_fn: Callable, *, example_inputs=None, concr
     counter = [len(matches)]
     owned = set(by_owner)
     for path, calls in opaque.items():
-        if not path or any(path == o or path.startswith(o + ".") or o.startswith(path + ".") or not o for o in owned):
+        if not path or _overlaps(path, owned):
             skipped.extend((m.site, m.skip, path) for m in calls)  # inside an owner: reported, not rewritten
             continue
         _discover(sparse, path, mask_fn, options, counter)
@@ -157,10 +157,15 @@ def _discover_inside_leaves(model: nn.Module, sparse: nn.Module, owned: set, mas
     for path, module in model.named_modules():
         if not isinstance(module, tuple(leaf_types)) or not any(_mentions_attention(type(m)) for m in module.modules()):
             continue
-        if any(path == o or path.startswith(o + ".") or o.startswith(path + ".") or not o for o in owned):
+        if _overlaps(path, owned):
             continue
         _discover(sparse, path, mask_fn, options, counter)
         owned.add(path)
+
+
+def _overlaps(path: str, owned: set) -> bool:
+    """Whether the module at ``path`` is, holds or sits inside an owner already."""
+    return any(not o or path == o or path.startswith(o + ".") or o.startswith(path + ".") for o in owned)
 
 
 def _mentions_attention(cls: type) -> bool:

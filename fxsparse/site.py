@@ -115,10 +115,7 @@ class SiteAttention(nn.Module):
                 layout = dataclasses.replace(built, data=getattr(self, name))
                 if self.skip_padding:
                     layout, bias = _fold_mask_bias(layout, bias)
-                if self.options is not None:
-                    out = sparse_attention(q, k, v, layout, scale=scale, bias=bias, causal=causal, options=self.options)
-                else:
-                    out = sparse_attention(q, k, v, layout, scale=scale, bias=bias, causal=causal)
+                out = sparse_attention(q, k, v, layout, scale=scale, bias=bias, causal=causal, options=self.options)
         except (ValueError, TypeError) as err:
             if isinstance(err, SiteError):
                 raise
