@@ -125,7 +125,7 @@ def _build_plan(data, bl, hl, bs, nq, nk, causal, rows_per_block):
         members = torch.tensor(sorted(by_width[i:j]), dtype=torch.long, device=dev)
         width = widest[by_width[j - 1]]
         idx = lists[:, :, members, :width]  # [Bl, Hl, C, M]
-        rebuild = functools.partial(_blocked, idx, kinds, mask_id, bits, members, bs, nq, nkb, causal)
+        rebuild = functools.partial(_blocked, idx, kinds, mask_id, bits, members, bs, nkb, causal)
         blocked = rebuild()
         masked = blocked is not None
         if masked and budget[0] >= blocked.numel():
@@ -138,7 +138,7 @@ def _build_plan(data, bl, hl, bs, nq, nk, causal, rows_per_block):
     return chunks
 
 
-def _blocked(idx, kinds, mask_id, bits, members, bs, nq, nkb, causal):
+def _blocked(idx, kinds, mask_id, bits, members, bs, nkb, causal):
     """bool [C, Bl, Hl, 1, bs, M * bs], True where a score is masked out; None when nothing is."""
     pad = idx == nkb
     safe = idx.clamp(max=nkb - 1)
@@ -146,8 +146,8 @@ def _blocked(idx, kinds, mask_id, bits, members, bs, nq, nkb, causal):
     need = bool((kind != FULL).any())
     rows = members[:, None] * bs + torch.arange(bs, device=idx.device)  # [C, bs]
     cols = idx[..., None] * bs + torch.arange(bs, device=idx.device)  # [Bl, Hl, C, M, bs]
-    if causal:
-        need = need or bool((cols.amax((-1, -2)) > rows[:, -1].clamp(max=nq - 1)).any())
+    if causal:  # a key after the first row of its query block is masked for that row
+        need = need or bool((cols.amax((-1, -2)) > rows[:, 0]).any())
     if not need:
         return None
     bl, hl, c, m = idx.shape

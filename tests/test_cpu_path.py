@@ -101,6 +101,15 @@ def test_all_true_mask_reproduces_sdpa():
         assert_close(got, want, TOLERANCES[torch.float32][0], f"causal={causal}")
 
 
+@pytest.mark.parametrize("nq,nk", [(64, 64), (64, 80), (32, 200)])
+def test_causal_inside_one_diagonal_block(nq, nk):
+    """A chunk of one query block whose keys all lie at or before its last row still needs the causal
+    mask inside the block (its first rows see fewer keys): dense and all-True layouts, the op's 64-blocks."""
+    q, k, v = qkv(1, 2, 1, nq, nk, 16)
+    for mask in (None, torch.ones(nq, nk, dtype=torch.bool)):
+        compare_with_oracle(fxsparse.sparse_attention, q, k, v, mask, causal=True)
+
+
 def test_skips_empty_blocks():
     """Only visited blocks are computed: a layout whose off-window blocks hold NaN keys still gives the
     oracle's answer (the dense reference, which multiplies every block, would spread the NaN)."""
