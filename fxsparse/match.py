@@ -483,7 +483,6 @@ def find(gm: fx.GraphModule, constants: Optional[dict] = None) -> list[Match]:
                 m.site.projection = _projection(m.q, m.k, m.v, facts)
             _fill_shapes(m, facts)
             _set_role(m, facts)
-            _check_value_dim(m, facts)
             claimed |= m.nodes
             matches.append(m)
     return matches
@@ -744,15 +743,6 @@ def _from_inputs(x, facts: GraphFacts, limit: int = 200) -> bool:
             continue  # sizes: `probe.expand(x.shape[0], ...)` is still the probe
         todo.extend(n.all_input_nodes)
     return len(seen) >= limit
-
-
-def _check_value_dim(m: Match, facts: GraphFacts):
-    """The op takes one head dim for k and v: a site whose v has its own (LeViT, EfficientFormer)
-    is kept as it was and reported."""
-    vs = facts.shape(m.v) if m.v is not None and m.einsum is None else None
-    d = m.site.head_dim
-    if vs is not None and isinstance(d, int) and isinstance(vs[-1], int) and vs[-1] != d and m.skip is None:
-        m.skip = f"the value head dim ({vs[-1]}) differs from the key head dim ({d}); the op takes one head dim"
 
 
 def _split_source(x, facts: GraphFacts, depth: int = 20):

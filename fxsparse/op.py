@@ -267,9 +267,11 @@ def sparse_attention(
 ) -> Tensor:
     """Block-sparse attention: softmax(q kᵀ · scale + bias, restricted to ``mask``) v.
 
-    q: [B, H, Nq, D]; k, v: [B, Hkv, Nk, D] with H % Hkv == 0 (grouped-query heads share kv heads,
-    no copy). Any strides. D up to 256 (padded inside the kernel to a power of two, at least 16). float16, bfloat16 or float32 (float32 matmuls follow
-    ``torch.get_float32_matmul_precision()``); the output has q's dtype and shape [B, H, Nq, D].
+    q: [B, H, Nq, D]; k: [B, Hkv, Nk, D]; v: [B, Hkv, Nk, Dv] with H % Hkv == 0 (grouped-query heads
+    share kv heads, no copy). v may have its own head dim Dv (LeViT's keys have 16 channels a head,
+    its values 32 or 64). Any strides. D and Dv up to 256 (padded inside the kernel to a power of two,
+    at least 16). float16, bfloat16 or float32 (float32 matmuls follow
+    ``torch.get_float32_matmul_precision()``); the output has q's dtype and shape [B, H, Nq, Dv].
 
     mask: a ``Layout`` (build it once and reuse it: the per-call cost is then nothing), a bool token
     mask broadcastable to [B|1, H|1, Nq, Nk] with True = may attend (compiled into a Layout on every
@@ -293,7 +295,8 @@ def sparse_attention(
     nk = k.shape[2]
     key = encode(options)  # checks the type; "" for the defaults
     refine = options is None or options.refine
-    layout = kernel_layout(_as_layout(mask, q, nq, nk, refine), d, refine)
+    width = max(d, v.shape[-1])  # the kernels' tiles follow the wider of the two head dims
+    layout = kernel_layout(_as_layout(mask, q, nq, nk, refine, width), width, refine)
     for what, got, want in (("batch", layout.batch, b), ("heads", layout.num_heads, h)):
         if got not in (1, want):
             raise ValueError(
@@ -355,12 +358,14 @@ def _check_inputs(q, k, v):
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
     b, h, nq, d = q.shape
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if k.shape[:3] != v.shape[:3]:
+        raise ValueError(
+            f"k and v must have the same batch, heads and length [B, Hkv, Nk] (v may have its own head dim), got k "
+            f"{tuple(k.shape)} and v {tuple(v.shape)}")
     if k.shape[0] != b:
         raise ValueError(f"batch of k/v ({k.shape[0]}) differs from q's ({b})")
     if k.shape[3] != d:
-        raise ValueError(f"head_dim of k/v ({k.shape[3]}) differs from q's ({d})")
+        raise ValueError(f"head_dim of k ({k.shape[3]}) differs from q's ({d}): q and k must share one head dim")
     hkv = k.shape[1]
     if hkv == 0:
         raise ValueError(f"k/v have 0 heads (q has {h}); give them at least one head")
@@ -368,6 +373,8 @@ def _check_inputs(q, k, v):
         raise ValueError(f"q has {h} heads, which is not a multiple of k/v's {hkv} heads")
     if not 1 <= d <= 256:
         raise ValueError(f"head_dim must be between 1 and 256, got {d}")
+    if not 1 <= v.shape[3] <= 256:
+        raise ValueError(f"head_dim of v must be between 1 and 256, got {v.shape[3]}")
     if nq == 0 or k.shape[2] == 0:
         raise ValueError(f"empty sequence: q has {nq} tokens, k has {k.shape[2]}")
 
@@ -397,8 +404,9 @@ def kernel_layout(layout: Layout, head_dim: int, refine: bool = True) -> Layout:
     return layout
 
 
-def _as_layout(mask, q: Tensor, nq: int, nk: int, refine: bool = True) -> Layout:
-    block = _kernel_block(q.shape[-1], refine)
+def _as_layout(mask, q: Tensor, nq: int, nk: int, refine: bool = True, head_dim: int | None = None) -> Layout:
+    """The call's mask as a Layout; built ones in the blocks the kernels walk at `head_dim` (q's by default)."""
+    block = _kernel_block(q.shape[-1] if head_dim is None else head_dim, refine)
     if mask is None:
         if not torch.compiler.is_dynamo_compiling() and not (type(nq) is int and type(nk) is int):
             raise ValueError(

@@ -234,8 +234,9 @@ def test_a_plan_that_does_not_fit_the_gpu_gives_way_to_the_next(monkeypatch):
 def test_tensor_descriptors_only_where_they_fit_and_pay():
     """K and V go through tensor descriptors at D = 128 by default (2-byte elements, unit stride along
     the head dim, 16-byte aligned rows); True allows any unpadded head dim, False none."""
-    def use(d, d_pad, a, b, setting=None):
-        return kernels._use_descriptors(d, d_pad, a, b, setting)
+    def use(d, d_pad, a, b, setting=None):  # d, d_pad: what the tensors' head dim is and pads to
+        assert a.shape[-1] == d
+        return kernels._use_descriptors(a, b, setting)
 
     def kv(d, dtype=torch.bfloat16):
         return [torch.zeros(1, 2, 16, d, dtype=dtype) for _ in range(2)]

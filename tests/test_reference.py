@@ -464,14 +464,20 @@ def test_error_device_mismatch_with_meta():
 
 def test_error_shapes():
     q, k, v = _inputs()
-    with pytest.raises(ValueError, match="k and v must have the same shape"):
+    with pytest.raises(ValueError, match="k and v must have the same batch, heads and length"):
         op(q, k, v[:, :, :-1])
+    with pytest.raises(ValueError, match="k and v must have the same batch, heads and length"):
+        op(q, k, v.expand(2, -1, -1, -1))
     with pytest.raises(ValueError, match="not a multiple"):
         op(*_inputs(H=4, Hkv=3))
     with pytest.raises(ValueError, match="batch of k/v"):
         op(q, k.expand(2, -1, -1, -1), v.expand(2, -1, -1, -1))
-    with pytest.raises(ValueError, match="head_dim of k/v"):
+    with pytest.raises(ValueError, match="head_dim of k"):
         op(q, k[..., :16], v[..., :16])
+    with pytest.raises(ValueError, match="head_dim of v must be between 1 and 256, got 300"):
+        op(q, k, torch.zeros(*v.shape[:3], 300))
+    with pytest.raises(ValueError, match="head_dim of v must be between 1 and 256, got 0"):
+        op(q, k, v[..., :0])
 
 
 @pytest.mark.parametrize("d", [257, 320])

@@ -3,7 +3,8 @@
 Notation (as in forward.py):
   B, H, HKV, G    batch, query heads, key/value heads, G = H // HKV query heads per kv head
   NQ, NK          query and key/value lengths; NQB, NKB their numbers of layout blocks
-  HEAD_DIM, D_PAD the head dim and its power-of-two padding
+  HEAD_DIM, D_PAD the head dim of q and k and its power-of-two padding; DV, DV_PAD the same for v,
+                  the output and its gradient (equal to them when v has k's head dim)
   BLOCK           the layout's block size; BLOCK_M query rows and BLOCK_N kv rows of one tile
   stride_xb, stride_xh, stride_xm / stride_xn, stride_xd: strides of tensor x (DO: the output's gradient)
   T, O_*          the layout's flat tables and the offsets of the ones walked: the forward tables
@@ -39,11 +40,12 @@ from .common import (
 @triton.jit
 def _dkdv_tile(
     dk, dv, k, v, Q, DO, Q_DESC, DO_DESC, b, h, Lse, Delta, Bias, BITS, qb, j, mid,
-    offs_n, col0, offs_d, stride_qm, stride_qd, stride_dom, stride_dod, stride_bias_m, stride_bias_n,
+    offs_n, col0, offs_d, offs_dv, stride_qm, stride_qd, stride_dom, stride_dod, stride_bias_m, stride_bias_n,
     NQ, NK, scale_log2,
-    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, PARTIAL: tl.constexpr, BOUNDS: tl.constexpr, HAS_BIAS: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, PRECISION: tl.constexpr, FOLD: tl.constexpr, TMA: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr, BLOCK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PARTIAL: tl.constexpr, BOUNDS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, IS_CAUSAL: tl.constexpr, PRECISION: tl.constexpr, FOLD: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     """dk and dv of this program's kv rows, plus the contribution of query rows qb * BLOCK + j .. + BLOCK_M.
     Scores are computed transposed ([kv rows, q rows]) so the kv side stays in registers."""
@@ -52,8 +54,8 @@ def _dkdv_tile(
     rmask = rows < NQ
     qt = load_rows(Q, Q_DESC, b, h, first, rows, offs_d, stride_qm, stride_qd, NQ,
                    HEAD_DIM=HEAD_DIM, D_PAD=D_PAD, ROWS=BLOCK_M, BOUNDS=BOUNDS, TRANS=True, TMA=TMA)
-    do = load_rows(DO, DO_DESC, b, h, first, rows, offs_d, stride_dom, stride_dod, NQ,
-                   HEAD_DIM=HEAD_DIM, D_PAD=D_PAD, ROWS=BLOCK_M, BOUNDS=BOUNDS, TRANS=False, TMA=TMA)
+    do = load_rows(DO, DO_DESC, b, h, first, rows, offs_dv, stride_dom, stride_dod, NQ,
+                   HEAD_DIM=DV, D_PAD=DV_PAD, ROWS=BLOCK_M, BOUNDS=BOUNDS, TRANS=False, TMA=TMA)
     if BOUNDS:
         m2 = tl.load(Lse + rows, mask=rmask, other=0.0)
         log_l = tl.load(Lse + NQ + rows, mask=rmask, other=float("inf"))
@@ -88,7 +90,7 @@ def _dkdv_tile(
 
 @triton.jit
 def dkdv_kernel(
-    Q, K, V, DO, Q_DESC, DO_DESC, Lse, Delta, DK, DV, Bias, T,
+    Q, K, V, DO, Q_DESC, DO_DESC, Lse, Delta, DK, DV_OUT, Bias, T,
     O_PART_MID, O_BITS, O_FULL_NUM, O_FULL_IDX, O_PART_NUM, O_PART_IDX,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -97,13 +99,14 @@ def dkdv_kernel(
     stride_bias_b, stride_bias_h, stride_bias_m, stride_bias_n,
     SLOT_B, SLOT_H,
     H, HKV, G, NQ, NK, NQB, NKB, scale, scale_log2,
-    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
+    BLOCK: tl.constexpr, HAS_BIAS: tl.constexpr,
     IS_CAUSAL: tl.constexpr, PRECISION: tl.constexpr, PAD: tl.constexpr, RAGGED: tl.constexpr,
     FOLD: tl.constexpr, TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     LOOK_AHEAD: tl.constexpr,
 ):
     """One program: BLOCK_N kv rows (inside one layout block) of one (batch, kv head), over the G query
-    heads that share it. DK and DV are contiguous [B, HKV, NK, HEAD_DIM]."""
+    heads that share it. DK and DV_OUT are contiguous [B, HKV, NK, HEAD_DIM] and [B, HKV, NK, DV]."""
     tl.static_assert(BLOCK % BLOCK_N == 0, "a program's kv rows lie inside one layout block")
     tl.static_assert(BLOCK % BLOCK_M == 0, "a visited block is walked in whole tiles")
     SUB: tl.constexpr = BLOCK // BLOCK_M
@@ -119,13 +122,15 @@ def dkdv_kernel(
     col0 = start_n - kb * BLOCK
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)
+    offs_dv = tl.arange(0, DV_PAD)
     nmask = (offs_n[:, None] < NK) & (offs_d[None, :] < HEAD_DIM)
+    nmask_v = (offs_n[:, None] < NK) & (offs_dv[None, :] < DV)
     k = tl.load(K + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
                 mask=nmask, other=0.0)
-    v = tl.load(V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                mask=nmask, other=0.0)
+    v = tl.load(V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                mask=nmask_v, other=0.0)
     dk = tl.zeros([BLOCK_N, D_PAD], tl.float32)
-    dv = tl.zeros([BLOCK_N, D_PAD], tl.float32)
+    dv = tl.zeros([BLOCK_N, DV_PAD], tl.float32)
     for g in range(G):
         h = hk * G + g
         slot = b * SLOT_B + h * SLOT_H
@@ -147,9 +152,9 @@ def dkdv_kernel(
             mid = tl.load(PART_MID + trow * NQB + t // SUB)
             dk, dv = _dkdv_tile(
                 dk, dv, k, v, Qh, DOh, Q_DESC, DO_DESC, b32, h.to(tl.int32), Lh, Dh, Bh, BITS, qb, (t % SUB) * BLOCK_M,
-                mid, offs_n, col0, offs_d, stride_qm, stride_qd, stride_dom, stride_dod, stride_bias_m, stride_bias_n,
-                NQ, NK, scale_log2,
-                HEAD_DIM=HEAD_DIM, D_PAD=D_PAD, BLOCK=BLOCK, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, PARTIAL=True,
+                mid, offs_n, col0, offs_d, offs_dv, stride_qm, stride_qd, stride_dom, stride_dod, stride_bias_m,
+                stride_bias_n, NQ, NK, scale_log2,
+                HEAD_DIM=HEAD_DIM, D_PAD=D_PAD, DV=DV, DV_PAD=DV_PAD, BLOCK=BLOCK, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, PARTIAL=True,
                 BOUNDS=RAGGED, HAS_BIAS=HAS_BIAS, IS_CAUSAL=IS_CAUSAL, PRECISION=PRECISION, FOLD=FOLD, TMA=TMA,
             )
         qb_next = visit(T_FULL_IDX + trow * NQB, first_full * SUB, n_full * SUB, SUB=SUB)
@@ -157,25 +162,25 @@ def dkdv_kernel(
             qb, qb_next = full_visit(T_FULL_IDX + trow * NQB, qb_next, t, n_full * SUB, SUB=SUB, LOOK_AHEAD=LOOK_AHEAD)
             dk, dv = _dkdv_tile(
                 dk, dv, k, v, Qh, DOh, Q_DESC, DO_DESC, b32, h.to(tl.int32), Lh, Dh, Bh, BITS, qb, (t % SUB) * BLOCK_M,
-                0, offs_n, col0, offs_d, stride_qm, stride_qd, stride_dom, stride_dod, stride_bias_m, stride_bias_n,
-                NQ, NK, scale_log2,
-                HEAD_DIM=HEAD_DIM, D_PAD=D_PAD, BLOCK=BLOCK, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, PARTIAL=False,
+                0, offs_n, col0, offs_d, offs_dv, stride_qm, stride_qd, stride_dom, stride_dod, stride_bias_m,
+                stride_bias_n, NQ, NK, scale_log2,
+                HEAD_DIM=HEAD_DIM, D_PAD=D_PAD, DV=DV, DV_PAD=DV_PAD, BLOCK=BLOCK, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, PARTIAL=False,
                 BOUNDS=False, HAS_BIAS=HAS_BIAS, IS_CAUSAL=IS_CAUSAL, PRECISION=PRECISION, FOLD=FOLD, TMA=TMA,
             )
     tl.store(DK + pid_bh * NK * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :],
              (dk * scale).to(DK.dtype.element_ty), mask=nmask)
-    tl.store(DV + pid_bh * NK * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :],
-             dv.to(DV.dtype.element_ty), mask=nmask)
+    tl.store(DV_OUT + pid_bh * NK * DV + offs_n[:, None] * DV + offs_dv[None, :],
+             dv.to(DV_OUT.dtype.element_ty), mask=nmask_v)
 
 
 @triton.jit
 def _dq_tile(
     dq, q, do, m2, log_l, delta, K, V, K_DESC, V_DESC, b, hk, Bias, DBias, BITS, kb, j, mid,
-    offs_m, rows_in_block, offs_d, stride_kn, stride_kd, stride_vn, stride_vd, stride_bias_m, stride_bias_n,
-    NQ, NK, scale_log2,
-    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, PARTIAL: tl.constexpr, BOUNDS: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BIAS_GRAD: tl.constexpr, IS_CAUSAL: tl.constexpr, PRECISION: tl.constexpr, FOLD: tl.constexpr,
+    offs_m, rows_in_block, offs_d, offs_dv, stride_kn, stride_kd, stride_vn, stride_vd, stride_bias_m,
+    stride_bias_n, NQ, NK, scale_log2,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr, BLOCK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PARTIAL: tl.constexpr, BOUNDS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, IS_CAUSAL: tl.constexpr, PRECISION: tl.constexpr, FOLD: tl.constexpr,
     TMA: tl.constexpr,
 ):
     """dq of this program's query rows, plus the contribution of kv rows kb * BLOCK + j .. + BLOCK_N
@@ -184,8 +189,8 @@ def _dq_tile(
     cols = first + tl.arange(0, BLOCK_N)
     kt = load_rows(K, K_DESC, b, hk, first, cols, offs_d, stride_kn, stride_kd, NK,
                    HEAD_DIM=HEAD_DIM, D_PAD=D_PAD, ROWS=BLOCK_N, BOUNDS=BOUNDS, TRANS=True, TMA=TMA)
-    vt = load_rows(V, V_DESC, b, hk, first, cols, offs_d, stride_vn, stride_vd, NK,
-                   HEAD_DIM=HEAD_DIM, D_PAD=D_PAD, ROWS=BLOCK_N, BOUNDS=BOUNDS, TRANS=True, TMA=TMA)
+    vt = load_rows(V, V_DESC, b, hk, first, cols, offs_dv, stride_vn, stride_vd, NK,
+                   HEAD_DIM=DV, D_PAD=DV_PAD, ROWS=BLOCK_N, BOUNDS=BOUNDS, TRANS=True, TMA=TMA)
     if FOLD:  # no bias: as in _dkdv_tile
         s = tile_scores(dot(q, kt, PRECISION=PRECISION) * scale_log2 - (m2 + log_l)[:, None], Bias, BITS, mid, offs_m,
                         rows_in_block, cols, j, stride_bias_m, stride_bias_n, NQ, NK, BLOCK=BLOCK, BLOCK_M=BLOCK_M,
@@ -217,7 +222,8 @@ def dq_kernel(
     stride_bias_b, stride_bias_h, stride_bias_m, stride_bias_n,
     SLOT_B, SLOT_H,
     H, G, NQ, NK, NQB, NKB, scale, scale_log2,
-    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
+    BLOCK: tl.constexpr, HAS_BIAS: tl.constexpr,
     IS_CAUSAL: tl.constexpr, PRECISION: tl.constexpr, PAD: tl.constexpr, RAGGED: tl.constexpr,
     FOLD: tl.constexpr, TMA: tl.constexpr, BIAS_GRAD: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, LOOK_AHEAD: tl.constexpr,
@@ -231,16 +237,18 @@ def dq_kernel(
     PART_MID, BITS = T + O_PART_MID, T + O_BITS
     FULL_NUM, FULL_IDX, PART_NUM, PART_IDX = T + O_FULL_NUM, T + O_FULL_IDX, T + O_PART_NUM, T + O_PART_IDX
     pid_bh, b, h, start_m, qb, rows_in_block, offs_m, offs_d = query_tile(H, BLOCK=BLOCK, BLOCK_M=BLOCK_M, D_PAD=D_PAD)
+    offs_dv = tl.arange(0, DV_PAD)
     mmask = (offs_m[:, None] < NQ) & (offs_d[None, :] < HEAD_DIM)
+    mmask_v = (offs_m[:, None] < NQ) & (offs_dv[None, :] < DV)
     q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
                 mask=mmask, other=0.0)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
-                 mask=mmask, other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
+                 mask=mmask_v, other=0.0)
     m2 = tl.load(Lse + pid_bh * 2 * NQ + offs_m, mask=offs_m < NQ, other=0.0)
     log_l = tl.load(Lse + pid_bh * 2 * NQ + NQ + offs_m, mask=offs_m < NQ, other=float("inf"))
     # delta = rowsum(out * dout), stored for the dk/dv kernel that runs after this one
-    o = tl.load(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
-                mask=mmask, other=0.0)
+    o = tl.load(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od,
+                mask=mmask_v, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(Delta + pid_bh * NQ + offs_m, delta, mask=offs_m < NQ)
     K += b * stride_kb + (h // G) * stride_kh
@@ -257,9 +265,9 @@ def dq_kernel(
         mid = tl.load(PART_MID + row * NKB + t // SUB)
         dq = _dq_tile(
             dq, q, do, m2, log_l, delta, K, V, K_DESC, V_DESC, b32, hk32, Bias, DBias, BITS, kb, (t % SUB) * BLOCK_N,
-            mid, offs_m, rows_in_block, offs_d, stride_kn, stride_kd, stride_vn, stride_vd, stride_bias_m,
+            mid, offs_m, rows_in_block, offs_d, offs_dv, stride_kn, stride_kd, stride_vn, stride_vd, stride_bias_m,
             stride_bias_n, NQ, NK, scale_log2,
-            HEAD_DIM=HEAD_DIM, D_PAD=D_PAD, BLOCK=BLOCK, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, PARTIAL=True,
+            HEAD_DIM=HEAD_DIM, D_PAD=D_PAD, DV=DV, DV_PAD=DV_PAD, BLOCK=BLOCK, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, PARTIAL=True,
             BOUNDS=RAGGED, HAS_BIAS=HAS_BIAS, BIAS_GRAD=BIAS_GRAD, IS_CAUSAL=IS_CAUSAL, PRECISION=PRECISION,
             FOLD=FOLD, TMA=TMA,
         )
@@ -268,9 +276,9 @@ def dq_kernel(
         kb, kb_next = full_visit(FULL_IDX + row * NKB, kb_next, t, n_full * SUB, SUB=SUB, LOOK_AHEAD=LOOK_AHEAD)
         dq = _dq_tile(
             dq, q, do, m2, log_l, delta, K, V, K_DESC, V_DESC, b32, hk32, Bias, DBias, BITS, kb, (t % SUB) * BLOCK_N,
-            0, offs_m, rows_in_block, offs_d, stride_kn, stride_kd, stride_vn, stride_vd, stride_bias_m,
+            0, offs_m, rows_in_block, offs_d, offs_dv, stride_kn, stride_kd, stride_vn, stride_vd, stride_bias_m,
             stride_bias_n, NQ, NK, scale_log2,
-            HEAD_DIM=HEAD_DIM, D_PAD=D_PAD, BLOCK=BLOCK, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, PARTIAL=False,
+            HEAD_DIM=HEAD_DIM, D_PAD=D_PAD, DV=DV, DV_PAD=DV_PAD, BLOCK=BLOCK, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, PARTIAL=False,
             BOUNDS=False, HAS_BIAS=HAS_BIAS, BIAS_GRAD=BIAS_GRAD, IS_CAUSAL=IS_CAUSAL, PRECISION=PRECISION,
             FOLD=FOLD, TMA=TMA,
         )

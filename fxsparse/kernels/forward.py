@@ -4,7 +4,8 @@ Notation:
   B, H, G         batch, query heads, query heads per key/value head (grouped-query attention: head h
                   reads kv head h // G)
   NQ, NK          query and key/value lengths; NQB, NKB their numbers of layout blocks
-  HEAD_DIM, D_PAD the head dim and its power-of-two padding (masked loads, never a copy of the inputs)
+  HEAD_DIM, D_PAD the head dim of q and k and its power-of-two padding (masked loads, never a copy of
+                  the inputs); DV, DV_PAD the same for v and the output (equal to them when v has k's head dim)
   BLOCK           the layout's block size; BLOCK_M query rows per program, BLOCK_N kv rows per step,
                   SUB = BLOCK // BLOCK_N steps per visited block
   stride_xb, stride_xh, stride_xm / stride_xn, stride_xd: strides of tensor x along batch, head,
@@ -32,10 +33,10 @@ from .common import dot, full_visit, load_rows, query_tile, tile_scores, visit, 
 @triton.jit
 def _forward_tile(
     acc, m_i, l_i, q, K, V, K_DESC, V_DESC, b, hk, Bias, BITS, kb, j, mid,
-    offs_m, rows_in_block, offs_d, stride_kn, stride_kd, stride_vn, stride_vd, stride_bias_m, stride_bias_n,
+    offs_m, rows_in_block, offs_d, offs_dv, stride_kn, stride_kd, stride_vn, stride_vd, stride_bias_m, stride_bias_n,
     NQ, NK, scale_log2,
-    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, PARTIAL: tl.constexpr, BOUNDS: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr, BLOCK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PARTIAL: tl.constexpr, BOUNDS: tl.constexpr, HAS_BIAS: tl.constexpr,
     IS_CAUSAL: tl.constexpr, PRECISION: tl.constexpr, FOLD: tl.constexpr, TMA: tl.constexpr,
 ):
     """One step of the online softmax over kv rows kb * BLOCK + j .. + BLOCK_N: the updated
@@ -44,8 +45,8 @@ def _forward_tile(
     cols = first + tl.arange(0, BLOCK_N)
     kt = load_rows(K, K_DESC, b, hk, first, cols, offs_d, stride_kn, stride_kd, NK,
                    HEAD_DIM=HEAD_DIM, D_PAD=D_PAD, ROWS=BLOCK_N, BOUNDS=BOUNDS, TRANS=True, TMA=TMA)
-    v = load_rows(V, V_DESC, b, hk, first, cols, offs_d, stride_vn, stride_vd, NK,
-                  HEAD_DIM=HEAD_DIM, D_PAD=D_PAD, ROWS=BLOCK_N, BOUNDS=BOUNDS, TRANS=False, TMA=TMA)
+    v = load_rows(V, V_DESC, b, hk, first, cols, offs_dv, stride_vn, stride_vd, NK,
+                  HEAD_DIM=DV, D_PAD=DV_PAD, ROWS=BLOCK_N, BOUNDS=BOUNDS, TRANS=False, TMA=TMA)
     if FOLD and not (PARTIAL or HAS_BIAS or IS_CAUSAL):
         # a tile with nothing to mask: the row max of the raw scores, scaled after (scale > 0), and the
         # scale and the shift in one multiply-add per score; the max is finite, no -inf guard
@@ -77,7 +78,8 @@ def forward_kernel(
     stride_bias_b, stride_bias_h, stride_bias_m, stride_bias_n,
     SLOT_B, SLOT_H,
     H, G, NQ, NK, NQB, NKB, scale_log2,
-    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
+    BLOCK: tl.constexpr, HAS_BIAS: tl.constexpr,
     IS_CAUSAL: tl.constexpr, PRECISION: tl.constexpr, PAD: tl.constexpr, RAGGED: tl.constexpr,
     FOLD: tl.constexpr, TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     LOOK_AHEAD: tl.constexpr,
@@ -92,6 +94,7 @@ def forward_kernel(
     tl.static_assert(BLOCK % BLOCK_M == 0, "a program's query rows lie inside one layout block")
     tl.static_assert(BLOCK % BLOCK_N == 0, "a visited block is walked in whole tiles")
     tl.static_assert(D_PAD >= HEAD_DIM)
+    tl.static_assert(DV_PAD >= DV)
     SUB: tl.constexpr = BLOCK // BLOCK_N
     PART_MID, BITS = T + O_PART_MID, T + O_BITS
     FULL_NUM, FULL_IDX, PART_NUM, PART_IDX = T + O_FULL_NUM, T + O_FULL_IDX, T + O_PART_NUM, T + O_PART_IDX
@@ -107,7 +110,8 @@ def forward_kernel(
     row = (b * SLOT_B + h * SLOT_H) * NQB + qb
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
+    offs_dv = tl.arange(0, DV_PAD)
+    acc = tl.zeros([BLOCK_M, DV_PAD], tl.float32)
     n_part, n_full = visit_counts(PART_NUM, PART_IDX, FULL_NUM, FULL_IDX, row, NKB, start_m,
                                   BLOCK=BLOCK, BLOCK_M=BLOCK_M, IS_CAUSAL=IS_CAUSAL, PAD=PAD)
     for t in range(n_part * SUB):
@@ -115,9 +119,9 @@ def forward_kernel(
         mid = tl.load(PART_MID + row * NKB + t // SUB)
         acc, m_i, l_i = _forward_tile(
             acc, m_i, l_i, q, K, V, K_DESC, V_DESC, b32, hk32, Bias, BITS, kb, (t % SUB) * BLOCK_N, mid,
-            offs_m, rows_in_block, offs_d, stride_kn, stride_kd, stride_vn, stride_vd, stride_bias_m, stride_bias_n,
-            NQ, NK, scale_log2,
-            HEAD_DIM=HEAD_DIM, D_PAD=D_PAD, BLOCK=BLOCK, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, PARTIAL=True,
+            offs_m, rows_in_block, offs_d, offs_dv, stride_kn, stride_kd, stride_vn, stride_vd, stride_bias_m,
+            stride_bias_n, NQ, NK, scale_log2,
+            HEAD_DIM=HEAD_DIM, D_PAD=D_PAD, DV=DV, DV_PAD=DV_PAD, BLOCK=BLOCK, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, PARTIAL=True,
             BOUNDS=RAGGED, HAS_BIAS=HAS_BIAS, IS_CAUSAL=IS_CAUSAL, PRECISION=PRECISION, FOLD=FOLD, TMA=TMA,
         )
     kb_next = visit(FULL_IDX + row * NKB, 0, n_full * SUB, SUB=SUB)
@@ -125,16 +129,16 @@ def forward_kernel(
         kb, kb_next = full_visit(FULL_IDX + row * NKB, kb_next, t, n_full * SUB, SUB=SUB, LOOK_AHEAD=LOOK_AHEAD)
         acc, m_i, l_i = _forward_tile(
             acc, m_i, l_i, q, K, V, K_DESC, V_DESC, b32, hk32, Bias, BITS, kb, (t % SUB) * BLOCK_N, 0,
-            offs_m, rows_in_block, offs_d, stride_kn, stride_kd, stride_vn, stride_vd, stride_bias_m, stride_bias_n,
-            NQ, NK, scale_log2,
-            HEAD_DIM=HEAD_DIM, D_PAD=D_PAD, BLOCK=BLOCK, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, PARTIAL=False,
+            offs_m, rows_in_block, offs_d, offs_dv, stride_kn, stride_kd, stride_vn, stride_vd, stride_bias_m,
+            stride_bias_n, NQ, NK, scale_log2,
+            HEAD_DIM=HEAD_DIM, D_PAD=D_PAD, DV=DV, DV_PAD=DV_PAD, BLOCK=BLOCK, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, PARTIAL=False,
             BOUNDS=False, HAS_BIAS=HAS_BIAS, IS_CAUSAL=IS_CAUSAL, PRECISION=PRECISION, FOLD=FOLD, TMA=TMA,
         )
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
     log_l = tl.where(empty, float("inf"), tl.math.log2(tl.where(empty, 1.0, l_i)))
-    o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
-    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=(offs_m[:, None] < NQ) & (offs_d[None, :] < HEAD_DIM))
+    o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=(offs_m[:, None] < NQ) & (offs_dv[None, :] < DV))
     tl.store(Lse + pid_bh * 2 * NQ + offs_m, m_safe, mask=offs_m < NQ)
     tl.store(Lse + pid_bh * 2 * NQ + NQ + offs_m, log_l, mask=offs_m < NQ)

@@ -187,10 +187,13 @@ def _capability(index: int):
     return torch.cuda.get_device_capability(index)
 
 
-def _descriptors_fit(d: int, d_pad: int, a, b) -> bool:
-    """Whether two [B, H, N, D] tensors can be read through tensor descriptors (TMA, Hopper and newer):
-    2-byte elements, an unpadded head dim, unit stride along it, and 16-byte aligned base and strides."""
-    if TensorDescriptor is None or d != d_pad or a.dtype not in (torch.float16, torch.bfloat16):
+def _descriptors_fit(a, b) -> bool:
+    """Whether two [B, H, N, D] tensors (each with its own D) can be read through tensor descriptors
+    (TMA, Hopper and newer): 2-byte elements, unpadded head dims, unit stride along them, and 16-byte
+    aligned base and strides."""
+    if TensorDescriptor is None or a.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    if any(t.shape[-1] != _pad_dim(t.shape[-1]) for t in (a, b)):
         return False
     if a.is_cuda and _capability(a.device.index)[0] < 9:
         return False
@@ -205,19 +208,20 @@ def _descriptor_fits(t) -> bool:
             and t.numel() > 0)
 
 
-def _use_descriptors(d: int, d_pad: int, a, b, setting) -> bool:
-    """Tensor descriptors for two of a kernel's inputs. setting None: at D = 128 only (there they are
-    faster; at D = 64 they cost registers and a program per SM: docs/performance.md); True: wherever
-    they fit; False: never."""
-    if setting is False or (setting is None and d != 128):
+def _use_descriptors(a, b, setting) -> bool:
+    """Tensor descriptors for two of a kernel's inputs. setting None: where both head dims are 128 (there
+    they are faster; at D = 64 they cost registers and a program per SM: docs/performance.md); True:
+    wherever they fit; False: never."""
+    if setting is False or (setting is None and not a.shape[-1] == b.shape[-1] == 128):
         return False
-    return _descriptors_fit(d, d_pad, a, b)
+    return _descriptors_fit(a, b)
 
 
-def _tile_descriptors(a, b, rows: int, d_pad: int):
-    """Descriptors of two [B, H, N, D] tensors that load [1, 1, rows, d_pad] tiles (about 2 µs of host
-    time each: triton's constructor checks again what `_descriptors_fit` has checked)."""
-    return [TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, d_pad]) for t in (a, b)]
+def _tile_descriptors(a, b, rows: int):
+    """Descriptors of two [B, H, N, D] tensors that load [1, 1, rows, D] tiles, D each tensor's own
+    (unpadded: `_descriptors_fit`); about 2 µs of host time each, triton's constructor checks again
+    what `_descriptors_fit` has checked."""
+    return [TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, t.shape[-1]]) for t in (a, b)]
 
 
 # ------------------------------------------------------------------------------------- entry points
@@ -226,21 +230,21 @@ def forward(q, k, v, tables, bias, scale, block, causal, out, options: KernelOpt
     statistics [B, H, 2, Nq] (float32, base 2) the backward needs. tables: (flat tables, layout
     batch, layout heads)."""
     b, h, nq, d = q.shape
-    hkv, nk = k.shape[1], k.shape[2]
+    hkv, nk, dv = k.shape[1], k.shape[2], v.shape[-1]
     nqb, nkb = -(-nq // block), -(-nk // block)
     data, fwd_offsets, _, (slot_b, slot_h) = _table_args(tables, nqb, nkb)
-    d_pad = _pad_dim(d)
+    d_pad, dv_pad = _pad_dim(d), _pad_dim(dv)
     lse = torch.empty(b, h, 2, nq, dtype=torch.float32, device=q.device)
     bias_t, bstr, has_bias = _bias_args(bias, q, nk)
-    tma = _use_descriptors(d, d_pad, k, v, options.forward_descriptors)
-    consts = dict(HEAD_DIM=d, D_PAD=d_pad, BLOCK=block, HAS_BIAS=has_bias, IS_CAUSAL=causal,
+    tma = _use_descriptors(k, v, options.forward_descriptors)
+    consts = dict(HEAD_DIM=d, D_PAD=d_pad, DV=dv, DV_PAD=dv_pad, BLOCK=block, HAS_BIAS=has_bias, IS_CAUSAL=causal,
                   PRECISION=_precision(q.dtype), PAD=_pad_blocks(nqb, nkb, causal), RAGGED=_ragged(nq, nk, block),
                   FOLD=scale > 0 and options.forward_fold, TMA=tma)
     scalars = (*fwd_offsets, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *bstr, slot_b, slot_h,
                h, h // hkv, nq, nk, nqb, nkb, scale * LOG2E)
 
     def launch(plan: LaunchConfig):
-        kd, vd = _tile_descriptors(k, v, plan.cols, d_pad) if tma else (k, v)
+        kd, vd = _tile_descriptors(k, v, plan.cols) if tma else (k, v)
         _launch(forward_kernel, (nqb * (block // plan.rows), b * h), (q, k, v, kd, vd, out, lse, bias_t, data),
                 scalars, dict(consts, BLOCK_M=plan.rows, BLOCK_N=plan.cols, LOOK_AHEAD=plan.look_ahead),
                 plan.num_warps, plan.num_stages, options.forward_max_registers, options.fast_launch)
@@ -248,7 +252,7 @@ def forward(q, k, v, tables, bias, scale, block, causal, out, options: KernelOpt
     key = ("forward_kernel", q.device, q.dtype, *consts.values(), options.forward_config, options.forward_look_ahead,
            options.forward_max_registers)
     with _on_device(q):
-        _launch_fitting(key, lambda: forward_plans(block, d_pad, q.dtype, options, INTERPRETED), launch)
+        _launch_fitting(key, lambda: forward_plans(block, max(d_pad, dv_pad), q.dtype, options, INTERPRETED), launch)
     return lse
 
 
@@ -256,30 +260,30 @@ def backward(dout, q, k, v, out, lse, tables, bias, scale, block, causal, bias_g
     """(dq, dk, dv, dbias): the dq kernel (which also writes delta and, when bias_grad, the float32
     [B, H, Nq, Nk] bias gradient), then the dk/dv kernel."""
     b, h, nq, d = q.shape
-    hkv, nk = k.shape[1], k.shape[2]
+    hkv, nk, d_v = k.shape[1], k.shape[2], v.shape[-1]
     nqb, nkb = -(-nq // block), -(-nk // block)
     data, fwd_offsets, bwd_offsets, (slot_b, slot_h) = _table_args(tables, nqb, nkb)
-    d_pad = _pad_dim(d)
+    d_pad, dv_pad = _pad_dim(d), _pad_dim(d_v)
     delta = torch.empty(b, h, nq, dtype=torch.float32, device=q.device)  # written by the dq kernel
     dq = torch.empty(b, h, nq, d, dtype=q.dtype, device=q.device)
     dk = torch.empty(b, hkv, nk, d, dtype=k.dtype, device=q.device)
-    dv = torch.empty(b, hkv, nk, d, dtype=v.dtype, device=q.device)
+    dv = torch.empty(b, hkv, nk, d_v, dtype=v.dtype, device=q.device)
     dbias = torch.zeros(b, h, nq, nk, dtype=torch.float32, device=q.device) if bias_grad else None
     bias_t, bstr, has_bias = _bias_args(bias, q, nk)
-    common = dict(HEAD_DIM=d, D_PAD=d_pad, BLOCK=block, HAS_BIAS=has_bias, IS_CAUSAL=causal,
+    common = dict(HEAD_DIM=d, D_PAD=d_pad, DV=d_v, DV_PAD=dv_pad, BLOCK=block, HAS_BIAS=has_bias, IS_CAUSAL=causal,
                   PRECISION=_precision(q.dtype), PAD=_pad_blocks(nqb, nkb, causal), RAGGED=_ragged(nq, nk, block),
                   FOLD=not has_bias and options.backward_fold)
     io_strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride())
     bias_slots = (*bstr, slot_b, slot_h)
     # descriptors: K and V for dq, q and dout for dk/dv
-    dq_tma = _use_descriptors(d, d_pad, k, v, options.backward_descriptors)
-    dkdv_tma = _use_descriptors(d, d_pad, q, dout, options.backward_descriptors)
+    dq_tma = _use_descriptors(k, v, options.backward_descriptors)
+    dkdv_tma = _use_descriptors(q, dout, options.backward_descriptors)
     dq_scalars = (*fwd_offsets, *io_strides, *out.stride(), *bias_slots, h, h // hkv, nq, nk, nqb, nkb,
                   scale, scale * LOG2E)
     dkdv_scalars = (*bwd_offsets, *io_strides, *bias_slots, h, hkv, h // hkv, nq, nk, nqb, nkb, scale, scale * LOG2E)
 
     def launch_dq(plan: LaunchConfig):  # rows: query rows, cols: kv rows
-        kd, vd = _tile_descriptors(k, v, plan.cols, d_pad) if dq_tma else (k, v)
+        kd, vd = _tile_descriptors(k, v, plan.cols) if dq_tma else (k, v)
         _launch(dq_kernel, (nqb * (block // plan.rows), b * h),
                 (q, k, v, kd, vd, dout, out, lse, delta, dq, bias_t, dbias if bias_grad else q, data), dq_scalars,
                 dict(common, TMA=dq_tma, BIAS_GRAD=bias_grad, BLOCK_M=plan.rows, BLOCK_N=plan.cols,
@@ -287,16 +291,17 @@ def backward(dout, q, k, v, out, lse, tables, bias, scale, block, causal, bias_g
                 plan.num_warps, plan.num_stages, None, options.fast_launch)
 
     def launch_dkdv(plan: LaunchConfig):  # rows: kv rows, cols: query rows
-        qd, dod = _tile_descriptors(q, dout, plan.cols, d_pad) if dkdv_tma else (q, dout)
+        qd, dod = _tile_descriptors(q, dout, plan.cols) if dkdv_tma else (q, dout)
         _launch(dkdv_kernel, (nkb * (block // plan.rows), b * hkv),
                 (q, k, v, dout, qd, dod, lse, delta, dk, dv, bias_t, data), dkdv_scalars,
                 dict(common, TMA=dkdv_tma, BLOCK_M=plan.cols, BLOCK_N=plan.rows, LOOK_AHEAD=plan.look_ahead),
                 plan.num_warps, plan.num_stages, options.dkdv_max_registers, options.fast_launch)
 
     key = (q.device, q.dtype, bias_grad, dq_tma, dkdv_tma, *common.values())
+    width = max(d_pad, dv_pad)  # the plans of the wider head dim (both dims' tiles sit in shared memory)
     with _on_device(q):
         _launch_fitting(("dq_kernel", *key, options.dq_config, options.dq_look_ahead),
-                        lambda: dq_plans(block, d_pad, q.dtype, options, INTERPRETED), launch_dq)
+                        lambda: dq_plans(block, width, q.dtype, options, INTERPRETED), launch_dq)
         _launch_fitting(("dkdv_kernel", *key, options.dkdv_config, options.dkdv_look_ahead, options.dkdv_max_registers),
-                        lambda: dkdv_plans(block, d_pad, q.dtype, options, INTERPRETED), launch_dkdv)
+                        lambda: dkdv_plans(block, width, q.dtype, options, INTERPRETED), launch_dkdv)
     return dq, dk, dv, dbias
