@@ -93,16 +93,15 @@ def _as_4d(mask: torch.Tensor) -> torch.Tensor:
     return mask
 
 
-def _block_lists(sel: torch.Tensor):
-    """For a bool [..., R, C] selection: per row the count and the column indices, ascending, padded
-    with the unselected columns, ascending (so every entry names a real block)."""
-    cols = torch.arange(sel.shape[-1], device=sel.device, dtype=torch.int32)
-    csum = sel.cumsum(-1, dtype=torch.int32)
-    num = csum[..., -1:]
-    pos = torch.where(sel, csum - 1, num + cols - csum)  # an unselected column goes after every selected one
-    idx = torch.empty(sel.shape, dtype=torch.int32, device=sel.device)
-    idx.scatter_(-1, pos.long(), cols.expand(sel.shape))
-    return num[..., 0].contiguous(), idx
+def _lists_into(sel: torch.Tensor, dim: int, index: torch.Tensor, num_out: torch.Tensor, idx_out: torch.Tensor):
+    """Block lists of a bool selection along ``dim`` written into table views: ``num_out`` (``sel`` without
+    ``dim``) the count, ``idx_out`` (``sel``'s shape) the selected ``index`` values ascending, then the
+    unselected ones ascending (so every entry names a real block). ``index``: int32 along ``dim``."""
+    csum = sel.cumsum(dim, dtype=torch.int32)
+    num = csum.narrow(dim, csum.shape[dim] - 1, 1)
+    pos = torch.where(sel, csum - 1, num + index - csum)  # an unselected block goes after every selected one
+    num_out.copy_(num.squeeze(dim))
+    idx_out.scatter_(dim, pos.long(), index.expand(sel.shape))
 
 
 def _pack_bits(blocks: torch.Tensor) -> torch.Tensor:
@@ -235,58 +234,16 @@ class Layout:
                     causal: bool | None = None) -> "Layout":
         """The flat tables from block kinds [Bl, Hl, NQB, NKB], mask ids (the same shape, -1 where not
         partial; or a pair (flat positions, ids) of the partial blocks) and distinct packed masks.
+        ``density`` and ``causal`` (the mask lies in the top-left causal triangle) are computed unless given."""
+        def fill(kinds_out, mid_out):
+            kinds_out.copy_(kinds)
+            if isinstance(mask_id, tuple):  # (flat block positions, ids) of the partial blocks; -1 elsewhere
+                mid_out.fill_(-1)
+                mid_out.view(-1)[mask_id[0]] = mask_id[1].to(torch.int32)
+            else:
+                mid_out.copy_(mask_id)
 
-        Written straight into one preallocated tensor, a bounded number of block rows at a time:
-        the memory beyond the result is O(_CHUNK), whatever the number of blocks. ``density`` and
-        ``causal`` (the mask lies in the top-left causal triangle) are computed unless given."""
-        bl, hl, nqb, nkb = kinds.shape
-        dev = kinds.device
-        nq, nk = int(shape[0]), int(shape[1])
-        offsets = table_offsets(bl, hl, nqb, nkb)
-        words = bits.numel()
-        data = torch.empty(offsets["bits"][0] + 2 * words, dtype=torch.int32, device=dev)
-
-        def view(name):
-            off, size = offsets[name]
-            return data[off: off + math.prod(size)].view(size)
-
-        view("kinds").copy_(kinds)
-        mid_view = view("mask_id")
-        if isinstance(mask_id, tuple):  # (flat block positions, ids) of the partial blocks; -1 elsewhere
-            mid_view.fill_(-1)
-            mid_view.view(-1)[mask_id[0]] = mask_id[1].to(torch.int32)
-        else:
-            mid_view.copy_(mask_id)
-        mask_id = mid_view
-        lists = dict(full=(FULL, "full_num", "full_idx", None), part=(PARTIAL, "part_num", "part_idx", "part_mid"))
-        step = max(1, _CHUNK // max(1, bl * hl * nkb))
-        for qb0 in range(0, nqb, step):  # forward tables: per query block, its kv blocks
-            k = kinds[:, :, qb0: qb0 + step]
-            for kind, num_name, idx_name, mid_name in lists.values():
-                num, idx = _block_lists(k == kind)
-                view(num_name)[:, :, qb0: qb0 + step] = num
-                view(idx_name)[:, :, qb0: qb0 + step] = idx
-                if mid_name:  # a partial block's mask id beside its index (see part_mid above)
-                    view(mid_name)[:, :, qb0: qb0 + step] = mask_id[:, :, qb0: qb0 + step].gather(-1, idx.long())
-        step = max(1, _CHUNK // max(1, bl * hl * nqb))
-        for kb0 in range(0, nkb, step):  # backward tables: per kv block, the query blocks visiting it
-            k = kinds[:, :, :, kb0: kb0 + step].transpose(-1, -2)
-            for kind, num_name, idx_name, mid_name in lists.values():
-                num, idx = _block_lists(k == kind)
-                view("t_" + num_name)[:, :, kb0: kb0 + step] = num
-                view("t_" + idx_name)[:, :, kb0: kb0 + step] = idx
-                if mid_name:
-                    mid = mask_id[:, :, :, kb0: kb0 + step].transpose(-1, -2)
-                    view("t_" + mid_name)[:, :, kb0: kb0 + step] = mid.gather(-1, idx.long())
-        bits_at = offsets["bits"][0]
-        data[bits_at: bits_at + words] = bits.reshape(-1)
-        data[bits_at + words:] = _pack_bits(unpack_bits(bits).transpose(-1, -2)).reshape(-1)
-        if density is None:
-            density = _density(kinds, bs, nq, nk)
-        if causal is None:
-            causal = _within_causal(kinds, mask_id, bits, bs)
-        return cls(block_size=bs, shape=(nq, nk), batch=bl, num_heads=hl, data=data, density=density,
-                   causal=causal)
+        return _assemble(kinds.shape, bits, bs, shape, kinds.device, fill, density, causal)
 
     @classmethod
     def from_mask_mod(cls, mask_mod, q_len: int, kv_len: int, *, batch: int | None = None, heads: int | None = None,
@@ -493,46 +450,82 @@ def check_block_size_any(bs, what: str = "block_size") -> int:
 _CHUNK = 1 << 20  # elements (blocks or mask entries) handled at once while building: bounds the scratch memory
 
 
-def _density(kinds: torch.Tensor, bs: int, nq: int, nk: int) -> float:
-    """Share of the [nq, nk] scores that visited blocks compute (edge blocks cut to the sequence),
-    averaged over the mask's batch and heads."""
-    bl, hl, nqb, nkb = kinds.shape
-    last_cols = nk - bs * (nkb - 1)
-    total = torch.zeros(bl, hl, dtype=torch.int64, device=kinds.device)
+def _assemble(dims, bits, bs: int, shape, device, fill, density=None, causal=None) -> "Layout":
+    """A Layout's flat tables, written straight into one preallocated tensor.
+
+    ``dims`` = (Bl, Hl, NQB, NKB); ``bits``: the distinct packed partial masks [P, bs, bs // 32];
+    ``fill(kinds, mask_id)`` writes the int32 block kinds and mask ids into their tables (views of the
+    result). The block lists are derived from them a bounded number of block rows (columns) at a time,
+    so the memory beyond the result is O(_CHUNK) whatever the number of blocks; ``density`` and
+    ``causal`` are then read off the lists (O(block rows), one synchronisation) unless given."""
+    bl, hl, nqb, nkb = dims
+    nq, nk = int(shape[0]), int(shape[1])
+    offsets = table_offsets(bl, hl, nqb, nkb)
+    words = bits.numel()
+    data = torch.empty(offsets["bits"][0] + 2 * words, dtype=torch.int32, device=device)
+
+    def view(name):
+        off, size = offsets[name]
+        return data[off: off + math.prod(size)].view(size)
+
+    kinds, mask_id = view("kinds"), view("mask_id")
+    fill(kinds, mask_id)
+    cols = torch.arange(nkb, device=device, dtype=torch.int32)
     step = max(1, _CHUNK // max(1, bl * hl * nkb))
-    for qb0 in range(0, nqb, step):
-        visited = kinds[:, :, qb0: qb0 + step] != EMPTY
-        cols = bs * visited.sum(-1) - (bs - last_cols) * visited[..., -1]  # scores per row of each block row
-        heights = torch.full((visited.shape[2],), bs, dtype=torch.int64, device=kinds.device)
-        if qb0 + step >= nqb:
-            heights[-1] = nq - bs * (nqb - 1)
-        total += (cols * heights).sum(-1)
-    return float(total.double().mean()) / (nq * nk)
-
-
-def _strict_upper(bs: int, device) -> torch.Tensor:
-    """The packed [bs, bs // 32] mask of the entries above a block's diagonal (key > query)."""
-    r = torch.arange(bs, device=device)
-    return _pack_bits((r[None, :] > r[:, None])[None])[0]
-
-
-def _within_causal(kinds, mask_id, bits, bs: int) -> bool:
-    """Whether every allowed entry has key j <= query i (token indices, top-left as SDPA's is_causal)."""
-    bl, hl, nqb, nkb = kinds.shape
-    step = max(1, _CHUNK // max(1, bl * hl * nkb))
-    cols = torch.arange(nkb, device=kinds.device)
-    for qb0 in range(0, nqb, step):
+    for qb0 in range(0, nqb, step):  # forward tables: per query block, its kv blocks
         k = kinds[:, :, qb0: qb0 + step]
-        rows = torch.arange(qb0, qb0 + k.shape[2], device=kinds.device)
-        if bool(((k != EMPTY) & (cols[None, :] > rows[:, None])).any()):
-            return False
-    diag = kinds.diagonal(dim1=-2, dim2=-1)
-    if bool((diag == FULL).any()):
-        return False
-    mids = mask_id.diagonal(dim1=-2, dim2=-1)[diag == PARTIAL]
-    if mids.numel() == 0:
-        return True
-    return not bool((bits[mids.long()] & _strict_upper(bs, bits.device)).any())
+        for kind, name in ((FULL, "full"), (PARTIAL, "part")):
+            idx = view(name + "_idx")[:, :, qb0: qb0 + step]
+            _lists_into(k == kind, -1, cols, view(name + "_num")[:, :, qb0: qb0 + step], idx)
+        # a partial block's mask id beside its index (see part_mid above)
+        view("part_mid")[:, :, qb0: qb0 + step] = mask_id[:, :, qb0: qb0 + step].gather(-1, idx.long())
+    rows = torch.arange(nqb, device=device, dtype=torch.int32)[:, None]
+    step = max(1, _CHUNK // max(1, bl * hl * nqb))
+    for kb0 in range(0, nkb, step):  # backward tables: per kv block, the query blocks visiting it
+        k = kinds[:, :, :, kb0: kb0 + step]
+        for kind, name in ((FULL, "full"), (PARTIAL, "part")):
+            idx = view("t_" + name + "_idx")[:, :, kb0: kb0 + step].transpose(-1, -2)
+            _lists_into(k == kind, -2, rows, view("t_" + name + "_num")[:, :, kb0: kb0 + step], idx)
+        view("t_part_mid")[:, :, kb0: kb0 + step].transpose(-1, -2).copy_(
+            mask_id[:, :, :, kb0: kb0 + step].gather(-2, idx.long()))
+    bits_at = offsets["bits"][0]
+    data[bits_at: bits_at + words] = bits.reshape(-1)
+    data[bits_at + words:] = _pack_bits(unpack_bits(bits).transpose(-1, -2)).reshape(-1)
+    if density is None or causal is None:
+        got_density, got_causal = _facts(view, kinds, mask_id, bits, bs, nq, nk)
+        density = got_density if density is None else density
+        causal = got_causal if causal is None else causal
+    return Layout(block_size=bs, shape=(nq, nk), batch=bl, num_heads=hl, data=data, density=density,
+                  causal=causal)
+
+
+def _facts(view, kinds, mask_id, bits, bs: int, nq: int, nk: int) -> tuple:
+    """(density, causal) of freshly written tables, from the per-row lists (O(block rows)), read in one
+    synchronisation. density: the share of the [nq, nk] scores the visited blocks compute (edge blocks
+    cut to the sequence), averaged over the mask's batch and heads; causal: every allowed entry has
+    key j <= query i (token indices, top-left as SDPA's is_causal)."""
+    bl, hl, nqb, nkb = kinds.shape
+    dev = kinds.device
+    full_num, part_num = view("full_num").long(), view("part_num").long()
+    last_cols = nk - bs * (nkb - 1)
+    last_visited = (kinds[..., nkb - 1] != EMPTY).long()
+    row_cols = bs * (full_num + part_num) - (bs - last_cols) * last_visited  # scores per row of each block row
+    heights = torch.full((nqb,), bs, dtype=torch.int64, device=dev)
+    heights[-1] = nq - bs * (nqb - 1)
+    total = (row_cols * heights).sum(-1).double().mean()
+    # lists are ascending: a row's last listed block is its rightmost; full blocks must lie left of the
+    # diagonal, partial ones on it at most, and a partial diagonal block's mask below the diagonal
+    rows = torch.arange(nqb, device=dev)
+    last_full = view("full_idx").gather(-1, (full_num - 1).clamp(min=0)[..., None])[..., 0]
+    last_part = view("part_idx").gather(-1, (part_num - 1).clamp(min=0)[..., None])[..., 0]
+    above = ((full_num > 0) & (last_full >= rows)) | ((part_num > 0) & (last_part > rows))
+    r = torch.arange(bs, device=dev)
+    upper = (bits & _pack_bits((r[None, :] > r[:, None])[None])).flatten(1).any(1)  # per mask: any key > query
+    diag_kinds, diag_mid = kinds.diagonal(dim1=-2, dim2=-1), mask_id.diagonal(dim1=-2, dim2=-1)
+    above_diag = (diag_kinds == PARTIAL) & upper[diag_mid.clamp(min=0).long()]
+    bad = above.any() | above_diag.any()
+    total, bad = torch.stack([total, bad.double()]).tolist()
+    return total / (nq * nk), not bad
 
 
 def check_count(x, what: str, minimum: int = 0) -> int:
@@ -614,46 +607,119 @@ def build_tables(mask_mod, nq: int, nk: int, bl: int, hl: int, bs: int, device, 
     (int8 [bl|1, hl|1, qb1 - qb0, NKB]) which blocks are surely EMPTY or FULL; PARTIAL means "evaluate":
     only those blocks are evaluated, element by element. Without it every block is evaluated, a
     bounded tile at a time. Either way evaluated blocks that turn out all True or all False become
-    FULL or EMPTY, so the result equals ``from_mask`` of the materialized mask. Memory: the tables
-    (O(blocks)), the distinct partial blocks' packed masks, and O(_CHUNK) scratch.
+    FULL or EMPTY, so the result equals ``from_mask`` of the materialized mask.
+
+    ``mask_mod.tile_keys(b, h, qb, kb, bs, nq, nk)``, when the mask_mod has it, gives each block to
+    evaluate a key (int64 [C, K]) such that blocks with equal keys hold equal masks: one block per key
+    is evaluated (a sliding window evaluates one block per block diagonal, packed documents one per
+    document boundary). Memory with classify: the tables, the distinct partial blocks' packed masks,
+    and O(_CHUNK) scratch (the block kinds go straight into the tables).
     """
     device = torch.device("cpu") if device is None else torch.device(device)
     nqb, nkb = math.ceil(nq / bs), math.ceil(nk / bs)
+    if classify is None:
+        return _evaluate_all(mask_mod, nq, nk, bl, hl, bs, device)
+    step = max(1, _CHUNK // max(1, bl * hl * nkb))
+    chunks = [(qb0, min(nqb, qb0 + step)) for qb0 in range(0, nqb, step)]
+    # the kinds of a few block rows are kept between the passes, more are classified again
+    kept = [] if len(chunks) <= _KEEP_CHUNKS else None
+    todo = []  # (b, h, qb, kb) of the blocks to evaluate
+    for qb0, qb1 in chunks:
+        k = classify(qb0, qb1)
+        if kept is not None:
+            kept.append(k)
+        at = (k == PARTIAL).expand(bl, hl, qb1 - qb0, nkb).nonzero()
+        at[:, 2] += qb0
+        todo.append(at)
+    todo = torch.cat(todo) if len(todo) > 1 else todo[0]
+    kind_of, mid_of, bits = _evaluate_blocks(mask_mod, todo, bs, nq, nk)
+
+    def fill(kinds, mask_id):
+        for i, (qb0, qb1) in enumerate(chunks):
+            kinds[:, :, qb0:qb1] = kept[i] if kept is not None else classify(qb0, qb1)
+        mask_id.fill_(-1)
+        if todo.numel():
+            at = tuple(todo.t())
+            kinds[at] = kind_of
+            mask_id[at] = mid_of
+
+    return _assemble((bl, hl, nqb, nkb), bits, bs, (nq, nk), device, fill)
+
+
+_KEEP_CHUNKS = 4  # block-row chunks whose classified kinds build_tables keeps between its two passes
+
+
+def _evaluate_blocks(mask_mod, todo, bs: int, nq: int, nk: int):
+    """Evaluate the blocks at ``todo`` (int64 [C, 4]: b, h, qb, kb): their kinds and mask ids (int32 [C])
+    and the distinct partial masks, packed and in ``torch.unique`` order (as ``Layout.from_mask``)."""
+    device = todo.device
+    b, h, qb, kb = todo.unbind(1)
+    keys = None
+    if todo.shape[0] and callable(getattr(mask_mod, "tile_keys", None)):
+        keys = mask_mod.tile_keys(b, h, qb, kb, bs, nq, nk)
+    if keys is not None:  # one block per key stands for all blocks of that key
+        uniq, inverse = torch.unique(keys, dim=0, return_inverse=True)
+        n = todo.shape[0]
+        rep = torch.full((uniq.shape[0],), n, dtype=torch.int64, device=device)
+        rep.scatter_reduce_(0, inverse, torch.arange(n, device=device), "amin")
+        b, h, qb, kb = todo[rep].unbind(1)
+    per = max(1, _CHUNK // (bs * bs))
+    kinds, packed = [], []
+    for p0 in range(0, b.numel(), per):
+        tiles = _eval_tiles(mask_mod, b[p0: p0 + per], h[p0: p0 + per], qb[p0: p0 + per] * bs,
+                            kb[p0: p0 + per] * bs, bs, nq, nk)
+        flat = tiles.flatten(1)
+        full = flat.all(1)
+        kinds.append(torch.where(full, FULL, torch.where(flat.any(1), PARTIAL, EMPTY)).to(torch.int32))
+        packed.append(_pack_bits(tiles))
+    if kinds:
+        kinds = torch.cat(kinds) if len(kinds) > 1 else kinds[0]
+        packed = torch.cat(packed) if len(packed) > 1 else packed[0]
+    else:
+        kinds = torch.zeros(0, dtype=torch.int32, device=device)
+        packed = torch.zeros(0, bs, bs // 32, dtype=torch.int32, device=device)
+    part = kinds == PARTIAL
+    mids = torch.full(kinds.shape, -1, dtype=torch.int32, device=device)
+    partial = packed[part]
+    if partial.shape[0]:
+        uniq, ids = torch.unique(partial.flatten(1), dim=0, return_inverse=True)
+        mids[part] = ids.to(torch.int32)
+        bits = uniq.reshape(-1, bs, bs // 32).contiguous()
+    else:
+        bits = torch.zeros(1, bs, bs // 32, dtype=torch.int32, device=device)
+    if keys is not None:
+        kinds, mids = kinds[inverse], mids[inverse]
+    return kinds, mids, bits
+
+
+def diagonal_keys(b, h, qb, kb, bs: int, nq: int, nk: int):
+    """tile_keys of a mask that depends on q_idx - kv_idx alone (and not on b or h): blocks inside both
+    sequences on one block diagonal share a key; a block on a ragged edge is keyed by itself."""
+    inner = ((qb + 1) * bs <= nq) & ((kb + 1) * bs <= nk)
+    return torch.stack([torch.where(inner, 0, 1 + qb), torch.where(inner, qb - kb, kb)], 1)
+
+
+def _evaluate_all(mask_mod, nq: int, nk: int, bl: int, hl: int, bs: int, device) -> "Layout":
+    """build_tables without block kinds: every block evaluated, a bounded tile at a time."""
+    nqb, nkb = math.ceil(nq / bs), math.ceil(nk / bs)
     kinds = torch.empty(bl, hl, nqb, nkb, dtype=torch.int8, device=device)
     packed, where = [], []  # packed masks of partial blocks, and their flat block positions
-    if classify is not None:
-        step = max(1, _CHUNK // max(1, bl * hl * nkb))
-        for qb0 in range(0, nqb, step):
-            qb1 = min(nqb, qb0 + step)
-            kinds[:, :, qb0:qb1] = classify(qb0, qb1)
-        todo = (kinds.view(-1) == PARTIAL).nonzero().flatten()  # evaluate these blocks
-        if getattr(mask_mod, "diagonal", False) and bl == hl == 1 and todo.numel():
-            todo = _eval_diagonals(mask_mod, todo, kinds.view(-1), nq, nk, bs, packed, where)
-        per = max(1, _CHUNK // (bs * bs))
-        for p0 in range(0, todo.numel(), per):
-            flat = todo[p0: p0 + per]
-            kb, rest = flat % nkb, flat // nkb
-            qb, rest = rest % nqb, rest // nqb
-            hi, bi = rest % hl, rest // hl
-            tiles = _eval_tiles(mask_mod, bi, hi, qb * bs, kb * bs, bs, nq, nk)
-            _sort_tiles(tiles, flat, kinds.view(-1), packed, where)
-    else:
-        b, h = torch.arange(bl, device=device), torch.arange(hl, device=device)
-        kv_step = max(1, min(nkb, _CHUNK // (bl * hl * bs * bs)))
-        q_step = max(1, _CHUNK // (bl * hl * bs * bs * kv_step))
-        for qb0 in range(0, nqb, q_step):
-            qb1 = min(nqb, qb0 + q_step)
-            rows = torch.arange(qb0 * bs, qb1 * bs, device=device)
-            for kb0 in range(0, nkb, kv_step):
-                kb1 = min(nkb, kb0 + kv_step)
-                cols = torch.arange(kb0 * bs, kb1 * bs, device=device)
-                m = eval_grid(mask_mod, b, h, rows.clamp(max=nq - 1), cols.clamp(max=nk - 1))
-                m = m & (rows < nq)[:, None] & (cols < nk)[None, :]
-                tiles = m.reshape(bl, hl, qb1 - qb0, bs, kb1 - kb0, bs).transpose(3, 4)
-                bh = torch.arange(bl * hl, device=device)[:, None, None] * nqb
-                qbs = torch.arange(qb0, qb1, device=device)[None, :, None]
-                blocks = (bh + qbs) * nkb + torch.arange(kb0, kb1, device=device)[None, None, :]
-                _sort_tiles(tiles.reshape(-1, bs, bs), blocks.reshape(-1), kinds.view(-1), packed, where)
+    b, h = torch.arange(bl, device=device), torch.arange(hl, device=device)
+    kv_step = max(1, min(nkb, _CHUNK // (bl * hl * bs * bs)))
+    q_step = max(1, _CHUNK // (bl * hl * bs * bs * kv_step))
+    for qb0 in range(0, nqb, q_step):
+        qb1 = min(nqb, qb0 + q_step)
+        rows = torch.arange(qb0 * bs, qb1 * bs, device=device)
+        for kb0 in range(0, nkb, kv_step):
+            kb1 = min(nkb, kb0 + kv_step)
+            cols = torch.arange(kb0 * bs, kb1 * bs, device=device)
+            m = eval_grid(mask_mod, b, h, rows.clamp(max=nq - 1), cols.clamp(max=nk - 1))
+            m = m & (rows < nq)[:, None] & (cols < nk)[None, :]
+            tiles = m.reshape(bl, hl, qb1 - qb0, bs, kb1 - kb0, bs).transpose(3, 4)
+            bh = torch.arange(bl * hl, device=device)[:, None, None] * nqb
+            qbs = torch.arange(qb0, qb1, device=device)[None, :, None]
+            blocks = (bh + qbs) * nkb + torch.arange(kb0, kb1, device=device)[None, None, :]
+            _sort_tiles(tiles.reshape(-1, bs, bs), blocks.reshape(-1), kinds.view(-1), packed, where)
     if packed:
         allp = torch.cat(packed)
         uniq, inverse = torch.unique(allp.reshape(allp.shape[0], -1), dim=0, return_inverse=True)
@@ -664,36 +730,6 @@ def build_tables(mask_mod, nq: int, nk: int, bl: int, hl: int, bs: int, device, 
         bits = torch.zeros(1, bs, bs // 32, dtype=torch.int32, device=device)
     del packed, where
     return Layout._from_kinds(kinds, mask_id, bits, bs, (nq, nk))
-
-
-def _eval_diagonals(mask_mod, todo, kinds_flat, nq: int, nk: int, bs: int, packed: list, where: list):
-    """For a mask_mod whose value depends on q_idx - kv_idx alone (``mask_mod.diagonal``): the blocks
-    of ``todo`` inside both sequences are evaluated once per block diagonal (all blocks on one diagonal
-    hold the same mask) and sorted like _sort_tiles; returns the blocks left (on a ragged edge)."""
-    nkb = math.ceil(nk / bs)
-    qb, kb = todo // nkb, todo % nkb
-    inner = ((qb + 1) * bs <= nq) & ((kb + 1) * bs <= nk)
-    flat, qb, kb = todo[inner], qb[inner], kb[inner]
-    if flat.numel():
-        diag, first = torch.unique(qb - kb, return_inverse=True)
-        rep = torch.zeros_like(diag)  # one block on each diagonal: its query block and kv block
-        rep_q = rep.scatter_reduce(0, first, qb, "amax", include_self=False)
-        per = max(1, _CHUNK // (bs * bs))
-        kinds_d, packed_d = [], []
-        for d0 in range(0, diag.numel(), per):
-            q0 = rep_q[d0: d0 + per]
-            tiles = _eval_tiles(mask_mod, q0 * 0, q0 * 0, q0 * bs, (q0 - diag[d0: d0 + per]) * bs, bs, nq, nk)
-            flat_tiles = tiles.flatten(1)
-            full, any_ = flat_tiles.all(1), flat_tiles.any(1)
-            kinds_d.append(torch.where(full, FULL, torch.where(any_, PARTIAL, EMPTY)).to(torch.int8))
-            packed_d.append(_pack_bits(tiles))
-        kind = torch.cat(kinds_d)[first]
-        kinds_flat[flat] = kind
-        part = kind == PARTIAL
-        if bool(part.any()):
-            packed.append(torch.cat(packed_d)[first[part]])
-            where.append(flat[part])
-    return todo[~inner]
 
 
 def _sort_tiles(tiles, flat, kinds_flat, packed: list, where: list) -> None:
@@ -726,6 +762,8 @@ def _causal_classify(nq: int, nk: int, bs: int, device, offset: int = 0):
 def _causal_mod(offset: int = 0):
     def causal(b, h, q_idx, kv_idx):
         return kv_idx <= q_idx + offset
+    causal.broadcasts = True
+    causal.tile_keys = diagonal_keys
     return causal
 
 

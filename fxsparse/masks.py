@@ -137,18 +137,18 @@ def document_layout(doc_ids: torch.Tensor, *, causal: bool = False, block_size: 
     b = max(q.shape[0], kv.shape[0])
     q, kv = q.expand(b, -1), kv.expand(b, -1)
     nq, nk = q.shape[1], kv.shape[1]
+    nqb, nkb = math.ceil(nq / bs), math.ceil(nk / bs)
     q_lo, q_hi, q_pad = _block_ranges(q, bs)
     k_lo, k_hi, k_pad = _block_ranges(kv, bs)
-    causal_kinds = _causal_kinds(nq, nk, bs, kv.device) if causal else None
+    kl, kh, kp = k_lo[:, None, :], k_hi[:, None, :], k_pad[:, None, :]
 
     def classify(qb0, qb1):
         ql, qh, qp = q_lo[:, qb0:qb1, None], q_hi[:, qb0:qb1, None], q_pad[:, qb0:qb1, None]
-        kl, kh, kp = k_lo[:, None, :], k_hi[:, None, :], k_pad[:, None, :]
         empty = (qh < kl) | (kh < ql) | (qh < 0) | (kh < 0)  # id ranges apart, or all padding
         full = (ql == qh) & (kl == kh) & (ql == kl) & ~qp & ~kp
         kinds = torch.where(full, FULL, torch.where(empty, EMPTY, PARTIAL)).to(torch.int8)[:, None]
-        if causal_kinds is not None:
-            kinds = _intersect_kinds(kinds, causal_kinds[qb0:qb1])
+        if causal:
+            kinds = _intersect_kinds(kinds, _causal_kinds(nq, nk, bs, kv.device, qb0, qb1))
         return kinds
 
     def mask_mod(bi, h, q_idx, kv_idx):
@@ -156,7 +156,21 @@ def document_layout(doc_ids: torch.Tensor, *, causal: bool = False, block_size: 
         same = (qd == kv[bi, kv_idx]) & (qd >= 0)
         return same & (kv_idx <= q_idx) if causal else same
 
+    # A block whose ids are all one document d: every row of a block pair with such a query block is
+    # (key id == d), so the pair's mask depends on (d, the kv block) alone; the same for kv blocks, and
+    # for two such blocks on (d, d'). The causal part depends on qb - kb, where it cuts the block.
+    q_one = torch.where((q_lo == q_hi) & ~q_pad, q_lo, -1)
+    k_one = torch.where((k_lo == k_hi) & ~k_pad, k_lo, -1)
+
+    def tile_keys(bi, h, qb, kb, bs_, nq_, nk_):
+        qd, kd = q_one[bi, qb], k_one[bi, kb]
+        left = torch.where(qd >= 0, qd, -1 - (bi * nqb + qb))  # ids >= 0, a block of its own < 0
+        right = torch.where(kd >= 0, kd, -1 - (bi * nkb + kb))
+        cut = causal & ((kb + 1) * bs - 1 > qb * bs)  # the causal mask is not all True on this pair
+        return torch.stack([left, right, torch.where(cut, qb - kb, nqb + nkb)], 1)
+
     mask_mod.broadcasts = True
+    mask_mod.tile_keys = tile_keys
     return build_tables(mask_mod, nq, nk, b, 1, bs, kv.device, classify)
 
 
@@ -185,9 +199,10 @@ def _block_ranges(ids: torch.Tensor, bs: int):
     return lo, hi, ~real.all(-1)
 
 
-def _causal_kinds(nq: int, nk: int, bs: int, device) -> torch.Tensor:
-    """Block kinds of the top-left causal mask (key j <= query i): int8 [NQB, NKB]."""
-    a = torch.arange(math.ceil(nq / bs), device=device)[:, None]
+def _causal_kinds(nq: int, nk: int, bs: int, device, qb0: int = 0, qb1: int | None = None) -> torch.Tensor:
+    """Block kinds of the top-left causal mask (key j <= query i): int8 [NQB, NKB], or its query block
+    rows [qb0, qb1)."""
+    a = torch.arange(qb0, math.ceil(nq / bs) if qb1 is None else qb1, device=device)[:, None]
     c = torch.arange(math.ceil(nk / bs), device=device)[None, :]
     whole = ((a + 1) * bs <= nq) & ((c + 1) * bs <= nk)
     full = whole & ((c + 1) * bs - 1 <= a * bs)

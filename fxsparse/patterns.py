@@ -50,6 +50,7 @@ from .layout import (
     cached_layout,
     check_block_size_any,
     check_count,
+    diagonal_keys,
     eval_grid,
     resolve_mask,
 )
@@ -217,9 +218,10 @@ class BoundMaskMod:
     broadcasts = True  # patterns' masks take broadcasting index tensors as well as vmap's 0-d ones
 
     @property
-    def diagonal(self) -> bool:
-        """True when the mask depends on q_idx - kv_idx alone (layouts then evaluate one block a diagonal)."""
-        return self.pattern._diagonal
+    def tile_keys(self):
+        """For a mask that depends on q_idx - kv_idx alone: blocks on one block diagonal hold one mask,
+        so layouts evaluate one block a diagonal (see layout.build_tables); else None."""
+        return diagonal_keys if self.pattern._diagonal else None
 
     def block_kinds(self, q_len, kv_len, bs, device):
         """classify(qb0, qb1) for Layout building (see layout.build_tables), or None: evaluate every block."""
