@@ -4,11 +4,14 @@
     PYTHONPATH=. python benchmarks/attention.py --check         # correctness at real shapes first
     PYTHONPATH=. python benchmarks/attention.py --sweep         # kernel launch configs (CUDA-graph replays)
     PYTHONPATH=. python benchmarks/attention.py --shapes 8x16x4096x64 --options '{"forward_descriptors": true}'
+    PYTHONPATH=. python benchmarks/attention.py --shapes 1x12x8192x64 --causal-window 1024   # a causal LM's window
 
 --options takes a fxsparse.KernelOptions as JSON of the fields to change (LaunchConfigs as lists:
 "forward_config": [rows, cols, warps, stages]); every fxsparse call of the run uses it.
 
-Masks are 1-D local windows |i - j| <= w, w chosen so that the 128-block density is near the target.
+Masks are 1-D local windows |i - j| <= w, w chosen so that the 128-block density is near the target;
+with --causal-window W, the causal sliding window 0 <= i - j <= W instead (the densities are ignored; the
+layout holds the causality, so fxsparse gets no causal flag, and the dense baseline is SDPA's causal kernel).
 "Useful" TFLOP/s counts the FLOPs of the blocks a method computes: density x dense FLOPs for the
 block-sparse methods, dense FLOPs for SDPA (forward 4·N²·D per head, backward 2.5x that).
 """
@@ -32,6 +35,7 @@ OPTIONS = {}  # keyword arguments of every fxsparse call: {"options": KernelOpti
 SHAPES = [(8, 12, 4096, 64), (2, 16, 16384, 64), (1, 16, 32768, 128), (64, 12, 1024, 64)]
 DENSITIES = [0.03, 0.10, 0.25, 1.0]
 BLOCK = 128
+CAUSAL_WINDOW = None  # --causal-window: every mask is 0 <= i - j <= CAUSAL_WINDOW
 
 
 def block_density(n: int, w: int) -> float:
@@ -51,7 +55,16 @@ def window_for(n: int, density: float) -> int:
 
 def window_mask(n: int, w: int, device) -> torch.Tensor:
     i = torch.arange(n, device=device)
+    if CAUSAL_WINDOW is not None:
+        return ((i[:, None] - i[None, :]) >= 0) & ((i[:, None] - i[None, :]) <= CAUSAL_WINDOW)
     return (i[:, None] - i[None, :]).abs() <= w
+
+
+def windows(n: int, densities) -> list:
+    """The windows a shape is measured at: one per density, or the causal window."""
+    if CAUSAL_WINDOW is not None:
+        return [CAUSAL_WINDOW]
+    return sorted({window_for(n, dens) for dens in densities})
 
 
 def spin(ms: float = 300.0):
@@ -95,7 +108,10 @@ def make_flex(n: int, w: int, device):
     def local(b, h, q_idx, kv_idx):
         return (q_idx - kv_idx).abs() <= w
 
-    bm = create_block_mask(local, B=None, H=None, Q_LEN=n, KV_LEN=n, device=device, BLOCK_SIZE=BLOCK)
+    def causal_window(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & (q_idx - kv_idx <= w)
+
+    bm = create_block_mask(local if CAUSAL_WINDOW is None else causal_window, B=None, H=None, Q_LEN=n, KV_LEN=n, device=device, BLOCK_SIZE=BLOCK)
     flex = torch.compile(flex_attention, dynamic=False)
     return lambda q, k, v: flex(q, k, v, block_mask=bm)
 
@@ -109,10 +125,11 @@ def run_table(shapes, densities, modes, methods, block_sizes=(BLOCK,), progress=
         q, k, v = (torch.randn(b, h, n, d, device=dev, dtype=torch.bfloat16, generator=gen).requires_grad_() for _ in range(3))
         dout = torch.randn_like(q)
         dense_flops = 4 * b * h * n * n * d
-        for w in sorted({window_for(n, dens) for dens in densities}):
+        for w in windows(n, densities):
             mask = window_mask(n, w, dev)
             layout = Layout.from_mask(mask, block_size=BLOCK)  # the 128-block density every method is counted at
-            fns = {"sdpa-dense": lambda: F.scaled_dot_product_attention(q, k, v)}
+            causal = CAUSAL_WINDOW is not None  # the dense baseline of a causal mask is SDPA's causal kernel
+            fns = {"sdpa-dense": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal)}
             own_density = {}
             for bs in block_sizes:  # fxsparse with layouts of each block size ("fxsparse", "fxsparse-b64", ...)
                 lay = layout if bs == BLOCK else Layout.from_mask(mask, block_size=bs)
@@ -167,7 +184,8 @@ def run_table(shapes, densities, modes, methods, block_sizes=(BLOCK,), progress=
                     if not samples[name]:
                         continue
                     ms = sorted(samples[name])[len(samples[name]) // 2]
-                    computed = dense_flops * (1.0 if name.startswith("sdpa") else own_density.get(name, layout.density))
+                    dense_share = 0.5 if causal else 1.0
+                    computed = dense_flops * (dense_share if name.startswith("sdpa") else own_density.get(name, layout.density))
                     if mode == "fwd+bwd":
                         computed *= 3.5
                     useful = dense_flops * layout.density * (3.5 if mode == "fwd+bwd" else 1.0)
@@ -195,7 +213,9 @@ def check(shapes):
     results = []
     cases = []
     for b, h, n, d in shapes:
-        cases.append(dict(b=1, h=h, hkv=h, n=n, d=d, dens=0.1, bias=False, causal=False, dtype=torch.bfloat16))
+        # with --causal-window, that window as it is (its full blocks too); else 10 % of its elements dropped
+        keep = 1.0 if CAUSAL_WINDOW is not None else 0.9
+        cases.append(dict(b=1, h=h, hkv=h, n=n, d=d, dens=0.1, bias=False, causal=False, dtype=torch.bfloat16, keep=keep))
     cases += [
         dict(b=2, h=12, hkv=12, n=197, d=64, dens=0.3, bias=True, causal=False, dtype=torch.bfloat16),
         dict(b=2, h=8, hkv=2, n=1000, d=80, dens=0.2, bias=False, causal=True, dtype=torch.float16),
@@ -213,7 +233,9 @@ def check(shapes):
         q = torch.randn(b, n, 3, h, d, device=dev, dtype=dt, generator=g)[:, :, 0].transpose(1, 2).requires_grad_()
         k = torch.randn(b, hkv, n, d, device=dev, dtype=dt, generator=g).requires_grad_()
         v = torch.randn(b, hkv, n, d, device=dev, dtype=dt, generator=g).requires_grad_()
-        mask = window_mask(n, max(16, int(c["dens"] * n / 2)), dev) & (torch.rand(h, n, n, device=dev, generator=g) < 0.9)
+        mask = window_mask(n, max(16, int(c["dens"] * n / 2)), dev)
+        if c.get("keep", 0.9) < 1:  # partial blocks everywhere
+            mask = mask & (torch.rand(h, n, n, device=dev, generator=g) < c.get("keep", 0.9))
         bias = torch.randn(1, h, n, n, device=dev, generator=g).requires_grad_() if c["bias"] else None
         layout = Layout.from_mask(mask, block_size=BLOCK)
         out = fxsparse.sparse_attention(q, k, v, layout, bias=bias, causal=c["causal"], **OPTIONS)
@@ -252,7 +274,8 @@ def sweep(shape, density, block=BLOCK, fwd_configs=(), bwd_configs=()):
     b, h, n, d = shape
     dev = "cuda"
     q, k, v = (torch.randn(b, h, n, d, device=dev, dtype=torch.bfloat16).requires_grad_() for _ in range(3))
-    layout = Layout.from_mask(window_mask(n, window_for(n, density), dev), block_size=block)
+    w = CAUSAL_WINDOW if CAUSAL_WINDOW is not None else window_for(n, density)
+    layout = Layout.from_mask(window_mask(n, w, dev), block_size=block)
     dout = torch.randn_like(q)
     rows = []
     useful = 4 * b * h * n * n * d * layout.density
@@ -295,7 +318,8 @@ def main():
     p.add_argument("--sweep", action="store_true")
     p.add_argument("--table", action="store_true")
     p.add_argument("--sweep-points", default="0:0.10:128;0:1.0:128;2:0.10:128",
-                   help="shape index:density:block size; ... (launch configs from --fwd-configs / --bwd-configs)")
+                   help="shape (index or BxHxNxD):density:block size; ... (launch configs from --fwd-configs / "
+                        "--bwd-configs)")
     p.add_argument("--fwd-configs", default="128,128,8,3;64,64,4,3;64,64,4,4;64,64,4,2;64,32,4,3;128,64,4,3;64,128,4,2",
                    help="forward LaunchConfigs rows,cols,warps,stages; ... ('' for none)")
     p.add_argument("--bwd-configs", default="64,64,4,3;64,64,4,4;64,32,4,3;32,64,4,3;64,64,8,3;128,64,8,3",
@@ -312,8 +336,13 @@ def main():
                         "'fxsparse-bNN'); at head dims <= 64 the kernels walk 64-blocks anyway unless the options "
                         "say refine=false")
     p.add_argument("--repeats", type=int, default=1, help="measure each method this many times, in turns; report the median")
+    p.add_argument("--causal-window", type=int, default=None,
+                   help="every mask is the causal sliding window 0 <= i - j <= W (a causal LM's), for the table, "
+                        "the sweep and the check")
     p.add_argument("--out", default="benchmarks/out")
     a = p.parse_args()
+    global CAUSAL_WINDOW
+    CAUSAL_WINDOW = a.causal_window
     shapes = parse_shapes(a.shapes)
     if a.options:
         from fxsparse.options import decode
@@ -335,7 +364,7 @@ def main():
     if a.sweep:
         points = [p.split(":") for p in a.sweep_points.split(";")]  # shape index : density : block
         fwd, bwd = ([c for c in cs.split(";") if c] for cs in (a.fwd_configs, a.bwd_configs))
-        res = [r for i, dens, bs in points for r in sweep(SHAPES[int(i)], float(dens), int(bs), fwd, bwd)]
+        res = [r for i, dens, bs in points for r in sweep(parse_shapes(i)[0], float(dens), int(bs), fwd, bwd)]
         result["sweep"] = res
         print(tabulate(res, headers="keys"))
     if a.table or not (a.check or a.sweep):

@@ -8,9 +8,11 @@ moves the output (so the check has teeth). Then a GPT-2-small-shaped LM at 8k to
 kept dense (mask_fn returns None): the transformed model must cost what the original costs; the same LM
 with a causal sliding window against Flex; a BERT-base-shaped encoder whose samples are half padding.
 
-    PYTHONPATH=. python benchmarks/models.py [--quick]
+    PYTHONPATH=. python benchmarks/models.py [--quick] [--cases lm-window,vit2048] [--profile]
 
-Prints a table; writes ``benchmarks/out/models.json``.
+Prints a table; writes ``benchmarks/out/models.json``. ``--profile`` adds, per case and method, where
+one step's time goes (torch.profiler): the GPU time of the attention kernels and of the rest of the
+model, the GPU's idle time within the step, the host time to issue the step, and the heaviest kernels.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import argparse
 import json
 import os
 import statistics
+import time
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +31,7 @@ import fxsparse
 from fxsparse import patterns
 
 flex = torch.compile(flex_attention, dynamic=False)
+PROFILE = False  # --profile
 
 
 class SdpaWith(TorchFunctionMode):
@@ -63,6 +67,53 @@ def timed(fn, warmup=3, reps=10):
     return statistics.median(times)
 
 
+ATTENTION_KERNELS = ("forward_kernel", "dq_kernel", "dkdv_kernel",  # fxsparse
+                     "triton_tem_", "flex_attention",  # FlexAttention (inductor templates)
+                     "flash", "fmha", "attention", "sdpa")  # PyTorch's SDPA kernels
+
+
+def profile_step(fn, steps=3):
+    """Where one step's time goes: GPU ms of attention kernels and of the rest, wall ms per step (CUDA
+    events), host ms to issue a step (no synchronisation inside it), and the five heaviest kernels."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    issue = []
+    for _ in range(steps):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        issue.append((time.perf_counter() - t) * 1e3)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start.record()
+        for _ in range(steps):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+    kernels: dict = {}
+    for evt in prof.events():
+        if evt.device_type == DeviceType.CUDA:
+            kernels[evt.name] = kernels.get(evt.name, 0.0) + evt.time_range.elapsed_us() / 1e3 / steps
+    attention = sum(ms for name, ms in kernels.items() if any(a in name for a in ATTENTION_KERNELS))
+    total = sum(kernels.values())
+    top = sorted(kernels.items(), key=lambda kv: -kv[1])[:5]
+    return dict(wall_ms=start.elapsed_time(end) / steps, gpu_ms=total, attention_ms=attention, rest_ms=total - attention,
+                issue_ms=statistics.median(issue), kernels=sum(1 for _ in prof.events() if _.device_type == DeviceType.CUDA) // steps,
+                top=[(name[:60], round(ms, 3)) for name, ms in top])
+
+
+def print_profile(case, method, p):
+    print(f"profile {case} {method}: step {p['wall_ms']:.2f} ms (profiled), kernels {p['gpu_ms']:.2f} ms "
+          f"= attention {p['attention_ms']:.2f} + rest {p['rest_ms']:.2f}; GPU idle {p['wall_ms'] - p['gpu_ms']:.2f} ms; "
+          f"host issues the step in {p['issue_ms']:.2f} ms; {p['kernels']} kernels")
+    for name, ms in p["top"]:
+        print(f"    {ms:8.3f} ms  {name}")
+
+
 def local_window_mod(grid, window, prefix):
     """The local 2-D window with global prefix tokens, as index arithmetic."""
     def mask_mod(b, h, q_idx, kv_idx):
@@ -86,7 +137,7 @@ def vit_case(img, window, batch, rows, quick):
     sparse = fxsparse.transform(model, mask_fn)
     density = None
     for train in (False, True) if not quick else (False,):
-        results = {}
+        results, profiled = {}, set()
         for method in ("fxsparse", "dense", "sdpa+mask", "flex") * 2:  # two rounds in turns; the best median
             net = sparse if method == "fxsparse" else model
             mode = {"sdpa+mask": SdpaWith(attn_mask=bool_mask), "flex": SdpaWith(block_mask=block_mask)}.get(method)
@@ -108,6 +159,10 @@ def vit_case(img, window, batch, rows, quick):
                 with torch.no_grad():
                     t = timed(step)
             results[method] = min(t, results.get(method, t))
+            if PROFILE and method not in profiled:
+                profiled.add(method)
+                with torch.set_grad_enabled(train):
+                    print_profile(f"ViT {img}px {'train' if train else 'forward'}", method, profile_step(step))
         density = density or fxsparse.report(sparse).rows[0].density
         rows.append(dict(model=f"ViT-B/16 {img}px ({n} tok, {2 * window + 1}x{2 * window + 1} + CLS)", batch=batch,
                          mode="train step" if train else "forward", density=density, **results))
@@ -166,7 +221,7 @@ def lm_window(rows, quick):
     sparse = fxsparse.transform(model, patterns.sliding_window(window, causal=True),
                                 example_inputs={"input_ids": ids[:, :128]})
     for train in (False, True):
-        results = {}
+        results, profiled = {}, set()
         for method in ("fxsparse", "dense", "flex") * 2:
             net = sparse if method == "fxsparse" else model
             mode = SdpaWith(block_mask=block_mask) if method == "flex" else None
@@ -187,6 +242,10 @@ def lm_window(rows, quick):
                 with torch.no_grad():
                     t = timed(step)
             results[method] = min(t, results.get(method, t))
+            if PROFILE and method not in profiled:
+                profiled.add(method)
+                with torch.set_grad_enabled(train):
+                    print_profile(f"GPT-2 window {'train' if train else 'forward'}", method, profile_step(step))
         rows.append(dict(model=f"GPT-2-small shape, {n} tok, causal window {window}", batch=1,
                          mode="train step" if train else "forward", density=fxsparse.report(sparse).rows[0].density,
                          **results))
@@ -230,15 +289,27 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller sizes, forward only")
     parser.add_argument("--only-new", action="store_true", help="skip the ViT cases")
+    parser.add_argument("--cases", default="vit1024,vit2048,lm-dense,lm-window,bert",
+                        help="which cases to run, of vit1024, vit2048, lm-dense, lm-window, bert")
+    parser.add_argument("--profile", action="store_true",
+                        help="also print where one step's time goes, per case and method (torch.profiler)")
     args = parser.parse_args()
+    global PROFILE
+    PROFILE = args.profile
+    cases = set(args.cases.split(","))
+    if args.only_new:
+        cases -= {"vit1024", "vit2048"}
     rows = []
-    if not args.only_new:
+    if "vit1024" in cases:
         vit_case(512 if args.quick else 1024, 3, 4 if not args.quick else 2, rows, args.quick)
-        if not args.quick:
-            vit_case(2048, 3, 1, rows, True)
-    lm_dense_sites(rows, args.quick)
-    lm_window(rows, args.quick)
-    bert_padding(rows, args.quick)
+    if "vit2048" in cases and not args.quick:
+        vit_case(2048, 3, 1, rows, True)
+    if "lm-dense" in cases:
+        lm_dense_sites(rows, args.quick)
+    if "lm-window" in cases:
+        lm_window(rows, args.quick)
+    if "bert" in cases:
+        bert_padding(rows, args.quick)
     from tabulate import tabulate
 
     table = []

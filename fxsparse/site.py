@@ -51,11 +51,16 @@ class SiteAttention(nn.Module):
         # blocks it skips save there (docs/performance.md).
         self.skip_padding = False
         self._layouts: OrderedDict = OrderedDict()  # (q_len, kv_len) -> None (dense) | (buffer, block, density, Layout)
+        # the Layouts calls run, made once rather than per call: buffer name -> Layout over that buffer
+        # (rebuilt when `.to()` replaces the buffer), and, for a traced call where mask_fn keeps the site
+        # dense or the queries are few, (q_len, kv_len, device, head dim <= 64) -> the kernels' Layout
+        self._run_layouts: dict = {}
         self.recorder = None  # fxsparse.calibrate: called with (site, q, k, bias, scale, causal) before each call
         self.uid = _register(self)
 
     def __setstate__(self, state):  # a copy (deepcopy, pickle) is a site of its own in the registry
         super().__setstate__(state)
+        self.__dict__.setdefault("_run_layouts", {})
         self.uid = _register(self)
 
     @property
@@ -83,6 +88,7 @@ class SiteAttention(nn.Module):
             if entry is not None and entry[0] is not None:
                 delattr(self, entry[0])
         self._layouts.clear()
+        self._run_layouts.clear()
 
     def extra_repr(self) -> str:
         return f"{self.site.name!r}, kind={self.site.kind!r}"
@@ -112,7 +118,7 @@ class SiteAttention(nn.Module):
                 out = _dense_attention(q, k, v, _mask_bias(entry[3], bias, q), scale, causal)
             else:
                 name, _, _, built = entry  # the tables come from the buffer, which follows .to(device)
-                layout = dataclasses.replace(built, data=getattr(self, name))
+                layout = self._buffer_layout(name, built)
                 if self.skip_padding:
                     layout, bias = _fold_mask_bias(layout, bias)
                 out = sparse_attention(q, k, v, layout, scale=scale, bias=bias, causal=causal, options=self.options)
@@ -128,14 +134,23 @@ class SiteAttention(nn.Module):
         entry = self._layouts.get(shape, _MISSING)
         if entry is _MISSING:
             entry = self._prepare(q, k)
-        if entry is None:
-            layout = Layout.dense(*shape, device=q.device)
-        elif entry[0] is None:
-            layout = Layout.from_mask(entry[3])
-        else:
-            layout = dataclasses.replace(entry[3], data=getattr(self, entry[0]))
-            return layout
-        return kernel_layout(layout, q.shape[-1])
+        if entry is not None and entry[0] is not None:
+            return self._buffer_layout(entry[0], entry[3])
+        # kept dense, or few queries (SDPA with the token mask when eager): built once per shape and device
+        key = (*shape, str(q.device), q.shape[-1] <= op.KERNEL_BLOCK)
+        layout = self._run_layouts.get(key)
+        if layout is None:
+            built = Layout.dense(*shape, device=q.device) if entry is None else Layout.from_mask(entry[3].to(q.device))
+            layout = self._run_layouts[key] = kernel_layout(built, q.shape[-1])
+        return layout
+
+    def _buffer_layout(self, name: str, built: Layout) -> Layout:
+        """The kernel Layout ``built`` over the tables in buffer ``name`` (which follow ``.to(device)``)."""
+        data = getattr(self, name)
+        layout = self._run_layouts.get(name)
+        if layout is None or layout.data is not data:
+            layout = self._run_layouts[name] = dataclasses.replace(built, data=data)
+        return layout
 
     @torch.compiler.disable
     def _prepare(self, q, k):
@@ -161,9 +176,12 @@ class SiteAttention(nn.Module):
             entry = (name, layout.block_size, layout.density, dataclasses.replace(tables, data=tables.data[:0]))
         self._layouts[key] = entry
         while len(self._layouts) > self.MAX_LAYOUTS:
-            _, old = self._layouts.popitem(last=False)
+            (old_q, old_kv), old = self._layouts.popitem(last=False)
             if old is not None and old[0] is not None:
                 delattr(self, old[0])
+                self._run_layouts.pop(old[0], None)
+            for run_key in [x for x in self._run_layouts if isinstance(x, tuple) and x[:2] == (old_q, old_kv)]:
+                del self._run_layouts[run_key]
         return entry
 
 
