@@ -30,7 +30,8 @@ import math
 
 import torch
 
-from .layout import DEFAULT_BLOCK_SIZE, EMPTY, FULL, PARTIAL, Layout, build_tables, check_block_size_any, check_count
+from .layout import (DEFAULT_BLOCK_SIZE, EMPTY, FULL, PARTIAL, Layout, build_tables, check_block_size_any, check_count,
+                     layout_from_kinds, pack_bits)
 
 __all__ = ["padding_layout", "key_padding_layout", "document_layout", "document_ids", "model_mask_layout"]
 
@@ -64,35 +65,65 @@ def key_padding_layout(keep: torch.Tensor, q_len: int, *, block_size: int = DEFA
     """Key padding: ``keep`` bool [B, kv_len], True = a real key that may be attended.
 
     Every query of sample ``b`` attends to the keys with ``keep[b]`` (with ``causal=True`` also
-    ``j <= i``, top-left). Built on keep's device: per kv block the number of kept keys says empty /
-    full / cut; only cut blocks are evaluated. Returns a Layout with batch B.
+    ``j <= i``, top-left). Built on keep's device in a fixed number of vectorised steps whatever the
+    mask (no Python loop, no block evaluated one by one): the mask of a block is that of its kv block's
+    keys (cut by the triangle on the diagonal, by the sequence's end on the last query block), so
+    there are at most four per (sample, kv block), built at once. Returns a Layout with batch B.
     """
-    if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool or keep.dim() != 2:
+    _check_keep(keep, "key_padding_layout: keep")
+    bs, nq = check_block_size_any(block_size), check_count(q_len, "q_len", 1)
+    kinds, mask_id, bits = key_padding_tables(keep, nq, bs, bool(causal))
+    return layout_from_kinds(kinds, mask_id, bits, bs, (nq, keep.shape[1]), causal=True if causal else None)
+
+
+def _check_keep(keep, what: str) -> None:
+    if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool or keep.dim() != 2 or keep.shape[1] == 0:
         got = f"{keep.dtype} of shape {tuple(keep.shape)}" if isinstance(keep, torch.Tensor) else type(keep).__name__
-        raise ValueError(f"key_padding_layout: keep must be a bool [batch, kv_len] tensor (True = real key), got {got}")
-    bs = check_block_size_any(block_size)
-    nq, (b, nk) = check_count(q_len, "q_len", 1), keep.shape
-    nkb = math.ceil(nk / bs)
-    counts = torch.zeros(b, nkb * bs, dtype=torch.int32, device=keep.device)
-    counts[:, :nk] = keep
-    counts = counts.view(b, nkb, bs).sum(-1)  # kept keys per kv block
-    causal_kinds = _causal_kinds(nq, nk, bs, keep.device) if causal else None
+        raise ValueError(f"{what} must be a bool [batch, kv_len] tensor (True = real key), got {got}")
 
-    def classify(qb0, qb1):
-        col = torch.where(counts == bs, FULL, torch.where(counts == 0, EMPTY, PARTIAL)).to(torch.int8)
-        kinds = col[:, None, None, :].expand(b, 1, qb1 - qb0, nkb).clone()
-        if (qb1 * bs) > nq:  # the last query block is cut by the sequence's end
-            kinds[:, :, -1] = torch.where(kinds[:, :, -1] == FULL, PARTIAL, kinds[:, :, -1])
-        if causal_kinds is not None:
-            kinds = _intersect_kinds(kinds, causal_kinds[qb0:qb1])
-        return kinds
 
-    def mask_mod(bi, h, q_idx, kv_idx):
-        ok = keep[bi, kv_idx]
-        return ok & (kv_idx <= q_idx) if causal else ok
+_VARIANTS: dict = {}  # (bs, rows in the last query block, causal, nqb, nkb, device) -> row masks and block variants
 
-    mask_mod.broadcasts = True  # evaluated on broadcasting index tensors, without torch.vmap
-    return build_tables(mask_mod, nq, nk, b, 1, bs, keep.device, classify)
+
+def _variants(bs: int, rows_left: int, causal: bool, nqb: int, nkb: int, device):
+    """What key padding tables share, whatever the keys: the packed row masks of the four block
+    variants, int32 [4, bs, bs // 32] (index 2 * last-query-block + diagonal: all rows, or the rows
+    before the sequence's end; all keys, or the causal triangle), the variant of each block (int64
+    [NQB, NKB]) and the blocks above the diagonal when causal (bool [NQB, NKB])."""
+    key = (bs, rows_left, causal, nqb, nkb, str(device))
+    hit = _VARIANTS.get(key)
+    if hit is None:
+        r = torch.arange(bs, device=device)
+        rows = torch.stack([r >= 0, r < rows_left])[:, None, :, None]  # [2 (last query block), 1, bs, 1]
+        tri = torch.stack([torch.ones(bs, bs, dtype=torch.bool, device=device), r[None, :] <= r[:, None]])[None]
+        words = pack_bits((rows & tri).reshape(4, bs, bs))
+        qb, kb = torch.arange(nqb, device=device)[:, None], torch.arange(nkb, device=device)[None, :]
+        last = (qb == nqb - 1) & (rows_left < bs)
+        variant = 2 * last.long() + ((qb == kb) & causal).long()
+        hit = _VARIANTS[key] = (words, variant.expand(nqb, nkb), (kb > qb) & causal)
+        while len(_VARIANTS) > 16:
+            _VARIANTS.pop(next(iter(_VARIANTS)))
+    return hit
+
+
+def key_padding_tables(keep: torch.Tensor, nq: int, bs: int, causal: bool = False):
+    """(kinds [B, 1, NQB, NKB], mask ids, packed masks) of key padding; nothing is read back to the host."""
+    b, nk = keep.shape
+    nqb, nkb = math.ceil(nq / bs), math.ceil(nk / bs)
+    words, variant, above = _variants(bs, nq - (nqb - 1) * bs, causal, nqb, nkb, keep.device)
+    padded = keep
+    if nkb * bs != nk:
+        padded = torch.zeros(b, nkb * bs, dtype=torch.bool, device=keep.device)
+        padded[:, :nk] = keep
+    cols = pack_bits(padded.reshape(b * nkb, 1, bs)).view(b, nkb, 1, 1, bs // 32)  # a kv block's keys, as words
+    bits = (cols & words).view(b, nkb, 4, bs * bs // 32)  # every variant of every (sample, kv block)
+    vkind = torch.where((bits == -1).all(-1), FULL, torch.where((bits == 0).all(-1), EMPTY, PARTIAL))  # [B, NKB, 4]
+    kb = torch.arange(nkb, device=keep.device)
+    kinds = torch.where(above, EMPTY, vkind[:, kb[None, :], variant])  # [B, NQB, NKB]
+    sample = torch.arange(b, device=keep.device)[:, None, None]
+    mask_id = torch.where(kinds == PARTIAL, (sample * nkb + kb) * 4 + variant, -1)
+    return (kinds[:, None].to(torch.int8), mask_id[:, None].to(torch.int32),
+            bits.view(b * nkb * 4, bs, bs // 32))
 
 
 def document_ids(lengths, total: int | None = None) -> torch.Tensor:
@@ -223,16 +254,34 @@ def model_mask_layout(mask: torch.Tensor, q_len: int, *, block_size: int = DEFAU
     caller still adds), shaped [B|1, H|1, Nq|1, Nk] or [B|1, Nk] (HuggingFace's 2-D padding mask,
     1 = a real token).
 
-    A mask that does not vary along the queries (key padding, [..., 1, Nk]) costs O(B x Nk) through
-    :func:`key_padding_layout`; a full [Nq, Nk] mask goes through ``Layout.from_mask``. Skipping a
-    masked block is exact: exp(finfo.min) is 0 in every float dtype, except in a row with no allowed
-    key (see the module's note).
+    A mask that does not vary along the queries (key padding: [..., 1, Nk], or a query axis expanded
+    with stride 0) goes through :func:`key_padding_layout`, O(B x Nk); any other is cut into blocks by
+    one reshape and reductions, each block keeping its own packed mask (no search for distinct ones),
+    so nothing but the density and whether it lies in the causal triangle is read back to the host. Skipping a masked block is exact:
+    exp(finfo.min) is 0 in every float dtype, except in a row with no allowed key (see the module's note).
     """
-    if not isinstance(mask, torch.Tensor) or mask.dim() not in (2, 4):
+    keep = mask_keep(mask, q_len, "model_mask_layout: mask")
+    bs = check_block_size_any(block_size)
+    if keep.dim() == 2:
+        return key_padding_layout(keep, q_len, block_size=bs)
+    kinds, mask_id, bits = block_tables(keep.expand(*keep.shape[:2], q_len, keep.shape[3]), bs)
+    return layout_from_kinds(kinds, mask_id, bits, bs, (q_len, keep.shape[3]))
+
+
+def mask_keep(mask: torch.Tensor, q_len: int, what: str) -> torch.Tensor:
+    """A model's mask (see :func:`model_mask_layout`) as bool, True = may attend: [B|1, Nk] when it is
+    the same for every query (and head), else [B|1, H|1, Nq|1, Nk]. Axes expanded with stride 0 are
+    read once, not compared element by element."""
+    if not isinstance(mask, torch.Tensor) or mask.dim() not in (2, 4) or mask.shape[-1] == 0:
         got = f"shape {tuple(mask.shape)}" if isinstance(mask, torch.Tensor) else type(mask).__name__
-        raise ValueError(f"model_mask_layout: mask must be [batch, kv_len] or [batch|1, heads|1, q_len|1, kv_len], "
-                         f"got {got}")
+        raise ValueError(f"{what} must be [batch, kv_len] or [batch|1, heads|1, q_len|1, kv_len], got {got}")
     q_len = check_count(q_len, "q_len", 1)
+    if mask.dim() == 4:
+        if mask.shape[2] not in (1, q_len):
+            raise ValueError(f"{what} has {mask.shape[2]} query rows, expected 1 or {q_len}")
+        for axis in (1, 2):  # an expanded axis holds one value along it
+            if mask.shape[axis] > 1 and mask.stride(axis) == 0:
+                mask = mask.narrow(axis, 0, 1)
     if mask.dtype == torch.bool:
         keep = mask
     elif mask.is_floating_point():
@@ -240,11 +289,25 @@ def model_mask_layout(mask: torch.Tensor, q_len: int, *, block_size: int = DEFAU
     elif mask.dim() == 2:  # HuggingFace's attention_mask: 1 = token, 0 = padding
         keep = mask != 0
     else:
-        raise ValueError(f"model_mask_layout: a 4-D mask must be bool or additive float, got {mask.dtype}")
-    if keep.dim() == 2:
-        return key_padding_layout(keep, q_len, block_size=block_size)
-    if keep.shape[2] not in (1, q_len):
-        raise ValueError(f"model_mask_layout: the mask has {keep.shape[2]} query rows, expected 1 or {q_len}")
-    if keep.shape[1] == 1 and keep.shape[2] == 1:
-        return key_padding_layout(keep[:, 0, 0], q_len, block_size=block_size)
-    return Layout.from_mask(keep.expand(*keep.shape[:2], q_len, keep.shape[3]), block_size)
+        raise ValueError(f"{what}: a 4-D mask must be bool or additive float, got {mask.dtype}")
+    if keep.dim() == 4 and keep.shape[1] == 1 and keep.shape[2] == 1:
+        keep = keep[:, 0, 0]
+    return keep
+
+
+def block_tables(keep: torch.Tensor, bs: int):
+    """(kinds, mask ids, packed masks) of a bool token mask [Bl, Hl, Nq, Nk] in blocks of ``bs``, with
+    nothing read back to the host: kinds by one reshape and two reductions, and every block its own
+    packed mask (P = all blocks; the partial ones point to theirs). Memory: a few bytes per mask entry."""
+    bl, hl, nq, nk = keep.shape
+    nqb, nkb = math.ceil(nq / bs), math.ceil(nk / bs)
+    padded = keep
+    if nqb * bs != nq or nkb * bs != nk:  # past the sequences: False, so edge blocks are never full
+        padded = torch.zeros(bl, hl, nqb * bs, nkb * bs, dtype=torch.bool, device=keep.device)
+        padded[:, :, :nq, :nk] = keep
+    tiles = padded.reshape(bl, hl, nqb, bs, nkb, bs).transpose(3, 4).reshape(-1, bs, bs)
+    kinds = torch.where(tiles.all(2).all(1), FULL, torch.where(tiles.any(2).any(1), PARTIAL, EMPTY))
+    kinds = kinds.view(bl, hl, nqb, nkb).to(torch.int8)
+    index = torch.arange(kinds.numel(), device=keep.device, dtype=torch.int32).view(kinds.shape)
+    mask_id = torch.where(kinds == PARTIAL, index, -1)
+    return kinds, mask_id, pack_bits(tiles)

@@ -211,7 +211,8 @@ def _sdpa_to_site(site: SiteAttention, query, key, value, attn_mask=None, dropou
         raise SiteError(
             f"{site.site.where}: attention dropout p={dropout_p} is active (training mode); the sparse op has no "
             "dropout: set the model's attention dropout to 0 (HF: `attention_dropout=0.0`), or call `.eval()`")
-    return site(query, key, value, bias=_sdpa_bias(attn_mask, query), scale=scale, causal=bool(is_causal))
+    mask = attn_mask if attn_mask is not None and attn_mask.dtype == torch.bool else None
+    return site(query, key, value, bias=_sdpa_bias(attn_mask, query), scale=scale, causal=bool(is_causal), mask=mask)
 
 
 _SDPA_BIAS: dict = {}  # the last bool mask made additive: every layer of a model passes the same one

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import masks, op, reference
-from .layout import Layout, resolve_mask
+from .layout import EMPTY, Layout, layout_from_kinds, resolve_mask
 from .match import AttentionSite
 from .op import kernel_layout, sparse_attention
 
@@ -45,11 +45,11 @@ class SiteAttention(nn.Module):
         self.mask_fn = mask_fn
         self.owner = ""  # path of the module whose forward calls this site
         self.options = None  # fxsparse.KernelOptions for the op, or None
-        # True: a per-sample mask among the site's own masks (HuggingFace's padding or document masks)
-        # also removes the blocks it masks entirely from the layout (``_fold_mask_bias``). Off by
-        # default: on the H200 the fold costs 8.5 ms per forward at 4 x 4096 tokens, more than the
-        # blocks it skips save there (docs/performance.md).
-        self.skip_padding = False
+        # True: the model's own mask among the site's inputs (HuggingFace's padding or document masks, a
+        # causal mask built as a tensor) also removes the blocks it masks entirely from the layout, so they
+        # are skipped, not computed and masked (``_fold_mask_bias``; exact, and nothing is read back to
+        # the host). False: the mask stays an additive bias over every block mask_fn keeps.
+        self.skip_padding = True
         self._layouts: OrderedDict = OrderedDict()  # (q_len, kv_len) -> None (dense) | (buffer, block, density, Layout)
         # the Layouts calls run, made once rather than per call: buffer name -> Layout over that buffer
         # (rebuilt when `.to()` replaces the buffer), and, for a traced call where mask_fn keeps the site
@@ -93,7 +93,9 @@ class SiteAttention(nn.Module):
     def extra_repr(self) -> str:
         return f"{self.site.name!r}, kind={self.site.kind!r}"
 
-    def forward(self, q, k, v, bias=None, scale=None, causal=False):
+    def forward(self, q, k, v, bias=None, scale=None, causal=False, mask=None):
+        # mask: the model's bool mask (True = may attend) when ``bias`` is nothing but it made additive
+        # (SDPA's bool attn_mask); it lets the fold of the mask into the layout drop the bias
         if self.training and self.site.dropout > 0:
             raise SiteError(
                 f"{self.site.where}: attention dropout p={self.site.dropout} is active in training mode; the sparse "
@@ -120,7 +122,7 @@ class SiteAttention(nn.Module):
                 name, _, _, built = entry  # the tables come from the buffer, which follows .to(device)
                 layout = self._buffer_layout(name, built)
                 if self.skip_padding:
-                    layout, bias = _fold_mask_bias(layout, bias)
+                    layout, bias = _fold_mask_bias(layout, bias, mask)
                 out = sparse_attention(q, k, v, layout, scale=scale, bias=bias, causal=causal, options=self.options)
         except (ValueError, TypeError) as err:
             if isinstance(err, SiteError):
@@ -279,48 +281,76 @@ def _on_device(data, device):
     return moved
 
 
-_FOLDED: dict = {}  # the last (bias, layout) folded, and the result: every layer of a model gets the same mask
+FOLD_CACHE_SIZE = 4  # runtime masks whose folded layouts are kept (least recently used out first)
+_FOLDED: OrderedDict = OrderedDict()  # (id, version of the mask, tables' shape) -> (mask, result)
 
 
-def _fold_mask_bias(layout: Layout, bias):
-    """(layout, bias) for a call whose bias holds a per-sample mask (HuggingFace's padding or document
-    masks): the blocks the mask removes entirely leave the layout, so they are skipped, not computed and
-    masked; a bias that is nothing but that mask (0 or masked) is then dropped, since the layout holds
-    it exactly. Only for biases with a batch axis (relative-position biases have none), where mask_fn
-    keeps every pair (the site is sparse only by the model's own mask) and every query row keeps a
-    key, so the result is exactly the masked dense one."""
-    if bias is None or bias.dim() != 4 or bias.shape[0] == 1 or bias.shape[-1] != layout.shape[1]:
+def _fold_mask_bias(layout: Layout, bias, mask=None):
+    """(layout, bias) for a call whose bias holds the model's own mask (padding, packed documents, a
+    causal mask built as a tensor): the blocks that mask removes entirely leave the layout, so they are
+    skipped, not computed and masked. Only where mask_fn keeps every pair (the site is sparse only by
+    the model's mask: density 1), and only for masks shared by every head.
+
+    ``mask``: the model's bool mask (True = may attend) when ``bias`` is nothing but it made additive
+    (SDPA's bool ``attn_mask``): the layout is then the mask's exact layout and the bias is dropped.
+    Otherwise the bias stays and the layout loses the blocks where every entry is masked (at or below
+    half the dtype's minimum): in the blocks left the bias masks as before, and a skipped block adds
+    exactly nothing (exp of the minimum is 0). A query row with no unmasked key keeps all its blocks,
+    so it gives what it gave without the fold. Either way the result is the unfolded call's.
+
+    Built on the device with a fixed number of vectorised steps and nothing read back to the host
+    (``masks.key_padding_layout``'s tables for masks that do not vary along the queries, one reshape
+    and reductions for others), once per mask tensor: every layer of a model gets the same one, so the
+    result is kept (keyed by the tensor's identity and version; the tensor is held meanwhile, so its
+    identity is not reused). Eager calls only: a traced site runs its bias as it is.
+    """
+    if bias is None or layout.density != 1.0 or bias.dim() != 4 or bias.shape[-1] != layout.shape[1]:
         return layout, bias
-    if bias.shape[1] > 1 and bias.stride(1) != 0:
+    source = mask if mask is not None and mask.dtype == torch.bool and mask.dim() == 4 else None
+    held = bias if source is None else source
+    key = (id(held), held._version, source is None, layout.block_size, tuple(layout.shape))
+    hit = _FOLDED.get(key)
+    if hit is not None and hit[0] is held:
+        _FOLDED.move_to_end(key)
+        return hit[1]
+    result = _fold(layout, bias, source)
+    _FOLDED[key] = (held, result)
+    while len(_FOLDED) > FOLD_CACHE_SIZE:
+        _FOLDED.popitem(last=False)
+    return result
+
+
+def _fold(layout: Layout, bias, mask):
+    nq, nk = layout.shape
+    bs = layout.block_size
+    try:
+        keep = masks.mask_keep(bias if mask is None else mask, nq, "the site's mask")
+    except ValueError:
+        return layout, bias
+    if keep.dim() == 4 and keep.shape[1] > 1:
         return layout, bias  # per-head masks stay a bias
-    key = (bias.data_ptr(), bias._version, tuple(bias.shape), bias.stride(), bias.dtype,
-           layout.data.data_ptr(), layout.block_size, layout.shape)
-    if _FOLDED.get("key") == key:
-        return _FOLDED["value"]
-    result = (layout, bias)
-    if bool((layout.kinds == layout.FULL).all()):  # with mask_fn's own mask a row could lose every key
-        result = _fold(layout, bias)
-    _FOLDED.clear()
-    _FOLDED.update(key=key, value=result, bias=bias)  # holds the bias: its data_ptr is not reused meanwhile
-    return result
-
-
-def _fold(layout: Layout, bias):
-    one = bias[:, :1]
-    keep = one > torch.finfo(bias.dtype).min / 2
-    # three facts about the mask, read back in one synchronisation: every row keeps a key; the bias is
-    # nothing but the mask (0 where kept); the mask is the same for every query (key padding)
-    rows_ok, pure, per_key = torch.stack([keep.any(-1).all(), ((one == 0) | ~keep).all(),
-                                          (keep == keep[:, :, :1]).all()]).tolist()
-    result = (layout, bias)
-    if rows_ok:  # else a row with no key: there the dense result is the mean of v, not 0
-        if per_key:
-            mask_layout = masks.key_padding_layout(keep[:, 0, 0], layout.shape[0], block_size=layout.block_size)
+    nan = float("nan")  # the density of a per-call layout is not computed: it would be read back to the host
+    if mask is not None:  # the exact layout of the mask, and no bias
+        if keep.dim() == 2:
+            tables = masks.key_padding_tables(keep, nq, bs)
         else:
-            mask_layout = Layout.from_mask(keep.expand(-1, -1, layout.shape[0], -1), layout.block_size)
-        # mask_fn's layout keeps every pair here: the mask's layout is the intersection
-        result = (mask_layout if layout.num_heads == 1 else layout & mask_layout, None if pure else bias)
-    return result
+            tables = masks.block_tables(keep.expand(-1, -1, nq, -1), bs)
+        return layout_from_kinds(*tables, bs, (nq, nk), density=nan, causal=False), None
+    # the bias stays: drop the blocks where it masks everything; a row with no unmasked key keeps them all
+    nqb, nkb = layout.num_blocks
+    if keep.dim() == 2:
+        keep = keep | ~keep.any(-1, keepdim=True)
+        padded = keep.new_zeros(keep.shape[0], nkb * bs)
+        padded[:, :nk] = keep
+        visit = padded.view(-1, 1, 1, nkb, bs).any(-1)  # [B, 1, 1, NKB]
+    else:
+        keep = keep | ~keep.any(-1, keepdim=True)
+        padded = keep.new_zeros(keep.shape[0], 1, nqb * bs, nkb * bs)
+        padded[:, :, :nq, :nk] = keep.expand(-1, -1, nq, -1)
+        visit = padded.view(-1, 1, nqb, bs, nkb, bs).any(-1).any(-2)  # [B, 1, NQB, NKB]
+    kinds = torch.where(visit, layout.kinds, EMPTY).to(torch.int8)
+    mask_id = torch.where(visit, layout.mask_id, -1).to(torch.int32)
+    return layout_from_kinds(kinds, mask_id, layout.bits, bs, (nq, nk), density=nan, causal=layout.causal), bias
 
 
 def _mask_bias(mask, bias, like):
