@@ -147,7 +147,29 @@ def handle(func, args, kwargs, on_attention: Callable) -> object:
     if step is not None and func in _INPLACE and args and args[0] is s:
         s.scale, s.bias, s.probs = step.scale, step.bias, step.probs
         return s
+    if step is None and args and args[0] is s and _writes_in_place(func):
+        return _write(func, args, kwargs, s)
     return step if step is not None else func(*real(args), **real(kwargs))
+
+
+def _writes_in_place(func) -> bool:
+    name = getattr(func, "__name__", "")
+    return func is Tensor.__setitem__ or (name.endswith("_") and not name.startswith("_")) or name.startswith("__i")
+
+
+def _write(func, args, kwargs, s: Scores):
+    """An in-place write into deferred scores that is not a step of their own (MViTv2's
+    `attn[:, :, 1:, 1:] = ...` when its helper is not seen as one call): done on the real scores, and
+    what the scores became kept as their bias, so that they stay exactly what the code computed."""
+    if s.probs:
+        raise RuntimeError(f"fxsparse: `{getattr(func, '__name__', func)}` writes into attention probabilities in place; "
+                           "keep this site dense or report the model")
+    with torch._C.DisableTorchFunctionSubclass():
+        new = s.compute()
+        func(new, *real(args[1:]), **real(kwargs))
+        product = torch.matmul(s.q, s.k.transpose(-2, -1))
+        s.bias = new - (product * s.scale if s.scale != 1.0 else product)
+    return None if func is Tensor.__setitem__ else s
 
 
 def _baddbmm(args, kwargs):

@@ -58,9 +58,11 @@ class AttentionSite:
     # What it attends: "self" (queries and keys from the same tokens), "cross" (keys from other
     # tokens: an encoder's output, another tower), "window" (self-attention within windows or
     # groups folded into the batch: Swin), "learned-query" (queries are parameters: pooling heads,
-    # Perceiver latents), "channel" (the softmax runs over feature channels, not tokens: XCiT,
-    # DaViT; always skipped) or "?" when the graph does not tell. Patterns that assume
-    # self-attention over the whole sequence can decline the others.
+    # Perceiver latents), "pooled" (keys, and maybe queries, are the same tokens pooled to another
+    # length: MViTv2, PVT's spatial reduction), "channel" (the softmax runs over feature channels,
+    # not tokens: XCiT, DaViT; the head dim is the token count and a token mask means nothing there)
+    # or "?" when the graph does not tell. The patterns (patterns.py) apply to "self", "window" and
+    # "?" sites and keep the others dense.
     role: str = "?"
 
     @property
@@ -165,6 +167,24 @@ def _is_assertion(node: fx.Node) -> bool:
 _READS_SCORES_DTYPE_ONLY = {"resolve_self_attn_mask": 1}
 # Functions that add their second argument (which may be None at run time) to the first.
 _ADDS_BIAS = {"maybe_add_mask"}
+# Functions known, from reading their code, to return the scores they are given plus a term that does
+# not depend on the scores' values (an additive bias, possibly written into a slice in place), by
+# qualified name -> the index of the scores argument. For these alone f(scores) = scores + f(zeros):
+# the rewrite calls f on zeros of the scores' shape and hands the result to the op as its bias. Any
+# other function between q kᵀ and the softmax is reported, never assumed additive.
+KNOWN_BIAS_FUNCTIONS = {
+    # MViTv2's decomposed relative positions: einsums of q with the tables, added into the patch rows
+    # and columns of the scores (`attn[:, :, sp:, sp:] = attn[...].view(...) + rel_h + rel_w`)
+    "timm.models.mvitv2.cal_rel_pos_type": 0,
+}
+
+
+def known_bias_function(node) -> Optional[int]:
+    """The scores argument's index when ``node`` calls a function of ``KNOWN_BIAS_FUNCTIONS``."""
+    if not isinstance(node, fx.Node) or node.op != "call_function":
+        return None
+    fn = node.target
+    return KNOWN_BIAS_FUNCTIONS.get(f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', '')}")
 
 
 def canon(node, modules: dict) -> Optional[str]:
@@ -712,8 +732,10 @@ def _set_role(m: Match, facts: GraphFacts):
         return
     if _is_channel_attention(m, facts):
         site.role = "channel"
-        m.skip = (f"channel attention: the softmax runs over feature channels (the head dim, {site.head_dim}, is "
-                  "the token count), so a token mask does not apply; kept as it was")
+        d = site.head_dim
+        if isinstance(d, int) and d > MAX_HEAD_DIM and m.skip is None:
+            m.skip = (f"channel attention over {d} tokens (the softmax runs over feature channels, the head dim is "
+                      f"the token count): more than the op's head dim limit of {MAX_HEAD_DIM}; kept as it was")
         return
     q_src, k_src = _token_source(m.q, facts), _token_source(m.k, facts)
     if q_src is None or k_src is None:
@@ -722,11 +744,64 @@ def _set_role(m: Match, facts: GraphFacts):
             # one fused projection (a module of the model's own, or a decomposed linear) split into q and k
             inputs = [a for a in src.all_input_nodes if facts.is_activation(a)]
             site.role = "window" if inputs and _windowed(inputs[0], facts) else "self"
+            _pooled(m, facts, same=True)
         return
     if q_src is not k_src:
         site.role = "cross"
+        _pooled(m, facts, same=False, q_src=q_src, k_src=k_src)
     else:
         site.role = "window" if _windowed(q_src, facts) else "self"
+        _pooled(m, facts, same=True)
+
+
+MAX_HEAD_DIM = 256  # the op's largest head dim (op.py)
+
+
+def _pooled(m: Match, facts: GraphFacts, same: bool, q_src=None, k_src=None):
+    """Pooled attention: keys (and maybe queries) are the same tokens pooled to another length (MViTv2,
+    PVT's and Twins' spatial reduction, EfficientViT's, NextViT's): q_len != kv_len, and the keys are
+    computed from the tokens the queries came from."""
+    site = m.site
+    if not (isinstance(site.q_len, int) and isinstance(site.kv_len, int)) or site.q_len == site.kv_len:
+        return
+    if (same and (_pools(m.q, facts) or _pools(m.k, facts))) or (not same and _derives_from(k_src, q_src, facts)):
+        site.role = "pooled"  # not a KV cache (keys concatenated to past keys): that stays "self"
+
+
+_POOLING = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.MaxPool1d, nn.MaxPool2d,
+            nn.MaxPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+
+
+def _pools(x, facts: GraphFacts, depth: int = 30) -> bool:
+    """Whether x passes a pooling or a convolution on its way back to its projection."""
+    for _ in range(depth):
+        if not isinstance(x, fx.Node) or x.op == "placeholder" or facts.canon(x) == "linear":
+            return False
+        if x.op == "call_module" and isinstance(facts.modules.get(x.target), (nn.Linear,)):
+            return False
+        if x.op == "call_module" and isinstance(facts.modules.get(x.target), _POOLING):
+            return True
+        if x.op != "call_module" and re.search(r"pool|conv|interpolate", _op_name(x, facts)):
+            return True
+        acts = [a for a in x.all_input_nodes if facts.is_activation(a) and not facts.is_scalar(a)]
+        if not acts:
+            return False
+        x = acts[0]
+    return False
+
+
+def _derives_from(x, src, facts: GraphFacts, limit: int = 60) -> bool:
+    """Whether x is computed from src within a few ops (a pooling, a strided conv, a norm, views)."""
+    todo, seen = [x], set()
+    while todo and len(seen) < limit:
+        n = todo.pop()
+        if n is src:
+            return True
+        if not isinstance(n, fx.Node) or n in seen or n.op == "placeholder":
+            continue
+        seen.add(n)
+        todo.extend(a for a in n.all_input_nodes if facts.is_activation(a))
+    return False
 
 
 def _from_inputs(x, facts: GraphFacts, limit: int = 200) -> bool:
@@ -832,12 +907,16 @@ def _walk_to_scores(x, facts: GraphFacts):
                     return None
                 if alpha != 1:
                     steps.insert(0, ("scale", alpha, False))
-            if any(step[0] == "reshape" for step in steps) or prod.addend is not None:
+            if any(step[0] in ("reshape", "known") for step in steps) or prod.addend is not None:
                 steps.append(("replay", chain))
             return prod, steps, set(chain)
         c = facts.canon(cur)
         chain.append(cur)
-        if c in ("cast", "identity"):
+        known = known_bias_function(cur)
+        if known is not None and len(cur.args) > known:
+            steps.append(("known", cur))  # replayed on zero scores (rewrite.py)
+            cur = cur.args[known]
+        elif c in ("cast", "identity"):
             cur = _first_arg(cur)
         elif c in ("mul", "div"):
             a, b = cur.args[0], cur.args[1]
@@ -919,7 +998,9 @@ def _leads_to_scores(x, facts: GraphFacts, depth: int = 16) -> bool:
         if prod is not None:
             return facts.is_activation(prod.right)
         c = facts.canon(x)
-        if c in ("cast", "identity", "mul", "div", "masked_fill", "reshape"):
+        if known_bias_function(x) is not None:
+            x = x.args[known_bias_function(x)]
+        elif c in ("cast", "identity", "mul", "div", "masked_fill", "reshape"):
             x = x.args[0]
         elif c == "add":
             return _leads_to_scores(x.args[0], facts, depth - 1) or _leads_to_scores(x.args[1], facts, depth - 1)

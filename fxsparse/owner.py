@@ -27,6 +27,7 @@ Both routes are plain Python that Dynamo inlines: ``torch.compile(sparse)`` sees
 from __future__ import annotations
 
 import functools
+import types
 import operator
 from typing import Optional
 
@@ -291,8 +292,8 @@ _UNTRACEABLE = object()
 def _fill(template, tensors):
     if isinstance(template, _Slot):
         return tensors[template.i]
-    if isinstance(template, tuple) and len(template) == 2 and template[0] in (tuple, list):
-        return template[0](_fill(x, tensors) for x in template[1])
+    if isinstance(template, tuple) and len(template) == 2 and template[0] in (tuple, list, torch.Size):
+        return template[0]([_fill(x, tensors) for x in template[1]])  # torch.Size: a feature map's size
     if isinstance(template, tuple) and len(template) == 2 and template[0] is dict:
         return {k: _fill(v, tensors) for k, v in template[1]}
     return template
@@ -332,7 +333,12 @@ def _trace_signature(owner: nn.Module, base: type, state: OwnerState, arg_t, kw_
         return base.forward(self, *(_fill(a, tensors) for a in arg_t), **{k: _fill(v, tensors) for k, v in kw_t})
 
     names = ", ".join(f"t{i}" for i in range(n))
-    fwd = eval(f"lambda self{', ' if n else ''}{names}: body(self{', ' if n else ''}{names})", {"body": body})
+    make = eval(f"lambda body: lambda self{', ' if n else ''}{names}: body(self{', ' if n else ''}{names})")
+    fwd = make(body)
+    # run in the globals of the owner's own module (body is a closure), so that the tracer keeps the
+    # functions a library marks as not traceable (timm's `cal_rel_pos_type`) whole, as the whole model's trace does
+    fwd = types.FunctionType(fwd.__code__, getattr(base.forward, "__globals__", {}), fwd.__name__, None,
+                             fwd.__closure__)
     shim = object.__new__(type(base.__name__, (base,), {"forward": fwd}))
     shim.__dict__.update(owner.__dict__)
     leaf, fns = capture.library_hints()

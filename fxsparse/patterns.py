@@ -159,10 +159,23 @@ class Pattern(_Named):
     ``_mod(ctx, b, h, q_idx, kv_idx)`` and optionally ``_classify(ctx, q_len, kv_len, bs, device)``.
     """
 
+    # The site roles (AttentionSite.role) whose token positions this pattern speaks of: self-attention
+    # over one sequence, within windows, or a site the graph does not tell. Channel, cross,
+    # learned-query and pooled sites are kept dense (None): report() says why. None: every role.
+    roles = ("self", "window", "?")
+
+    def applies(self, site) -> bool:
+        """Whether this pattern speaks of ``site`` (by its role); otherwise it keeps the site dense."""
+        return self.roles is None or getattr(site, "role", "?") in self.roles
+
     def __call__(self, site):
+        if not self.applies(site):
+            return None
         return self.layout(site.q_len, site.kv_len, device=getattr(site, "device", None))
 
     def at(self, q_len, kv_len, *, num_heads=1, device=None, block_size=None, site=None):
+        if site is not None and not self.applies(site):
+            return None
         return self.layout(q_len, kv_len, device=device, block_size=block_size)
 
     def mask_mod(self, q_len: int, kv_len: int) -> "BoundMaskMod":
@@ -356,6 +369,7 @@ class Dense(Pattern):
 
     factory = "dense"
     _diagonal = True
+    roles = None  # every site: dense speaks of no position
 
     def _mod(self, offset, b, h, q_idx, kv_idx):
         return kv_idx >= 0
@@ -578,6 +592,9 @@ class _Combine(Pattern):
     def _patterns_only(self) -> bool:
         return all(isinstance(f, Pattern) for f in self._params["fns"])
 
+    def applies(self, site) -> bool:
+        return all(f.applies(site) for f in self._params["fns"] if isinstance(f, Pattern))
+
     def __call__(self, site):
         if self._patterns_only:
             return super().__call__(site)
@@ -587,6 +604,8 @@ class _Combine(Pattern):
     def at(self, q_len, kv_len, *, num_heads=1, device=None, block_size=None, site=None):
         bs = block_size or self.block_size
         if self._patterns_only:
+            if site is not None and not self.applies(site):
+                return None
             return self.layout(q_len, kv_len, device=device, block_size=bs)
         if site is None:
             raise TypeError(f"{self.__name__} combines plain mask_fns: call it with a site")

@@ -9,7 +9,7 @@ from tabulate import tabulate
 from .match import AttentionSite, flops
 from .site import site_modules
 
-COLUMNS = ["#", "site", "module", "pattern", "heads×dim", "q×kv", "block", "density", "attention FLOPs saved", "status", "reason"]
+COLUMNS = ["#", "site", "module", "pattern", "role", "heads×dim", "q×kv", "block", "density", "attention FLOPs saved", "status", "reason"]
 
 
 @dataclass
@@ -51,7 +51,8 @@ class SiteReport:
         total = flops(self.site)
         saved_cell = "" if saved is None else f"{_si(saved)} ({1 - self.density:.0%} of {_si(total)})"
         return [
-            self.index, self.name or "(root)", self.module or "(root)", self.pattern, self.heads, self.lengths,
+            self.index, self.name or "(root)", self.module or "(root)", self.pattern, self.site.role, self.heads,
+            self.lengths,
             "" if self.block is None else self.block,
             "" if self.density is None else f"{self.density:.1%}",
             saved_cell, self.status, self.reason,
@@ -98,7 +99,7 @@ def report(obj) -> Report:
     for mod in modules:
         site, built = mod.site, mod.built()
         status = mod.status
-        reason = "mask_fn returned None" if status == "dense" else ""
+        reason = _dense_reason(site) if status == "dense" else ""
         if status == "rewritten" and built is None:
             reason = "lengths not known yet: mask_fn is called at the first forward"
         row = SiteReport(site.index, site.name, status, reason, site.pattern, site,
@@ -113,6 +114,18 @@ def report(obj) -> Report:
         rows.append(row)
     rows.sort(key=lambda r: r.index)
     return Report(rows)
+
+
+def _dense_reason(site: AttentionSite) -> str:
+    """Why a site runs dense: mask_fn said so; for sites that are not self-attention over one sequence,
+    the patterns (fxsparse.patterns) keep them dense themselves."""
+    why = {
+        "channel": "a channel attention (its softmax runs over feature channels): a token pattern means nothing there",
+        "cross": "a cross-attention (keys from other tokens): token positions of queries and keys do not correspond",
+        "learned-query": "a learned-query attention (queries are parameters): they have no token positions",
+        "pooled": "a pooled attention (keys pooled to another length): token positions of queries and keys differ",
+    }.get(site.role)
+    return "mask_fn returned None" + (f"; {why}, so the patterns keep it dense" if why else "")
 
 
 def _nothing_skipped(block: int, site: AttentionSite) -> str:

@@ -37,11 +37,15 @@ def fill_bias(bias, mask, value, keep, like):
     return torch.where(masked, torch.as_tensor(value, dtype=base.dtype, device=base.device), base)
 
 
-def zero_scores(q, k, addend=None, beta=1):
-    """Zeros shaped like the scores q kᵀ, with no memory behind them; plus ``beta * addend``
-    (the input of ``baddbmm``) when given."""
+def zero_scores(q, k, addend=None, beta=1, writable=False):
+    """Zeros shaped like the scores q kᵀ, with no memory behind them (``writable``: a tensor of
+    their own, for functions that write into the scores in place); plus ``beta * addend`` (the input
+    of ``baddbmm``) when given."""
     lead = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2])
-    zeros = q.new_zeros(()).expand(*lead, q.shape[-2], k.shape[-2])
+    if writable:
+        zeros = q.new_zeros(*lead, q.shape[-2], k.shape[-2])
+    else:
+        zeros = q.new_zeros(()).expand(*lead, q.shape[-2], k.shape[-2])
     return zeros if addend is None else zeros + (addend if beta == 1 else beta * addend)
 
 
@@ -190,7 +194,8 @@ def _emit_attention(gm: fx.GraphModule, m: Match, name: str) -> fx.Node:
 def _emit_replay(g: fx.Graph, m: Match, q, k):
     """The score steps recomputed on zero scores: their result is the additive bias."""
     addend = m.addend or (None, 1)
-    env = {m.scores: g.call_function(zero_scores, (q, k) + tuple(addend))}
+    writable = any(match.known_bias_function(n) is not None for n in m.replay)
+    env = {m.scores: g.call_function(zero_scores, (q, k) + tuple(addend) + (writable,))}
     for node in m.replay:
         env[node] = new = g.node_copy(node, lambda n: env.get(n, n))
         new.target = _OUT_OF_PLACE.get(new.target, new.target)  # the zeros are a broadcast view

@@ -27,10 +27,12 @@ class Family:
 
         torch.manual_seed(0)
         model = timm.create_model(self.model, pretrained=False, num_classes=10, **self.kwargs).eval()
-        with torch.no_grad():  # zero-initialised residual norms (SwinV2) would hide every attention
+        with torch.no_grad():  # zero-initialised residual norms (SwinV2) and heads (Hiera) would hide every attention
             for mod in model.modules():
                 if isinstance(mod, torch.nn.LayerNorm) and mod.weight is not None and not mod.weight.any():
                     mod.weight.fill_(1.0)
+                if isinstance(mod, torch.nn.Linear) and not mod.weight.any():
+                    mod.weight.normal_(0.0, 0.02)
         return model
 
     def inputs(self) -> tuple:
@@ -59,11 +61,10 @@ FAMILIES = [
     Family("efficientformer", "efficientformer_l1", dict(), 224, 1, slow=True),
     Family("efficientformerv2", "efficientformerv2_s0", dict(img_size=64), 64, 5,
            skipped={0: "talking heads", 1: "talking heads", 3: "talking heads", 4: "talking heads"}),
-    Family("davit", "davit_tiny", dict(depths=(1, 1, 1, 1)), 64, 8, skipped={i: "channel" for i in (1, 3, 5, 7)}),
-    Family("mvitv2", "mvitv2_tiny", dict(img_size=64), 64, 10, skipped=_all(10, "in place|cal_rel_pos_type"), slow=True),
+    Family("davit", "davit_tiny", dict(depths=(1, 1, 1, 1)), 64, 8),  # windows and channel attention alternate
+    Family("mvitv2", "mvitv2_tiny", dict(img_size=64), 64, 10, slow=True),  # pooled; relative positions: cal_rel_pos_type
     Family("twins", "twins_svt_small", dict(img_size=64, depths=(1, 1, 1, 1)), 64, 4),
-    Family("xcit", "xcit_nano_12_p16_224", dict(img_size=32, depth=2), 32, 4,
-           skipped={0: "channel", 1: "channel"}),
+    Family("xcit", "xcit_nano_12_p16_224", dict(img_size=32, depth=2), 32, 4),  # 2 channel + 2 class attentions
     Family("pvt_v2", "pvt_v2_b0", dict(depths=(1, 1, 1, 1)), 64, 4),
         Family("convit", "convit_tiny", dict(img_size=32, patch_size=8, depth=2, local_up_to_layer=1), 32, 2,
            skipped={0: "mixed with other values|keeps as one call"}),  # GPSA: two softmaxes mixed by a gate
@@ -78,6 +79,13 @@ FAMILIES = [
     Family("pit", "pit_ti_224", dict(img_size=64), 64, 12),
     Family("visformer", "visformer_tiny", dict(img_size=64), 64, 8),
     Family("mobilevit", "mobilevit_xxs", dict(), 64, 9),
-    Family("edgenext", "edgenext_xx_small", dict(), 64, 3, skipped=_all(3, "channel")),
+    Family("edgenext", "edgenext_xx_small", dict(ls_init_value=1.0), 64, 3),  # channel attention
     Family("vitamin", "vitamin_small_224", dict(img_size=64, depth=2), 64, 2),
+    # beyond the families the reach issue first sampled
+    Family("hiera", "hiera_tiny_224", dict(img_size=64, stages=(1, 1, 1, 1)), 64, 4),  # mask units, pooled queries
+    Family("nest", "nest_tiny", dict(img_size=32, patch_size=4), 32, 12),  # attention within nested blocks
+    Family("samvit", "samvit_base_patch16", dict(img_size=64, depth=2, embed_dim=64, num_heads=2,
+                                                 global_attn_indexes=(1,), window_size=2), 64, 2),  # rel pos bias
+    Family("crossvit", "crossvit_tiny_240", dict(img_size=120, depth=((1, 1, 0),), embed_dim=(32, 64),
+                                                 num_heads=(2, 2)), 120, 4),  # two towers, class-token cross attention
 ]
