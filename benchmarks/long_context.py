@@ -86,6 +86,14 @@ def measure(build, device, reps: int):
     return statistics.median(times), extra, out
 
 
+def block_mask_bytes(bm) -> int:
+    """What a FlexAttention BlockMask holds: its block counts and index tables, forward and transposed."""
+    names = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
+             "q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices")
+    tensors = [getattr(bm, n, None) for n in names]
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+
 def emit(row: dict, rows: list):
     rows.append(row)
     print(json.dumps(row), flush=True)
@@ -119,7 +127,7 @@ def part_build(args, device, rows):
                     measure(flex_build, device, 1)
                     t, extra, bm = measure(flex_build, device, args.reps)
                     row.update(flex_ms=round(t * 1e3, 2), flex_extra_mib=round(extra / 2**20, 1),
-                               flex_compiled=compile_flex)
+                               flex_tables_mib=round(block_mask_bytes(bm) / 2**20, 1), flex_compiled=compile_flex)
                     row["speedup"] = round(row["flex_ms"] / row["fxsparse_ms"], 2)
                     del bm
                 except Exception as err:  # out of memory at long lengths: say so and go on

@@ -112,9 +112,6 @@ def _pack_bits(blocks: torch.Tensor) -> torch.Tensor:
     return octets.contiguous().view(torch.int32)  # four bytes a word, little-endian: byte k holds bits 8k..8k+7
 
 
-pack_bits = _pack_bits  # the public name, for layouts built elsewhere (fxsparse.masks)
-
-
 def unpack_bits(words: torch.Tensor) -> torch.Tensor:
     """int32 [..., W] -> bool [..., 32 * W]."""
     shifts = torch.arange(32, device=words.device, dtype=torch.int32)
@@ -449,15 +446,6 @@ def check_block_size_any(bs, what: str = "block_size") -> int:
     return check_block_size(int(bs))
 
 
-def layout_from_kinds(kinds, mask_id, bits, block_size: int, shape: tuple, *, density: float | None = None,
-                      causal: bool | None = None) -> "Layout":
-    """A Layout from its block kinds (int8 [Bl, Hl, NQB, NKB]), the partial blocks' mask ids (int32, the
-    same shape, -1 elsewhere) and their packed masks (int32 [P, bs, bs // 32]; a mask need not be
-    distinct). With ``density`` and ``causal`` given nothing is read back to the host, so a layout
-    derived from a runtime mask costs no synchronisation (``fxsparse.masks``)."""
-    return Layout._from_kinds(kinds, mask_id, bits, block_size, shape, density=density, causal=causal)
-
-
 # ------------------------------------------------------------------------------ sizes and checks
 _CHUNK = 1 << 20  # elements (blocks or mask entries) handled at once while building: bounds the scratch memory
 
@@ -633,8 +621,8 @@ def build_tables(mask_mod, nq: int, nk: int, bl: int, hl: int, bs: int, device, 
         return _evaluate_all(mask_mod, nq, nk, bl, hl, bs, device)
     step = max(1, _CHUNK // max(1, bl * hl * nkb))
     chunks = [(qb0, min(nqb, qb0 + step)) for qb0 in range(0, nqb, step)]
-    # the kinds of a few block rows are kept between the passes, more are classified again
-    kept = [] if len(chunks) <= _KEEP_CHUNKS else None
+    # the kinds are kept between the two passes up to _KEEP blocks, classified again past that
+    kept = [] if bl * hl * nqb * nkb <= _KEEP else None
     todo = []  # (b, h, qb, kb) of the blocks to evaluate
     for qb0, qb1 in chunks:
         k = classify(qb0, qb1)
@@ -658,7 +646,7 @@ def build_tables(mask_mod, nq: int, nk: int, bl: int, hl: int, bs: int, device, 
     return _assemble((bl, hl, nqb, nkb), bits, bs, (nq, nk), device, fill)
 
 
-_KEEP_CHUNKS = 4  # block-row chunks whose classified kinds build_tables keeps between its two passes
+_KEEP = 1 << 24  # blocks (int8 kinds, 16 MiB) build_tables keeps between its two passes
 
 
 def _evaluate_blocks(mask_mod, todo, bs: int, nq: int, nk: int):

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import fxsparse
+import fxsparse.layout as layout_mod
 from fxsparse import Layout
 from fxsparse import patterns as P
 from fxsparse.layout import _LAYOUTS, LAYOUT_CACHE_SIZE, resolve_mask
@@ -358,6 +359,59 @@ def test_document_layout_skips_blocks_across_documents():
     kinds = layout.kinds[0, 0]
     assert int((kinds == 2).sum()) == 16 and int((kinds == 1).sum()) == 32  # one full and two diagonal blocks a doc
     assert layout.density == pytest.approx(16 * 3 * 128 * 128 / 4096**2)  # the scores of the visited blocks
+
+
+def _documents_mask(q_ids, kv_ids, causal):
+    mask = (q_ids[:, :, None] == kv_ids[:, None, :]) & (q_ids[:, :, None] >= 0)
+    if causal:
+        mask = mask & torch.ones(q_ids.shape[1], kv_ids.shape[1], dtype=torch.bool).tril()
+    return mask[:, None]
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_document_layout_equals_the_materialized_mask(chunked, causal, seed, monkeypatch):
+    """document_layout evaluates one block per document boundary (blocks of one document share it)
+    and classifies the rest: its tables equal Layout.from_mask of the materialized mask, with uneven,
+    short and empty documents, padding, a batch and lengths that are not a multiple of the block;
+    ``chunked``: a few block rows at a time, the kinds classified again in the second pass."""
+    if chunked:
+        monkeypatch.setattr(layout_mod, "_CHUNK", 1 << 8)
+        monkeypatch.setattr(layout_mod, "_KEEP", 0)
+    g = gen(seed)
+    bs = (32, 64, 32)[seed]
+    n = int(torch.randint(200, 600, (1,), generator=g))
+    lengths = torch.randint(0, 120, (2, 10), generator=g)  # some empty, some shorter than a block
+    lengths = torch.where(lengths.cumsum(-1) <= n, lengths, 0)  # the rest of each sample is padding
+    ids = document_ids(lengths, total=n)
+    got = document_layout(ids, causal=causal, block_size=bs)
+    want = Layout.from_mask(_documents_mask(ids, ids, causal), bs)
+    assert torch.equal(got.data, want.data)
+    assert got.density == pytest.approx(want.density) and got.causal == want.causal
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_document_layout_with_query_ids(causal):
+    """Queries with ids of their own, exactly the materialized mask: fewer than the keys, one id list
+    shared by the batch; a query block of one document facing a kv block cut by a document boundary
+    both on the diagonal (where causality cuts it too) and below it."""
+    kv_ids = document_ids(torch.tensor([[20, 100, 60, 3, 50], [200, 0, 0, 30, 3]]))
+    q_ids = torch.tensor([1] * 100 + [2] * 50 + [4] * 5)[None]
+    got = document_layout(kv_ids, q_doc_ids=q_ids, causal=causal, block_size=32)
+    want = Layout.from_mask(_documents_mask(q_ids.expand(2, -1), kv_ids, causal), 32)
+    assert torch.equal(got.data, want.data) and got.batch == 2
+
+
+@pytest.mark.parametrize("pattern", [P.sliding_window(70, causal=True), P.sliding_window(3), P.causal(),
+                                     P.global_tokens(40), P.union(P.sliding_window(2), P.global_tokens(1))], ids=repr)
+def test_pattern_layouts_built_a_few_block_rows_at_a_time(pattern, monkeypatch):
+    """With a small chunk every pass of the build (classify, evaluate, the forward and backward lists)
+    runs over several chunks: the tables equal the materialized mask's."""
+    monkeypatch.setattr(layout_mod, "_CHUNK", 1 << 7)
+    monkeypatch.setattr(layout_mod, "_KEEP", 0)
+    got = Layout.from_mask_mod(pattern.mask_mod(401, 389), 401, 389, block_size=32)
+    assert torch.equal(got.data, Layout.from_mask(pattern.mask(401, 389), 32).data)
 
 
 @pytest.mark.interpret
