@@ -112,6 +112,9 @@ def _pack_bits(blocks: torch.Tensor) -> torch.Tensor:
     return octets.contiguous().view(torch.int32)  # four bytes a word, little-endian: byte k holds bits 8k..8k+7
 
 
+pack_bits = _pack_bits  # the public name, for layouts built elsewhere (fxsparse.masks)
+
+
 def unpack_bits(words: torch.Tensor) -> torch.Tensor:
     """int32 [..., W] -> bool [..., 32 * W]."""
     shifts = torch.arange(32, device=words.device, dtype=torch.int32)
@@ -444,6 +447,15 @@ def check_block_size_any(bs, what: str = "block_size") -> int:
         if not (isinstance(bs, torch.Tensor) and bs.dim() == 0 and not bs.is_floating_point() and bs.dtype != torch.bool):
             raise ValueError(f"{what} must be one of 32, 64, 128, 256, got {bs!r}")
     return check_block_size(int(bs))
+
+
+def layout_from_kinds(kinds, mask_id, bits, block_size: int, shape: tuple, *, density: float | None = None,
+                      causal: bool | None = None) -> "Layout":
+    """A Layout from its block kinds (int8 [Bl, Hl, NQB, NKB]), the partial blocks' mask ids (int32, the
+    same shape, -1 elsewhere) and their packed masks (int32 [P, bs, bs // 32]; a mask need not be
+    distinct). With ``density`` and ``causal`` given nothing is read back to the host, so a layout
+    derived from a runtime mask costs no synchronisation (``fxsparse.masks``)."""
+    return Layout._from_kinds(kinds, mask_id, bits, block_size, shape, density=density, causal=causal)
 
 
 # ------------------------------------------------------------------------------ sizes and checks
