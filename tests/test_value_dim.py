@@ -90,6 +90,18 @@ def test_cpu_path_equals_reference_in_float64(case, monkeypatch):
 
 
 @cpu_only
+def test_traced_op_has_the_value_head_dim():
+    """Under torch.compile (fullgraph; aot_eager runs the op's fake kernels and autograd) the output and
+    v's gradient have Dv, and match the oracle."""
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda q, k, v, mask, **kw: op(q, k, v, mask, **kw), backend="aot_eager", fullgraph=True)
+    q, k, v = _inputs(1, 4, 2, 40, 40, 16, 48, torch.float32, "cpu", seed=11)
+    mask = mixed_mask((), 40, 40, 32, seed=12)
+    out = compare_with_oracle(compiled, q, k, v, mask, op_mask=Layout.from_mask(mask, 32), causal=True)
+    assert out.shape == (1, 4, 40, 48)
+
+
+@cpu_only
 def test_shape_errors_name_the_argument():
     q, k, v = _inputs(1, 2, 2, 10, 12, 16, 32, torch.float32, "cpu")
     with pytest.raises(ValueError, match=r"k and v must have the same batch, heads and length .* v \(1, 2, 11, 32\)"):
