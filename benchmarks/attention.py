@@ -5,13 +5,16 @@
     PYTHONPATH=. python benchmarks/attention.py --sweep         # kernel launch configs (CUDA-graph replays)
     PYTHONPATH=. python benchmarks/attention.py --shapes 8x16x4096x64 --options '{"forward_descriptors": true}'
     PYTHONPATH=. python benchmarks/attention.py --shapes 1x12x8192x64 --causal-window 1024   # a causal LM's window
+    PYTHONPATH=. python benchmarks/attention.py --shapes 1x12x16385x64 --local-2d 128,3,1    # ViT-B/16 at 2048 px
 
 --options takes a fxsparse.KernelOptions as JSON of the fields to change (LaunchConfigs as lists:
 "forward_config": [rows, cols, warps, stages]); every fxsparse call of the run uses it.
 
 Masks are 1-D local windows |i - j| <= w, w chosen so that the 128-block density is near the target;
 with --causal-window W, the causal sliding window 0 <= i - j <= W instead (the densities are ignored; the
-layout holds the causality, so fxsparse gets no causal flag, and the dense baseline is SDPA's causal kernel).
+layout holds the causality, so fxsparse gets no causal flag, and the dense baseline is SDPA's causal kernel);
+with --local-2d G,W,P, a ViT's local 2-D window on a G x G grid after P prefix tokens, which every query
+sees (--prefix-queries global: the prefix tokens also see every key; local: only the prefix).
 "Useful" TFLOP/s counts the FLOPs of the blocks a method computes: density x dense FLOPs for the
 block-sparse methods, dense FLOPs for SDPA (forward 4·N²·D per head, backward 2.5x that).
 """
@@ -36,6 +39,25 @@ SHAPES = [(8, 12, 4096, 64), (2, 16, 16384, 64), (1, 16, 32768, 128), (64, 12, 1
 DENSITIES = [0.03, 0.10, 0.25, 1.0]
 BLOCK = 128
 CAUSAL_WINDOW = None  # --causal-window: every mask is 0 <= i - j <= CAUSAL_WINDOW
+MASK_MOD = None  # --causal-window, --local-2d: every mask is mask_mod(q_idx, kv_idx) on broadcast indices
+
+
+def causal_window_mod(w: int):
+    def mod(q_idx, kv_idx):
+        return (q_idx >= kv_idx) & (q_idx - kv_idx <= w)
+    return mod
+
+
+def local_2d_mod(grid: int, window: int, prefix: int, global_queries: bool = True):
+    """A ViT's local window: patch tokens (after `prefix` tokens) see patches within `window` rows and
+    columns on a grid x grid image, and the prefix tokens; the prefix tokens see every key
+    (global_queries) or only the prefix."""
+    def mod(q_idx, kv_idx):
+        qp, kp = q_idx - prefix, kv_idx - prefix
+        near = ((qp // grid - kp // grid).abs() <= window) & ((qp % grid - kp % grid).abs() <= window)
+        patch_row = (kv_idx < prefix) | near
+        return torch.where(q_idx < prefix, (kv_idx >= 0) if global_queries else (kv_idx < prefix), patch_row)
+    return mod
 
 
 def block_density(n: int, w: int) -> float:
@@ -55,15 +77,15 @@ def window_for(n: int, density: float) -> int:
 
 def window_mask(n: int, w: int, device) -> torch.Tensor:
     i = torch.arange(n, device=device)
-    if CAUSAL_WINDOW is not None:
-        return ((i[:, None] - i[None, :]) >= 0) & ((i[:, None] - i[None, :]) <= CAUSAL_WINDOW)
+    if MASK_MOD is not None:
+        return MASK_MOD(i[:, None], i[None, :])
     return (i[:, None] - i[None, :]).abs() <= w
 
 
 def windows(n: int, densities) -> list:
     """The windows a shape is measured at: one per density, or the causal window."""
-    if CAUSAL_WINDOW is not None:
-        return [CAUSAL_WINDOW]
+    if MASK_MOD is not None:
+        return [CAUSAL_WINDOW or 0]
     return sorted({window_for(n, dens) for dens in densities})
 
 
@@ -108,10 +130,10 @@ def make_flex(n: int, w: int, device):
     def local(b, h, q_idx, kv_idx):
         return (q_idx - kv_idx).abs() <= w
 
-    def causal_window(b, h, q_idx, kv_idx):
-        return (q_idx >= kv_idx) & (q_idx - kv_idx <= w)
+    def given(b, h, q_idx, kv_idx):
+        return MASK_MOD(q_idx, kv_idx)
 
-    bm = create_block_mask(local if CAUSAL_WINDOW is None else causal_window, B=None, H=None, Q_LEN=n, KV_LEN=n, device=device, BLOCK_SIZE=BLOCK)
+    bm = create_block_mask(local if MASK_MOD is None else given, B=None, H=None, Q_LEN=n, KV_LEN=n, device=device, BLOCK_SIZE=BLOCK)
     flex = torch.compile(flex_attention, dynamic=False)
     return lambda q, k, v: flex(q, k, v, block_mask=bm)
 
@@ -214,7 +236,7 @@ def check(shapes):
     cases = []
     for b, h, n, d in shapes:
         # with --causal-window, that window as it is (its full blocks too); else 10 % of its elements dropped
-        keep = 1.0 if CAUSAL_WINDOW is not None else 0.9
+        keep = 1.0 if MASK_MOD is not None else 0.9
         cases.append(dict(b=1, h=h, hkv=h, n=n, d=d, dens=0.1, bias=False, causal=False, dtype=torch.bfloat16, keep=keep))
     cases += [
         dict(b=2, h=12, hkv=12, n=197, d=64, dens=0.3, bias=True, causal=False, dtype=torch.bfloat16),
@@ -274,7 +296,7 @@ def sweep(shape, density, block=BLOCK, fwd_configs=(), bwd_configs=()):
     b, h, n, d = shape
     dev = "cuda"
     q, k, v = (torch.randn(b, h, n, d, device=dev, dtype=torch.bfloat16).requires_grad_() for _ in range(3))
-    w = CAUSAL_WINDOW if CAUSAL_WINDOW is not None else window_for(n, density)
+    w = 0 if MASK_MOD is not None else window_for(n, density)
     layout = Layout.from_mask(window_mask(n, w, dev), block_size=block)
     dout = torch.randn_like(q)
     rows = []
@@ -339,10 +361,20 @@ def main():
     p.add_argument("--causal-window", type=int, default=None,
                    help="every mask is the causal sliding window 0 <= i - j <= W (a causal LM's), for the table, "
                         "the sweep and the check")
+    p.add_argument("--local-2d", default=None, metavar="G,W,P",
+                   help="every mask is a ViT's local 2-D window: a G x G grid, window W, P prefix tokens (the "
+                        "shapes' N must be G * G + P)")
+    p.add_argument("--prefix-queries", choices=("global", "local"), default="global",
+                   help="with --local-2d: the prefix tokens see every key (global) or only the prefix (local)")
     p.add_argument("--out", default="benchmarks/out")
     a = p.parse_args()
-    global CAUSAL_WINDOW
+    global CAUSAL_WINDOW, MASK_MOD
     CAUSAL_WINDOW = a.causal_window
+    if a.causal_window is not None:
+        MASK_MOD = causal_window_mod(a.causal_window)
+    elif a.local_2d:
+        g, w, pre = (int(x) for x in a.local_2d.split(","))
+        MASK_MOD = local_2d_mod(g, w, pre, a.prefix_queries == "global")
     shapes = parse_shapes(a.shapes)
     if a.options:
         from fxsparse.options import decode
