@@ -113,21 +113,28 @@ def test_pattern_layouts_equal_evaluated(pattern, nq, nk, bs):
 
 
 def test_sliding_window_at_128k_on_cpu_stays_under_1_gib():
-    """Building a 128k causal sliding-window layout never makes an [N, N] tensor: the process's peak
-    resident memory grows by less than 1 GiB (a 131072^2 bool mask alone would be 16 GiB)."""
+    """Building a 128k causal sliding-window layout, then a 128k layout of 16 packed documents, never
+    makes an [N, N] tensor: the process's peak resident memory grows by less than 1 GiB (a 131072^2
+    bool mask alone would be 16 GiB)."""
     code = textwrap.dedent("""
         import resource, torch
         from fxsparse import patterns
-        torch.ones(1)
+        from fxsparse.masks import document_ids, document_layout
+        ids = document_ids(torch.full((16,), 8192) + torch.arange(16) * 64 - 480)
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         layout = patterns.sliding_window(4096, causal=True).layout(131072, 131072, block_size=128)
         after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         kinds = layout.kinds
         print((after - before) * 1024, int((kinds == 2).sum()), int((kinds == 1).sum()), layout.causal)
+        del layout, kinds
+        docs = document_layout(ids, causal=True)
+        print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024, ids.numel(), docs.causal)
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300)
-    grown, full, partial, causal = out.stdout.split()
+    (grown, full, partial, causal), (docs_grown, docs_n, docs_causal) = (line.split() for line in out.stdout.splitlines())
     assert int(grown) < 2**30, f"peak memory grew by {int(grown) / 2**20:.0f} MiB"
+    assert int(docs_n) == 131072 and docs_causal == "True"
+    assert int(docs_grown) < 2**30, f"peak memory grew by {int(docs_grown) / 2**20:.0f} MiB with the documents"
     # 1024 block rows; a window of 4096 = 32 blocks: 31 full blocks a row below the diagonal (fewer at
     # the start), the diagonal block and the window's far edge partial
     assert int(full) == sum(min(a, 31) for a in range(1024)) and int(partial) == 1024 + 1024 - 32
