@@ -353,39 +353,6 @@ def test_huggingface_gradient_checkpointing():
         assert_close(grads[1][name], grads[0][name], what=f"checkpointed gradient of {name}")
 
 
-@pytest.mark.parametrize("impl", ["sdpa", "eager"])
-def test_padding_blocks_are_skipped_and_the_result_is_exact(impl, monkeypatch):
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                  intermediate_size=64, attn_implementation=impl)
-    model = transformers.BertModel(cfg).eval()
-    ids = torch.randint(1, 100, (2, 160))
-    attention_mask = torch.ones(2, 160, dtype=torch.long)
-    attention_mask[1, 40:] = 0  # the second sample is mostly padding
-    seen = []
-    real = fxsparse.site.sparse_attention
-
-    def spy(q, k, v, layout, **kw):
-        seen.append(layout)
-        return real(q, k, v, layout, **kw)
-
-    monkeypatch.setattr(fxsparse.site, "sparse_attention", spy)
-    sparse = fxsparse.transform(model, fxsparse.patterns.dense(block_size=32),
-                                example_inputs={"input_ids": ids, "attention_mask": attention_mask})
-    for site in sparse.modules():
-        if isinstance(site, fxsparse.site.SiteAttention):
-            site.skip_padding = True
-    with torch.no_grad():
-        got = sparse(input_ids=ids, attention_mask=attention_mask).last_hidden_state
-        want = model(input_ids=ids, attention_mask=attention_mask).last_hidden_state
-    assert_close(got, want, what="padding skipped by blocks vs the original")
-    layout = seen[-1]
-    assert layout.batch == 2
-    per_sample = layout.to_mask().flatten(1).float().mean(1)
-    assert per_sample[0] == 1.0 and per_sample[1] < 0.5, "the padded sample's key blocks are skipped"
-
-
 def test_options_reach_every_site(monkeypatch):
     class Attention(nn.Module):
         def forward(self, q, k, v):

@@ -1,0 +1,225 @@
+"""Runtime masks as layouts: key padding and a model's own 4-D mask turned into exact Layouts on the
+device with nothing read back to the host, and their fold into a site's layout (SiteAttention.skip_padding):
+the blocks the model's mask removes are skipped, and the result is the original model's."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxsparse
+from fxsparse import Layout
+from fxsparse import patterns as P
+from fxsparse.masks import document_ids, key_padding_layout, model_mask_layout
+from fxsparse.site import SiteAttention, _fold_mask_bias
+from fxsparse.testing import assert_close, compare_with_oracle
+from helpers import gen, qkv
+
+
+def padded_keys(b, nk, seed):
+    """bool [b, nk]: random keys, a whole padded stretch in sample 0, no key at all in the last sample."""
+    keep = torch.rand(b, nk, generator=gen(seed)) < 0.7
+    keep[0, : nk // 2] = False
+    keep[-1] = False
+    return keep
+
+
+@pytest.mark.parametrize("nq,nk,bs,causal", [(150, 150, 32, False), (150, 150, 32, True), (70, 130, 64, False),
+                                             (130, 70, 32, True), (256, 256, 128, False)])
+def test_key_padding_layout_is_the_exact_layout(nq, nk, bs, causal):
+    keep = padded_keys(3, nk, seed=nq + nk)
+    layout = key_padding_layout(keep, nq, block_size=bs, causal=causal)
+    mask = keep[:, None, None, :].expand(3, 1, nq, nk)
+    if causal:
+        mask = mask & torch.ones(nq, nk, dtype=torch.bool).tril()
+    want = Layout.from_mask(mask, bs)
+    assert torch.equal(layout.to_mask(), mask)
+    assert torch.equal(layout.kinds, want.kinds), "every block is full, partial or empty exactly as the mask's"
+    assert layout.causal == want.causal and layout.density == pytest.approx(want.density)
+    q, k, v = qkv(3, 2, 1, nq, nk, 16, seed=1)
+    compare_with_oracle(fxsparse.sparse_attention, q, k, v, mask, op_mask=layout)
+
+
+def test_model_mask_layout_of_a_4d_mask_is_exact():
+    """A packed-document causal mask with padding, per sample, odd length: cut into blocks with every
+    block's kind exact; bool and additive forms give one layout; a mask expanded along the queries
+    takes the key-padding path."""
+    n = 150
+    ids = document_ids(torch.tensor([[40, 7, 90, 3], [120, 0, 0, 0]]), total=n)
+    mask = ((ids[:, :, None] == ids[:, None, :]) & (ids[:, :, None] >= 0) & torch.ones(n, n, dtype=torch.bool).tril())
+    mask = mask[:, None]
+    additive = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
+    for form in (mask, additive):
+        layout = model_mask_layout(form, n, block_size=32)
+        assert torch.equal(layout.to_mask(), mask)
+        assert torch.equal(layout.kinds, Layout.from_mask(mask, 32).kinds)
+    assert layout.causal
+    q, k, v = qkv(2, 2, 2, n, n, 16, seed=2)
+    compare_with_oracle(fxsparse.sparse_attention, q, k, v, mask, op_mask=layout)
+    keep = padded_keys(2, n, seed=3)
+    expanded = keep[:, None, None, :].expand(2, 1, n, n)
+    assert torch.equal(model_mask_layout(expanded, n, block_size=32).data,
+                       key_padding_layout(keep, n, block_size=32).data)
+    with pytest.raises(ValueError, match="query rows"):
+        model_mask_layout(torch.zeros(2, 1, 7, n), n)
+
+
+def sites(model):
+    return [m for m in model.modules() if isinstance(m, SiteAttention)]
+
+
+def spy_layouts(monkeypatch):
+    seen = []
+    real = fxsparse.site.sparse_attention
+
+    def spy(q, k, v, layout, **kw):
+        seen.append((layout, kw.get("bias")))
+        return real(q, k, v, layout, **kw)
+
+    monkeypatch.setattr(fxsparse.site, "sparse_attention", spy)
+    return seen
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_hf_bert_padding_folded_equals_the_original(impl, monkeypatch):
+    """HuggingFace BERT with padding (right, left and a sample with no token): the transformed model
+    equals the original with the fold (the default) and without it; the fold skips the padded key
+    blocks, drops the bias where the model hands SDPA a bool mask and keeps it where the mask is additive."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=64, attn_implementation=impl)
+    model = transformers.BertModel(cfg).eval()
+    ids = torch.randint(1, 100, (4, 200))
+    attention_mask = torch.ones(4, 200, dtype=torch.long)
+    attention_mask[1, 40:] = 0
+    attention_mask[2, :130] = 0
+    attention_mask[3] = 0
+    kw = dict(input_ids=ids, attention_mask=attention_mask)
+    seen = spy_layouts(monkeypatch)
+    sparse = fxsparse.transform(model, P.dense(block_size=32), example_inputs=kw)
+    assert all(s.skip_padding for s in sites(sparse))
+    with torch.no_grad():
+        want = model(**kw).last_hidden_state
+        folded = sparse(**kw).last_hidden_state
+        layout, bias = seen[-1]
+        for s in sites(sparse):
+            s.skip_padding = False
+        plain = sparse(**kw).last_hidden_state
+    real = attention_mask.bool()[:, :, None]
+    assert_close(folded * real, want * real, what="folded vs the original")
+    assert_close(plain * real, want * real, what="not folded vs the original")
+    assert_close(folded, plain, tol=1e-6, what="folded vs not folded, padding rows included")
+    assert layout.batch == 4 and (bias is None) == (impl == "sdpa")
+    empty = (layout.kinds == Layout.EMPTY).flatten(1).float().mean(1)
+    assert empty[0] == 0 and empty[1] > 0.6 and empty[2] > 0.4, "the padded key blocks are skipped"
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_hf_llama_packed_documents_4d_mask(impl, monkeypatch):
+    """HuggingFace Llama given a 4-D packed-document mask (bool for SDPA, additive for eager): the
+    transformed model equals the original; the fold skips the blocks across documents, built once per
+    forward for all layers."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                                   num_key_value_heads=2, intermediate_size=64, max_position_embeddings=256,
+                                   attn_implementation=impl)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    lengths = (70, 33, 97)
+    n = sum(lengths)
+    ids = document_ids(torch.tensor(lengths))[None]
+    mask = ((ids[:, :, None] == ids[:, None, :]) & torch.ones(n, n, dtype=torch.bool).tril())[:, None]
+    if impl == "eager":
+        mask = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
+    kw = dict(input_ids=torch.randint(0, 100, (1, n)), attention_mask=mask,
+              position_ids=torch.cat([torch.arange(m) for m in lengths])[None])
+    seen = spy_layouts(monkeypatch)
+    sparse = fxsparse.transform(model, P.dense(block_size=32), example_inputs=kw)
+    builds = []
+    for name in ("block_tables", "key_padding_tables"):
+        real = getattr(fxsparse.masks, name)
+        monkeypatch.setattr(fxsparse.masks, name, lambda *a, real=real: builds.append(1) or real(*a))
+    with torch.no_grad():
+        got = sparse(**dict(kw, attention_mask=mask.clone()))  # a new mask tensor: folded once for every layer
+        want = model(**kw).logits
+    assert_close(got.logits, want, what="transformed vs the original, packed documents")
+    layout, bias = seen[-1]
+    assert int((layout.kinds == Layout.EMPTY).sum()) > 0.5 * layout.kinds.numel()
+    assert (bias is None) == (impl == "sdpa")
+    if impl == "sdpa":
+        assert len(builds) == 1, "one layout per forward for every layer"
+
+
+class MaskedAttention(nn.Module):
+    def forward(self, q, k, v, mask):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def test_fold_follows_a_mask_changed_in_place():
+    """The folds kept per mask tensor are keyed by its version: a mask written in place is folded again."""
+    q, k, v = qkv(2, 2, 2, 96, 96, 16, seed=4, grad=False)
+    keep = padded_keys(2, 96, seed=5)[:, None, None, :].expand(2, 1, 96, 96).clone()
+    model = MaskedAttention()
+    sparse = fxsparse.transform(model, P.dense(block_size=32), example_inputs=(q, k, v, keep))
+    for _ in range(2):
+        with torch.no_grad():
+            got, want = sparse(q, k, v, keep), model(q, k, v, keep)
+        rows = keep.any(-1, keepdim=True)
+        assert_close(got * rows, want * rows, what="mask folded")
+        keep[0, :, :, 60:] = True  # in place: the version changes
+        keep[1, :, :, :30] = False
+
+
+def test_fold_keeps_the_bias_where_only_it_is_given():
+    """An additive mask with rows that keep no key, and a bias that is more than the mask: the fold
+    skips only blocks where every entry is masked and gives what the unfolded call gives."""
+    n, bs = 128, 32
+    q, k, v = qkv(2, 2, 2, n, n, 16, seed=6, grad=False)
+    base = P.dense(block_size=bs).layout(n, n)
+    keep = padded_keys(2, n, seed=7)[:, None, None, :] & torch.ones(n, n, dtype=torch.bool).tril()
+    keep[0, :, 100:] = False  # query rows with no key
+    bias = torch.randn(2, 1, n, n, generator=gen(8)).masked_fill(~keep, torch.finfo(torch.float32).min)
+    layout, kept = _fold_mask_bias(base, bias)
+    assert kept is bias and layout.batch == 2
+    assert int((layout.kinds == Layout.EMPTY).sum()) > 0
+    got = fxsparse.sparse_attention(q, k, v, layout, bias=bias)
+    assert_close(got, fxsparse.sparse_attention(q, k, v, base, bias=bias), tol=1e-6, what="folded vs not folded")
+    # a per-head bias stays as it is; so does a layout mask_fn made sparse
+    per_head = bias.expand(2, 2, n, n).contiguous()
+    assert _fold_mask_bias(base, per_head) == (base, per_head)
+    window = P.sliding_window(8).layout(n, n, block_size=bs)
+    assert _fold_mask_bias(window, bias) == (window, bias)
+
+
+def test_compiled_transformed_model_keeps_the_mask():
+    """Under torch.compile the site runs as one op that gets the mask as its bias: the same result."""
+    q, k, v = qkv(2, 2, 2, 96, 96, 16, seed=9, grad=False)
+    keep = padded_keys(2, 96, seed=10)[:, None, None, :].expand(2, 1, 96, 96)
+    keep = keep | ~keep.any(-1, keepdim=True)  # SDPA's compiled math path differs on rows with no key
+    model = MaskedAttention()
+    sparse = fxsparse.transform(model, P.dense(block_size=32), example_inputs=(q, k, v, keep))
+    with torch.no_grad():
+        want = model(q, k, v, keep)
+        eager = sparse(q, k, v, keep)
+        compiled = torch.compile(sparse, backend="aot_eager")(q, k, v, keep)
+    assert_close(eager, want, what="eager, folded")
+    assert_close(compiled, want, what="compiled")
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("with_mask", [True, False])
+def test_folded_layouts_through_the_kernels(with_mask):
+    """The Triton kernels (GPU, or the interpreter) on folded layouts, forward and backward, against
+    the float64 oracle: the exact layout of a bool mask without bias, and the layout that keeps the bias."""
+    n, bs = 128, 64
+    q, k, v = qkv(2, 2, 1, n, n, 32, seed=11)
+    keep = padded_keys(2, n, seed=12)
+    keep[1] = True
+    keep[1, 70:] = False
+    mask = keep[:, None, None, :].expand(2, 1, n, n)
+    bias = torch.zeros(mask.shape).masked_fill(~mask, float("-inf"))
+    layout, kept = _fold_mask_bias(P.dense(block_size=bs).layout(n, n), bias, mask if with_mask else None)
+    assert (kept is None) == with_mask
+    compare_with_oracle(fxsparse.sparse_attention, q, k, v, mask, op_mask=layout, bias=kept)
