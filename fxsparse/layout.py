@@ -96,12 +96,14 @@ def _as_4d(mask: torch.Tensor) -> torch.Tensor:
 def _lists_into(sel: torch.Tensor, dim: int, index: torch.Tensor, num_out: torch.Tensor, idx_out: torch.Tensor):
     """Block lists of a bool selection along ``dim`` written into table views: ``num_out`` (``sel`` without
     ``dim``) the count, ``idx_out`` (``sel``'s shape) the selected ``index`` values ascending, then the
-    unselected ones ascending (so every entry names a real block). ``index``: int32 along ``dim``."""
+    unselected ones ascending (so every entry names a real block). ``index``: int32 along ``dim``.
+    Returns where each block went (int64, ``sel``'s shape)."""
     csum = sel.cumsum(dim, dtype=torch.int32)
     num = csum.narrow(dim, csum.shape[dim] - 1, 1)
-    pos = torch.where(sel, csum - 1, num + index - csum)  # an unselected block goes after every selected one
+    pos = torch.where(sel, csum - 1, num + index - csum).long()  # an unselected block goes after every selected one
     num_out.copy_(num.squeeze(dim))
-    idx_out.scatter_(dim, pos.long(), index.expand(sel.shape))
+    idx_out.scatter_(dim, pos, index.expand(sel.shape))
+    return pos
 
 
 def _pack_bits(blocks: torch.Tensor) -> torch.Tensor:
@@ -487,19 +489,19 @@ def _assemble(dims, bits, bs: int, shape, device, fill, density=None, causal=Non
     for qb0 in range(0, nqb, step):  # forward tables: per query block, its kv blocks
         k = kinds[:, :, qb0: qb0 + step]
         for kind, name in ((FULL, "full"), (PARTIAL, "part")):
-            idx = view(name + "_idx")[:, :, qb0: qb0 + step]
-            _lists_into(k == kind, -1, cols, view(name + "_num")[:, :, qb0: qb0 + step], idx)
-        # a partial block's mask id beside its index (see part_mid above)
-        view("part_mid")[:, :, qb0: qb0 + step] = mask_id[:, :, qb0: qb0 + step].gather(-1, idx.long())
+            pos = _lists_into(k == kind, -1, cols, view(name + "_num")[:, :, qb0: qb0 + step],
+                              view(name + "_idx")[:, :, qb0: qb0 + step])
+        # a partial block's mask id beside its index (see part_mid above); the blocks listed after the
+        # partial ones are not partial: their id is -1, as a gather by index would give
+        view("part_mid")[:, :, qb0: qb0 + step].scatter_(-1, pos, mask_id[:, :, qb0: qb0 + step])
     rows = torch.arange(nqb, device=device, dtype=torch.int32)[:, None]
     step = max(1, _CHUNK // max(1, bl * hl * nqb))
     for kb0 in range(0, nkb, step):  # backward tables: per kv block, the query blocks visiting it
         k = kinds[:, :, :, kb0: kb0 + step]
         for kind, name in ((FULL, "full"), (PARTIAL, "part")):
-            idx = view("t_" + name + "_idx")[:, :, kb0: kb0 + step].transpose(-1, -2)
-            _lists_into(k == kind, -2, rows, view("t_" + name + "_num")[:, :, kb0: kb0 + step], idx)
-        view("t_part_mid")[:, :, kb0: kb0 + step].transpose(-1, -2).copy_(
-            mask_id[:, :, :, kb0: kb0 + step].gather(-2, idx.long()))
+            pos = _lists_into(k == kind, -2, rows, view("t_" + name + "_num")[:, :, kb0: kb0 + step],
+                              view("t_" + name + "_idx")[:, :, kb0: kb0 + step].transpose(-1, -2))
+        view("t_part_mid")[:, :, kb0: kb0 + step].transpose(-1, -2).scatter_(-2, pos, mask_id[:, :, :, kb0: kb0 + step])
     bits_at = offsets["bits"][0]
     data[bits_at: bits_at + words] = bits.reshape(-1)
     data[bits_at + words:] = _pack_bits(unpack_bits(bits).transpose(-1, -2)).reshape(-1)
@@ -511,6 +513,18 @@ def _assemble(dims, bits, bs: int, shape, device, fill, density=None, causal=Non
                   causal=causal)
 
 
+_UPPER: dict = {}
+
+
+def _strict_upper(bs: int, device) -> torch.Tensor:
+    """The packed [bs, bs // 32] mask of a block's entries above its diagonal (key > query), kept per device."""
+    key = (bs, str(device))
+    if key not in _UPPER:
+        r = torch.arange(bs, device=device)
+        _UPPER[key] = _pack_bits((r[None, :] > r[:, None])[None])[0]
+    return _UPPER[key]
+
+
 def _facts(view, kinds, mask_id, bits, bs: int, nq: int, nk: int) -> tuple:
     """(density, causal) of freshly written tables, from the per-row lists (O(block rows)), read in one
     synchronisation. density: the share of the [nq, nk] scores the visited blocks compute (edge blocks
@@ -518,21 +532,17 @@ def _facts(view, kinds, mask_id, bits, bs: int, nq: int, nk: int) -> tuple:
     key j <= query i (token indices, top-left as SDPA's is_causal)."""
     bl, hl, nqb, nkb = kinds.shape
     dev = kinds.device
-    full_num, part_num = view("full_num").long(), view("part_num").long()
-    last_cols = nk - bs * (nkb - 1)
-    last_visited = (kinds[..., nkb - 1] != EMPTY).long()
-    row_cols = bs * (full_num + part_num) - (bs - last_cols) * last_visited  # scores per row of each block row
-    heights = torch.full((nqb,), bs, dtype=torch.int64, device=dev)
-    heights[-1] = nq - bs * (nqb - 1)
-    total = (row_cols * heights).sum(-1).double().mean()
-    # lists are ascending: a row's last listed block is its rightmost; full blocks must lie left of the
-    # diagonal, partial ones on it at most, and a partial diagonal block's mask below the diagonal
-    rows = torch.arange(nqb, device=dev)
-    last_full = view("full_idx").gather(-1, (full_num - 1).clamp(min=0)[..., None])[..., 0]
-    last_part = view("part_idx").gather(-1, (part_num - 1).clamp(min=0)[..., None])[..., 0]
-    above = ((full_num > 0) & (last_full >= rows)) | ((part_num > 0) & (last_part > rows))
-    r = torch.arange(bs, device=dev)
-    upper = (bits & _pack_bits((r[None, :] > r[:, None])[None])).flatten(1).any(1)  # per mask: any key > query
+    full_num, part_num = view("full_num"), view("part_num")
+    # scores per query row of each block row (the last kv block cut to the sequence), int32: < nk
+    row_cols = (full_num + part_num) * bs - (kinds[..., nkb - 1] != EMPTY) * (bs * nkb - nk)
+    total = row_cols.sum(-1, dtype=torch.int64) * bs - row_cols[..., -1] * (bs * nqb - nq)  # the last block row cut
+    total = total.double().mean()
+    # full blocks must lie below the diagonal, partial ones on it at most, and a partial diagonal block's
+    # mask below the diagonal
+    kb = torch.arange(nkb, device=dev)  # the query blocks visiting a kv block are listed ascending
+    first_full, first_part = view("t_full_idx")[..., 0], view("t_part_idx")[..., 0]
+    above = ((view("t_full_num") > 0) & (first_full <= kb)) | ((view("t_part_num") > 0) & (first_part < kb))
+    upper = (bits & _strict_upper(bs, dev)).flatten(1).any(1)  # per mask: any key > query
     diag_kinds, diag_mid = kinds.diagonal(dim1=-2, dim2=-1), mask_id.diagonal(dim1=-2, dim2=-1)
     above_diag = (diag_kinds == PARTIAL) & upper[diag_mid.clamp(min=0).long()]
     bad = above.any() | above_diag.any()
@@ -598,9 +608,11 @@ def _eval_tiles(mask_mod, b, h, q0, k0, bs: int, nq: int, nk: int) -> torch.Tens
     """mask_mod on P blocks of bs x bs starting at (q0[p], k0[p]) for batch b[p], head h[p]: bool [P, bs, bs];
     positions past the sequence are False (and the mask_mod sees the last position there instead)."""
     r = torch.arange(bs, device=q0.device)
+    ragged = nq % bs or nk % bs  # else every block lies inside both sequences
     if _broadcasts(mask_mod):
-        rows = torch.clamp(q0[:, None, None] + r[None, :, None], max=nq - 1)
-        cols = torch.clamp(k0[:, None, None] + r[None, None, :], max=nk - 1)
+        rows, cols = q0[:, None, None] + r[None, :, None], k0[:, None, None] + r[None, None, :]
+        if ragged:
+            rows, cols = rows.clamp(max=nq - 1), cols.clamp(max=nk - 1)
         out = mask_mod(b[:, None, None], h[:, None, None], rows, cols).expand(len(q0), bs, bs)
     else:
         def one(b, h, q0, k0, i, j):
@@ -608,6 +620,8 @@ def _eval_tiles(mask_mod, b, h, q0, k0, bs: int, nq: int, nk: int) -> torch.Tens
 
         dims = [(None, None, None, None, None, 0), (None, None, None, None, 0, None), (0, 0, 0, 0, None, None)]
         out = _run_mod(mask_mod, one, dims, (b, h, q0, k0, r, r))
+    if not ragged:
+        return out.contiguous()
     inside = ((q0[:, None] + r) < nq)[:, :, None] & ((k0[:, None] + r) < nk)[:, None, :]
     return out & inside
 
@@ -641,7 +655,8 @@ def build_tables(mask_mod, nq: int, nk: int, bl: int, hl: int, bs: int, device, 
         if kept is not None:
             kept.append(k)
         at = (k == PARTIAL).expand(bl, hl, qb1 - qb0, nkb).nonzero()
-        at[:, 2] += qb0
+        if qb0:
+            at[:, 2] += qb0
         todo.append(at)
     todo = torch.cat(todo) if len(todo) > 1 else todo[0]
     kind_of, mid_of, bits = _evaluate_blocks(mask_mod, todo, bs, nq, nk)
@@ -671,9 +686,8 @@ def _evaluate_blocks(mask_mod, todo, bs: int, nq: int, nk: int):
         keys = mask_mod.tile_keys(b, h, qb, kb, bs, nq, nk)
     if keys is not None:  # one block per key stands for all blocks of that key
         uniq, inverse = torch.unique(keys, dim=0, return_inverse=True)
-        n = todo.shape[0]
-        rep = torch.full((uniq.shape[0],), n, dtype=torch.int64, device=device)
-        rep.scatter_reduce_(0, inverse, torch.arange(n, device=device), "amin")
+        rep = torch.empty(uniq.shape[0], dtype=torch.int64, device=device)  # any block of each key
+        rep.scatter_(0, inverse, torch.arange(todo.shape[0], device=device))
         b, h, qb, kb = todo[rep].unbind(1)
     per = max(1, _CHUNK // (bs * bs))
     kinds, packed = [], []
