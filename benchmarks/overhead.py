@@ -3,6 +3,7 @@
     PYTHONPATH=. python benchmarks/overhead.py            # table of µs per call, then a cProfile summary
     PYTHONPATH=. python benchmarks/overhead.py 8,12,4096,64,128   # host issue time vs GPU time at a real shape
     PYTHONPATH=. python benchmarks/overhead.py 8,12,4096,64,128 --gc-freeze   # the same, gc.freeze() first
+    PYTHONPATH=. python benchmarks/overhead.py --sites [--device cpu]   # a model's attention: each layer's host µs
 
 Each row times N calls back to back on a 1x1x128x64 problem (the GPU finishes each call long before
 the host issues the next), so the time per call is the host's.
@@ -26,14 +27,19 @@ from fxsparse import Layout
 from fxsparse.kernels import launch as kernels
 
 
+def _sync():
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def per_call_us(fn, n=300) -> float:
     for _ in range(20):
         fn()
-    torch.cuda.synchronize()
+    _sync()
     t = time.perf_counter()
     for _ in range(n):
         fn()
-    torch.cuda.synchronize()
+    _sync()
     return (time.perf_counter() - t) / n * 1e6
 
 
@@ -107,12 +113,56 @@ def _write_json(name: str, result: dict):
     """Raw output under the ignored benchmarks/out/."""
     out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
     os.makedirs(out, exist_ok=True)
-    env = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__)
+    env = dict(gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else "none", torch=torch.__version__)
     with open(os.path.join(out, name), "w") as f:
         json.dump(dict(env=env, **result), f, indent=1)
 
 
+def sites(device: str):
+    """Host µs per call of one attention layer of a transformed model, layer by layer: the owner module
+    (a GPT-2 attention: its projections, the redirect's TorchFunctionMode over every torch call of its
+    forward, the site), the SiteAttention call alone, sparse_attention alone with the site's Layout, and
+    the original module. A 1-head, 128-token, 64-wide layer in bf16 on the GPU (float32 on the CPU), so
+    the device's work is far below the host's and the times are the host's."""
+    import transformers
+
+    from fxsparse import patterns
+    from fxsparse.site import site_modules
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    cfg = transformers.GPT2Config(n_positions=128, n_embd=64, n_layer=1, n_head=1, vocab_size=128, attn_pdrop=0.0,
+                                  resid_pdrop=0.0, embd_pdrop=0.0, bos_token_id=0, eos_token_id=0,
+                                  attn_implementation="sdpa")
+    model = transformers.GPT2Model(cfg).to(device, dtype).eval()
+    ids = torch.zeros(1, 128, dtype=torch.long, device=device)
+    sparse = fxsparse.transform(model, patterns.sliding_window(32, causal=True, block_size=64),
+                                example_inputs={"input_ids": ids})
+    x = torch.randn(1, 128, 64, device=device, dtype=dtype)
+    q = torch.randn(1, 1, 128, 64, device=device, dtype=dtype)
+    site = site_modules(sparse)[0]
+    layout = site.kernel_layout_for(q, q)
+    calls = {
+        "transformed attention module (owner)": lambda: sparse.h[0].attn(x),
+        "original attention module": lambda: model.h[0].attn(x),
+        "SiteAttention call": lambda: site(q, q, q, causal=True),
+        "sparse_attention(layout)": lambda: fxsparse.sparse_attention(q, q, q, layout),
+        "scaled_dot_product_attention (reference)":
+            lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True),
+    }
+    samples = {name: [] for name in calls}
+    with torch.no_grad():
+        for turn in range(3):  # in turns, the order reversed every other turn: the host's speed drifts
+            for name in (list(calls) if turn % 2 == 0 else list(calls)[::-1]):
+                samples[name].append(per_call_us(calls[name]))
+    rows = [(name, sorted(us)[1], " ".join(f"{u:.1f}" for u in us)) for name, us in samples.items()]
+    print(f"host µs per call on {device} ({dtype}), forward without grad; median of 3 turns")
+    print(tabulate(rows, headers=["what", "µs per call", "turns"], floatfmt=".1f"))
+    _write_json(f"overhead-sites-{device}.json", dict(rows=[dict(what=w, us=us, turns=t) for w, us, t in rows]))
+
+
 def main():
+    if "--sites" in sys.argv[1:]:
+        return sites(sys.argv[sys.argv.index("--device") + 1] if "--device" in sys.argv else "cuda")
     if len(sys.argv) > 1:  # B,H,N,D,window [--gc-freeze]
         return at_shape(sys.argv[1], "--gc-freeze" in sys.argv[2:])
     dev = "cuda"
