@@ -101,6 +101,50 @@ def test_traced_op_has_the_value_head_dim():
     assert out.shape == (1, 4, 40, 48)
 
 
+class _LeViTAttention(torch.nn.Module):
+    """LeViT's attention in miniature: keys of 16 channels a head, values of 32, a learned bias per head."""
+
+    def __init__(self, dim=48, heads=4, key_dim=16, value_dim=32, tokens=80):
+        super().__init__()
+        self.heads, self.key_dim, self.value_dim = heads, key_dim, value_dim
+        self.qkv = torch.nn.Linear(dim, heads * (2 * key_dim + value_dim))
+        self.bias = torch.nn.Parameter(torch.randn(heads, tokens, tokens) * 0.5)
+        self.proj = torch.nn.Linear(heads * value_dim, dim)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).view(b, n, self.heads, -1).split([self.key_dim, self.key_dim, self.value_dim], dim=3)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        attn = (q @ k.transpose(-2, -1)) * self.key_dim ** -0.5 + self.bias
+        x = (attn.softmax(dim=-1) @ v).transpose(1, 2).reshape(b, n, self.heads * self.value_dim)
+        return self.proj(x)
+
+
+@cpu_only
+def test_transformed_levit_like_model():
+    """A model whose values have their own head dim is rewritten (not skipped): exact with an all-True
+    mask, equal to the float64 masked original with a window, untouched; its gradients (the bias's
+    too) equal the original's with an all-True mask."""
+    from helpers import check_model
+
+    torch.manual_seed(0)
+    model = _LeViTAttention()
+    x = torch.randn(2, 80, 48)
+
+    def band(site):  # 32-token blocks: full, partial and empty ones
+        i = torch.arange(site.q_len)
+        return Layout.from_mask((i[:, None] - i[None, :]).abs() <= 12, 32)
+
+    check_model(model, (x,), band, kinds=["matmul-softmax"])
+    sparse = fxsparse.transform(model, lambda site: torch.ones(site.q_len, site.kv_len, dtype=torch.bool))
+    row, = fxsparse.report(sparse).rows
+    assert row.status == "rewritten"
+    want = torch.autograd.grad(model(x).square().sum(), [model.bias, model.qkv.weight])
+    got = torch.autograd.grad(sparse(x).square().sum(), [sparse.bias, sparse.qkv.weight])
+    for name, g, w in zip(("bias", "qkv.weight"), got, want):
+        assert_close(g, w, 1e-4, f"grad {name}")
+
+
 @cpu_only
 def test_shape_errors_name_the_argument():
     q, k, v = _inputs(1, 2, 2, 10, 12, 16, 32, torch.float32, "cpu")
