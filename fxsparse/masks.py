@@ -169,18 +169,21 @@ def document_layout(doc_ids: torch.Tensor, *, causal: bool = False, block_size: 
     q, kv = q.expand(b, -1), kv.expand(b, -1)
     nq, nk = q.shape[1], kv.shape[1]
     nqb, nkb = math.ceil(nq / bs), math.ceil(nk / bs)
-    q_lo, q_hi, q_pad = _block_ranges(q, bs)
     k_lo, k_hi, k_pad = _block_ranges(kv, bs)
+    q_lo, q_hi, q_pad = (k_lo, k_hi, k_pad) if q_doc_ids is None else _block_ranges(q, bs)
     kl, kh, kp = k_lo[:, None, :], k_hi[:, None, :], k_pad[:, None, :]
+    k_first = torch.arange(nkb, device=kv.device) * bs  # causal: a pair is full when the kv block's last
+    k_last = k_first + (bs - 1)  # key is at most the query block's first query, empty when its first is past the last
 
     def classify(qb0, qb1):
         ql, qh, qp = q_lo[:, qb0:qb1, None], q_hi[:, qb0:qb1, None], q_pad[:, qb0:qb1, None]
         empty = (qh < kl) | (kh < ql) | (qh < 0) | (kh < 0)  # id ranges apart, or all padding
-        full = (ql == qh) & (kl == kh) & (ql == kl) & ~qp & ~kp
-        kinds = torch.where(full, FULL, torch.where(empty, EMPTY, PARTIAL)).to(torch.int8)[:, None]
+        full = (ql == qh) & (kl == kh) & (ql == kl) & ~qp & ~kp  # one document, no padding: whole blocks
         if causal:
-            kinds = _intersect_kinds(kinds, _causal_kinds(nq, nk, bs, kv.device, qb0, qb1))
-        return kinds
+            first_q = torch.arange(qb0, qb1, device=kv.device)[:, None] * bs
+            full = full & (k_last <= first_q)
+            empty = empty | (k_first > (first_q + (bs - 1)).clamp(max=nq - 1))
+        return torch.where(empty, EMPTY, torch.where(full, FULL, PARTIAL)).to(torch.int8)[:, None]
 
     def mask_mod(bi, h, q_idx, kv_idx):
         qd = q[bi, q_idx]
@@ -228,24 +231,6 @@ def _block_ranges(ids: torch.Tensor, bs: int):
     hi = blocks.amax(-1)
     lo = torch.where(real.any(-1), lo, -1)
     return lo, hi, ~real.all(-1)
-
-
-def _causal_kinds(nq: int, nk: int, bs: int, device, qb0: int = 0, qb1: int | None = None) -> torch.Tensor:
-    """Block kinds of the top-left causal mask (key j <= query i): int8 [NQB, NKB], or its query block
-    rows [qb0, qb1)."""
-    a = torch.arange(qb0, math.ceil(nq / bs) if qb1 is None else qb1, device=device)[:, None]
-    c = torch.arange(math.ceil(nk / bs), device=device)[None, :]
-    whole = ((a + 1) * bs <= nq) & ((c + 1) * bs <= nk)
-    full = whole & ((c + 1) * bs - 1 <= a * bs)
-    empty = c * bs > torch.clamp((a + 1) * bs, max=nq) - 1
-    return torch.where(full, FULL, torch.where(empty, EMPTY, PARTIAL)).to(torch.int8)
-
-
-def _intersect_kinds(kinds: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
-    """Kinds of an intersection from the parts' kinds (PARTIAL: to be evaluated)."""
-    full = (kinds == FULL) & (other == FULL)
-    empty = (kinds == EMPTY) | (other == EMPTY)
-    return torch.where(full, FULL, torch.where(empty, EMPTY, PARTIAL)).to(torch.int8)
 
 
 def model_mask_layout(mask: torch.Tensor, q_len: int, *, block_size: int = DEFAULT_BLOCK_SIZE) -> Layout:
