@@ -28,23 +28,25 @@ class KernelOptions:
     forward_config, dq_config, dkdv_config: a `LaunchConfig` that becomes that kernel's first launch
         plan (rows, cols, warps, stages), instead of the per-GPU default. The forward's replaces its
         plans entirely; the backward's kernels keep a small fallback that fits any GPU.
-    forward_look_ahead, dq_look_ahead, dkdv_look_ahead: the largest padded head dim at which that
-        kernel reads the next full block's index one tile ahead (a load whose address waits on
-        another load costs a pipeline stage); 0 = never. Defaults 128, 64, 64: in the backward the
-        extra registers at D = 128 cost more than the stage saves.
+    forward_look_ahead, dq_look_ahead, dkdv_look_ahead: the largest padded head dim (the wider of
+        q/k's and v's where v has its own) at which that kernel reads the next full block's index
+        one tile ahead (a load whose address waits on another load costs a pipeline stage); 0 =
+        never. Defaults 128, 64, 64: in the backward the extra registers at D = 128 cost more than
+        the stage saves.
     forward_descriptors, backward_descriptors: read the streamed tiles (K and V in the forward and
         dq kernels, q and the output's gradient in dk/dv) through tensor descriptors (TMA, Hopper
         and newer): True = wherever the tensors allow it, False = never, None = at head dim 128
-        only, where it pays. Tensors that do not allow it (fp32, padded head dims, unaligned or
-        broadcast strides) always use pointer loads.
+        only (q/k's and v's both), where it pays. Tensors that do not allow it (fp32, padded head
+        dims, unaligned or broadcast strides) always use pointer loads.
     forward_fold, backward_fold: fold the scores' scale and the row shift into one multiply-add in
         tiles that need no mask (False: two operations; for comparison).
     forward_max_registers, dkdv_max_registers: cap that kernel's registers per thread (triton's
         ``maxnreg``); None = the compiler's choice.
     fast_launch: after the first launch with given shapes, strides and dtypes, call the compiled
         kernel directly instead of through triton's argument binding (False: always through triton).
-    refine: at head dims up to 64, walk a coarser layout in 64-token blocks (``Layout.refine(64)``),
-        so element masks apply only where they cut (False: walk the layout as given).
+    refine: at head dims up to 64 (q/k's and v's), walk a coarser layout in 64-token blocks
+        (``Layout.refine(64)``), so element masks apply only where they cut (False: walk the layout
+        as given).
     """
 
     forward_config: Optional[LaunchConfig] = None
