@@ -64,9 +64,10 @@ def _scores(qc, kg, scale, bias_c, mask_c):
 
 
 def forward(q, k, v, tables, bias, scale: float, block_size: int, causal: bool, out):
-    """tables = (flat layout tensor, its batch, its heads). Writes out [B,H,Nq,D] (q's dtype); returns the row statistics [B,H,2,Nq]
-    (float32, float64 for float64 inputs): the row max and the log of the row sum, natural log; an
-    empty row has max 0 and log-sum +inf. Kept apart so the log-sum survives beside a huge max."""
+    """tables = (flat layout tensor, its batch, its heads). Writes out [B,H,Nq,Dv] (q's dtype; v, [B,Hkv,Nk,Dv],
+    may have its own head dim); returns the row statistics [B,H,2,Nq] (float32, float64 for float64
+    inputs): the row max and the log of the row sum, natural log; an empty row has max 0 and
+    log-sum +inf. Kept apart so the log-sum survives beside a huge max."""
     b, h, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
     acc = acc_dtype(q)

@@ -83,11 +83,12 @@ def _masked_softmax(scores: torch.Tensor, mask: torch.Tensor | None = None) -> t
 
 
 def dense_attention(q, k, v, mask=None, *, scale=None, bias=None, causal=False) -> torch.Tensor:
-    """``softmax(q kᵀ · scale + bias, restricted to mask) v`` in float64: [B, H, Nq, D] float64.
+    """``softmax(q kᵀ · scale + bias, restricted to mask) v`` in float64: [B, H, Nq, Dv] float64.
 
-    q [B, H, Nq, D], k and v [B, Hkv, Nk, D] (kv heads repeated for grouped-query attention), ``mask``
-    bool and broadcastable to [B, H, Nq, Nk], ``bias`` additive, ``scale`` 1/√D by default. It is
-    differentiable: ``torch.autograd.grad`` through it gives gradients for the original q, k, v, bias.
+    q [B, H, Nq, D], k [B, Hkv, Nk, D] and v [B, Hkv, Nk, Dv] (kv heads repeated for grouped-query
+    attention; Dv may differ from D), ``mask`` bool and broadcastable to [B, H, Nq, Nk], ``bias``
+    additive, ``scale`` 1/√D by default. It is differentiable: ``torch.autograd.grad`` through it
+    gives gradients for the original q, k, v, bias.
     """
     b, h, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
