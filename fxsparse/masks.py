@@ -30,10 +30,20 @@ import math
 
 import torch
 
-from .layout import (DEFAULT_BLOCK_SIZE, EMPTY, FULL, PARTIAL, Layout, build_tables, check_block_size_any, check_count,
-                     layout_from_kinds, pack_bits)
+from .layout import (
+    DEFAULT_BLOCK_SIZE,
+    EMPTY,
+    FULL,
+    PARTIAL,
+    Layout,
+    build_tables,
+    check_block_size_any,
+    check_count,
+    layout_from_kinds,
+    pack_bits,
+)
 
-__all__ = ["padding_layout", "key_padding_layout", "document_layout", "document_ids", "model_mask_layout"]
+__all__ = ["padding_layout", "key_padding_layout", "document_layout", "document_ids", "packed_layout", "model_mask_layout"]
 
 
 def _lengths(lengths, what: str) -> torch.Tensor:
@@ -231,6 +241,86 @@ def _block_ranges(ids: torch.Tensor, bs: int):
     hi = blocks.amax(-1)
     lo = torch.where(real.any(-1), lo, -1)
     return lo, hi, ~real.all(-1)
+
+
+def packed_layout(lengths, total: int | None = None, *, causal: bool = True,
+                  block_size: int = DEFAULT_BLOCK_SIZE) -> Layout:
+    """Packed documents given by their lengths, in order (FlashAttention's ``cu_seqlens`` as lengths):
+    each token attends to the tokens of its own document (with ``causal=True``, the default, to those
+    at or before it). ``lengths``: int [D] or [B, D] (zero-padded rows); ``total``: the sequence length
+    (default: the longest sum; give it to read nothing back to the host); tokens past the documents are
+    padding: they attend to nothing and nothing attends to them.
+
+    Every query row attends to one interval of keys, so the layout is built from per-row bounds in a
+    fixed number of vectorised steps and nothing is read back to the host (the block lists, the
+    partial blocks' masks: a fixed number of slots, by the intervals' order): for lengths that change
+    every training step. ``density`` is not computed (NaN: it would be read back); ``Layout.causal`` is
+    ``causal``. The mask is ``document_layout(document_ids(lengths, total), causal=causal)``'s, which
+    takes any document ids. Returns a Layout with batch B (1 for 1-D lengths).
+    """
+    lengths = torch.as_tensor(lengths)
+    if lengths.dim() not in (1, 2) or lengths.is_floating_point() or lengths.dtype == torch.bool:
+        raise ValueError(f"packed_layout: lengths must be an integer [documents] or [batch, documents] tensor, "
+                         f"got {lengths.dtype} of shape {tuple(lengths.shape)}")
+    lengths = lengths if lengths.dim() == 2 else lengths[None]
+    bs = check_block_size_any(block_size)
+    n = int(lengths.sum(-1).max()) if total is None else check_count(total, "packed_layout: total", 1)
+    ends = lengths.cumsum(-1)
+    pos = torch.arange(n, device=lengths.device)
+    doc = torch.searchsorted(ends, pos.expand(ends.shape[0], n).contiguous(), right=True)  # [B, n]
+    inside = doc < lengths.shape[1]
+    doc = doc.clamp(max=lengths.shape[1] - 1)
+    end = ends.gather(1, doc)
+    lo = torch.where(inside, end - lengths.gather(1, doc), n)  # padding rows: the empty interval [n, n - 1]
+    hi = torch.where(inside, pos if causal else end - 1, n - 1)
+    return layout_from_kinds(*interval_tables(lo, hi, n, bs), bs, (n, n), density=float("nan"), causal=bool(causal))
+
+
+def interval_tables(lo: torch.Tensor, hi: torch.Tensor, nk: int, bs: int):
+    """(kinds, mask ids, packed masks) of the mask where query row ``i`` of sample ``b`` attends to the
+    keys ``lo[b, i] <= j <= hi[b, i]`` (int [B, Nq], both nondecreasing along the rows and within
+    [0, Nk]; lo > hi: none), with nothing read back to the host. Block rows r0..r1, columns c0..c1:
+    full when the last row's ``lo`` and the first row's ``hi`` enclose the columns; empty when the
+    first row reaching c0 starts after c1. A partial block either cuts the rows' ``lo`` (block row qb
+    holds at most (lo[r1] - lo[r0]) / bs + 2 of those), or their ``hi`` (likewise), or is cut by a
+    sequence's end (one per block row and column): at most 5 per block row plus 3 per block column
+    in all, so each partial block gets a slot of a fixed-size array, in order, by a cumulative sum,
+    with no count read back."""
+    b, nq = lo.shape
+    dev = lo.device
+    nqb, nkb = math.ceil(nq / bs), math.ceil(nk / bs)
+    r0 = torch.arange(nqb, device=dev) * bs
+    r1 = torch.clamp(r0 + bs, max=nq) - 1
+    c0 = torch.arange(nkb, device=dev) * bs
+    c1 = torch.clamp(c0 + bs, max=nk) - 1
+    whole = (r0 + bs <= nq)[:, None] & (c0 + bs <= nk)[None, :]
+    full = (lo[:, r1][:, :, None] <= c0) & (hi[:, r0][:, :, None] >= c1) & whole  # [B, NQB, NKB]
+    first = torch.searchsorted(hi.contiguous(), c0.expand(b, nkb).contiguous())  # first row with hi >= c0, [B, NKB]
+    row = torch.maximum(first[:, None, :], r0[None, :, None])  # [B, NQB, NKB]
+    reach = (row <= r1[:, None]) & (lo.gather(1, row.clamp(max=nq - 1).flatten(1)).view(row.shape) <= c1)
+    kinds = torch.where(full, FULL, torch.where(reach, PARTIAL, EMPTY))
+    partial = (kinds == PARTIAL).flatten(1)  # [B, NQB * NKB]
+    slots = 5 * nqb + 3 * nkb + 2
+    at = partial.long().cumsum(1) - 1
+    where = torch.zeros(b, slots + 1, dtype=torch.long, device=dev)  # slot -> block (slot `slots`: unused)
+    block = torch.arange(nqb * nkb, device=dev).expand(b, -1)
+    where.scatter_(1, torch.where(partial, at.clamp(max=slots), slots), block)
+    where = where[:, :slots]
+    sample = torch.arange(b, device=dev)[:, None]
+    mask_id = torch.where(partial, sample * slots + at, -1).view(b, 1, nqb, nkb)
+    # the packed masks of the slots: row i keeps columns lo..hi of its block, 32 to a word
+    rows = (where // nkb)[..., None] * bs + torch.arange(bs, device=dev)  # [B, slots, bs]
+    cols = (where % nkb)[..., None, None] * bs + torch.arange(0, bs, 32, device=dev)  # [B, slots, 1, words]
+    valid = rows < nq
+    rows = rows.clamp(max=nq - 1)
+    row_lo = torch.where(valid, lo.gather(1, rows.flatten(1)).view(rows.shape), nk)[..., None]
+    row_hi = torch.where(valid, hi.gather(1, rows.flatten(1)).view(rows.shape).clamp(max=nk - 1), -1)[..., None]
+    first_bit = (row_lo - cols).clamp(0, 32)
+    past_bit = (row_hi - cols + 1).clamp(0, 32)
+    ones = torch.ones((), dtype=torch.long, device=dev)
+    word = ((ones << past_bit) - (ones << first_bit)).clamp(min=0)  # bits first..past-1 (none when past <= first)
+    word = torch.where(word >= 1 << 31, word - (1 << 32), word).to(torch.int32)  # as a signed 32-bit word
+    return kinds[:, None].to(torch.int8), mask_id.to(torch.int32), word.view(b * slots, bs, bs // 32)
 
 
 def model_mask_layout(mask: torch.Tensor, q_len: int, *, block_size: int = DEFAULT_BLOCK_SIZE) -> Layout:
