@@ -117,6 +117,31 @@ def _pack_bits(blocks: torch.Tensor) -> torch.Tensor:
 pack_bits = _pack_bits  # the public name, for layouts built elsewhere (fxsparse.masks)
 
 
+_HASH_WEIGHTS: dict = {}
+
+
+def unique_rows(rows: torch.Tensor) -> tuple:
+    """The distinct rows of an integer [R, W] tensor and, per row, the index of its copy among them
+    (``torch.unique(rows, dim=0, return_inverse=True)`` by another road: on a GPU that one sorts whole
+    rows and costs milliseconds). Rows are grouped by a 64-bit hash (fixed odd weights; the distinct
+    rows come in the order of their hashes, the same for the same set of rows), then checked against
+    their group's row, exactly: two distinct rows with one hash fall back to the row sort."""
+    r, w = rows.shape
+    key = (w, str(rows.device))
+    weights = _HASH_WEIGHTS.get(key)
+    if weights is None:
+        g = torch.Generator().manual_seed(15)
+        weights = torch.randint(-2**62, 2**62, (w,), generator=g, dtype=torch.int64) * 2 + 1
+        weights = _HASH_WEIGHTS[key] = weights.to(rows.device)
+    hashes, inverse = torch.unique((rows.long() * weights).sum(-1), return_inverse=True)  # wraps modulo 2^64
+    first = torch.empty(hashes.shape[0], dtype=torch.int64, device=rows.device)
+    first.scatter_(0, inverse, torch.arange(r, device=rows.device))  # a row of each hash
+    uniq = rows[first]
+    if not bool((uniq[inverse] == rows).all()):
+        return torch.unique(rows, dim=0, return_inverse=True)
+    return uniq, inverse
+
+
 def unpack_bits(words: torch.Tensor) -> torch.Tensor:
     """int32 [..., W] -> bool [..., 32 * W]."""
     shifts = torch.arange(32, device=words.device, dtype=torch.int32)
@@ -178,7 +203,7 @@ class Layout:
         mask_id = torch.full(kinds.shape, -1, dtype=torch.int32, device=m4.device)
         if partial.any():
             packed = _pack_bits(tiles[partial])
-            uniq, inverse = torch.unique(packed.reshape(packed.shape[0], -1), dim=0, return_inverse=True)
+            uniq, inverse = unique_rows(packed.reshape(packed.shape[0], -1))
             bits = uniq.reshape(-1, bs, bs // 32).contiguous()
             mask_id[partial] = inverse.to(torch.int32)
         else:
@@ -364,7 +389,7 @@ class Layout:
         sub_mid = torch.full(sub_kind.shape, -1, dtype=torch.int32, device=sub.device)
         sub_part = sub_kind == PARTIAL
         if sub_part.any():
-            uniq, inverse = torch.unique(sub[sub_part].flatten(1), dim=0, return_inverse=True)
+            uniq, inverse = unique_rows(sub[sub_part].flatten(1))
             sub_mid[sub_part] = inverse.to(torch.int32)
             bits = uniq.reshape(-1, fine, fine // 32).contiguous()
         else:
@@ -494,14 +519,15 @@ def _assemble(dims, bits, bs: int, shape, device, fill, density=None, causal=Non
         # a partial block's mask id beside its index (see part_mid above); the blocks listed after the
         # partial ones are not partial: their id is -1, as a gather by index would give
         view("part_mid")[:, :, qb0: qb0 + step].scatter_(-1, pos, mask_id[:, :, qb0: qb0 + step])
-    rows = torch.arange(nqb, device=device, dtype=torch.int32)[:, None]
+    rows = torch.arange(nqb, device=device, dtype=torch.int32)
     step = max(1, _CHUNK // max(1, bl * hl * nqb))
     for kb0 in range(0, nkb, step):  # backward tables: per kv block, the query blocks visiting it
-        k = kinds[:, :, :, kb0: kb0 + step]
+        # the chunk's kv blocks as rows of a contiguous copy: the scans run along memory, not across it
+        k = kinds[:, :, :, kb0: kb0 + step].transpose(-1, -2).contiguous()
         for kind, name in ((FULL, "full"), (PARTIAL, "part")):
-            pos = _lists_into(k == kind, -2, rows, view("t_" + name + "_num")[:, :, kb0: kb0 + step],
-                              view("t_" + name + "_idx")[:, :, kb0: kb0 + step].transpose(-1, -2))
-        view("t_part_mid")[:, :, kb0: kb0 + step].transpose(-1, -2).scatter_(-2, pos, mask_id[:, :, :, kb0: kb0 + step])
+            pos = _lists_into(k == kind, -1, rows, view("t_" + name + "_num")[:, :, kb0: kb0 + step],
+                              view("t_" + name + "_idx")[:, :, kb0: kb0 + step])
+        view("t_part_mid")[:, :, kb0: kb0 + step].scatter_(-1, pos, mask_id[:, :, :, kb0: kb0 + step].transpose(-1, -2))
     bits_at = offsets["bits"][0]
     data[bits_at: bits_at + words] = bits.reshape(-1)
     data[bits_at + words:] = _pack_bits(unpack_bits(bits).transpose(-1, -2)).reshape(-1)
@@ -678,14 +704,14 @@ _KEEP = 1 << 24  # blocks (int8 kinds, 16 MiB) build_tables keeps between its tw
 
 def _evaluate_blocks(mask_mod, todo, bs: int, nq: int, nk: int):
     """Evaluate the blocks at ``todo`` (int64 [C, 4]: b, h, qb, kb): their kinds and mask ids (int32 [C])
-    and the distinct partial masks, packed and in ``torch.unique`` order (as ``Layout.from_mask``)."""
+    and the distinct partial masks, packed and in ``unique_rows`` order (as ``Layout.from_mask``)."""
     device = todo.device
     b, h, qb, kb = todo.unbind(1)
     keys = None
     if todo.shape[0] and callable(getattr(mask_mod, "tile_keys", None)):
         keys = mask_mod.tile_keys(b, h, qb, kb, bs, nq, nk)
     if keys is not None:  # one block per key stands for all blocks of that key
-        uniq, inverse = torch.unique(keys, dim=0, return_inverse=True)
+        uniq, inverse = unique_rows(keys)
         rep = torch.empty(uniq.shape[0], dtype=torch.int64, device=device)  # any block of each key
         rep.scatter_(0, inverse, torch.arange(todo.shape[0], device=device))
         b, h, qb, kb = todo[rep].unbind(1)
@@ -708,7 +734,7 @@ def _evaluate_blocks(mask_mod, todo, bs: int, nq: int, nk: int):
     mids = torch.full(kinds.shape, -1, dtype=torch.int32, device=device)
     partial = packed[part]
     if partial.shape[0]:
-        uniq, ids = torch.unique(partial.flatten(1), dim=0, return_inverse=True)
+        uniq, ids = unique_rows(partial.flatten(1))
         mids[part] = ids.to(torch.int32)
         bits = uniq.reshape(-1, bs, bs // 32).contiguous()
     else:
@@ -748,7 +774,7 @@ def _evaluate_all(mask_mod, nq: int, nk: int, bl: int, hl: int, bs: int, device)
             _sort_tiles(tiles.reshape(-1, bs, bs), blocks.reshape(-1), kinds.view(-1), packed, where)
     if packed:
         allp = torch.cat(packed)
-        uniq, inverse = torch.unique(allp.reshape(allp.shape[0], -1), dim=0, return_inverse=True)
+        uniq, inverse = unique_rows(allp.reshape(allp.shape[0], -1))
         mask_id = (torch.cat(where), inverse)
         bits = uniq.reshape(-1, bs, bs // 32).contiguous()
     else:
@@ -857,7 +883,7 @@ def _combine(a: "Layout", b: "Layout", both: bool) -> "Layout":
         pair_mid = torch.full(pair_kind.shape, -1, dtype=torch.int32, device=kinds.device)
         part = pair_kind == PARTIAL
         if bool(part.any()):
-            uniq, ids = torch.unique(words[part].flatten(1), dim=0, return_inverse=True)
+            uniq, ids = unique_rows(words[part].flatten(1))
             pair_mid[part] = ids.to(torch.int32)
             bits = uniq.reshape(-1, bs, bs // 32).contiguous()
         kinds[cand] = pair_kind[inverse]

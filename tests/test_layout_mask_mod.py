@@ -421,6 +421,29 @@ def test_pattern_layouts_built_a_few_block_rows_at_a_time(pattern, monkeypatch):
     assert torch.equal(got.data, Layout.from_mask(pattern.mask(401, 389), 32).data)
 
 
+torch_unique = torch.unique
+
+
+@pytest.mark.parametrize("collide", [False, True])
+def test_unique_rows_groups_rows_exactly(collide, monkeypatch):
+    """unique_rows (the distinct packed masks, grouped by a hash) gives what torch.unique gives, up to
+    order; when distinct rows share a hash (all weights 0 here) it falls back to the exact row sort."""
+    if collide:
+        class Zeros(dict):
+            def get(self, key, default=None):
+                return torch.zeros(key[0], dtype=torch.int64)
+        monkeypatch.setattr(layout_mod, "_HASH_WEIGHTS", Zeros())
+        calls = []
+        monkeypatch.setattr(layout_mod.torch, "unique", lambda *a, **k: calls.append(k) or torch_unique(*a, **k))
+    g = gen(5)
+    rows = torch.randint(-3, 3, (40, 16), generator=g, dtype=torch.int32)[torch.randint(0, 40, (300,), generator=g)]
+    uniq, inverse = layout_mod.unique_rows(rows)
+    assert torch.equal(uniq[inverse], rows)
+    assert uniq.shape[0] == torch_unique(rows, dim=0).shape[0] == len({tuple(r) for r in rows.tolist()})
+    if collide:
+        assert calls[-1].get("dim") == 0  # the fallback ran
+
+
 @pytest.mark.interpret
 def test_runtime_layouts_through_the_kernels():
     """The Triton kernels (GPU, or the interpreter) on a document layout that holds causality, with and
