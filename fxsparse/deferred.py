@@ -47,15 +47,17 @@ class Scores(Tensor):
     """``scale * (q @ kᵀ) + bias``, softmaxed or not, not yet computed."""
 
     @staticmethod
-    def __new__(cls, q, k, *, scale=1.0, bias=None, probs=False, dtype=None):
-        shape = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2]) + (q.shape[-2], k.shape[-2])
+    def __new__(cls, q, k, *, scale=1.0, bias=None, probs=False, dtype=None, transposed=False):
+        lengths = (k.shape[-2], q.shape[-2]) if transposed else (q.shape[-2], k.shape[-2])
+        shape = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2]) + lengths
         return Tensor._make_wrapper_subclass(cls, shape, dtype=dtype or q.dtype, device=q.device)
 
-    def __init__(self, q, k, *, scale=1.0, bias=None, probs=False, dtype=None):
+    def __init__(self, q, k, *, scale=1.0, bias=None, probs=False, dtype=None, transposed=False):
         self.q, self.k, self.scale, self.bias, self.probs = q, k, scale, bias, probs
+        self.transposed = transposed  # probabilities viewed as [.., keys, queries], for `v @ pᵀ`
 
     def but(self, **changes) -> "Scores":
-        fields = dict(scale=self.scale, bias=self.bias, probs=self.probs, dtype=self.dtype)
+        fields = dict(scale=self.scale, bias=self.bias, probs=self.probs, dtype=self.dtype, transposed=self.transposed)
         fields.update(changes)
         return Scores(self.q, self.k, **fields)
 
@@ -69,7 +71,7 @@ class Scores(Tensor):
                 s = s + self.bias
             if self.probs:
                 s = torch.softmax(s.float(), dim=-1)
-            return s.to(self.dtype)
+            return s.to(self.dtype).transpose(-2, -1) if self.transposed else s.to(self.dtype)
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
@@ -130,8 +132,13 @@ def handle(func, args, kwargs, on_attention: Callable) -> object:
             return product
     if func in MATMUL and not kwargs and len(args) == 2:
         a, b = args
-        if isinstance(a, Scores) and a.probs and isinstance(b, Tensor) and not isinstance(b, Scores):
+        if isinstance(a, Scores) and a.probs and not a.transposed and isinstance(b, Tensor) and \
+                not isinstance(b, Scores):
             out = on_attention(a.q, a.k, b, a.bias, a.scale)
+            return out.to(torch.promote_types(a.dtype, b.dtype))
+        if isinstance(b, Scores) and b.probs and b.transposed and isinstance(a, Tensor) and \
+                not isinstance(a, Scores):  # v [.., Dv, Nk] @ pᵀ: (p @ vᵀ)ᵀ (EfficientViT)
+            out = on_attention(b.q, b.k, a.transpose(-2, -1), b.bias, b.scale).transpose(-2, -1)
             return out.to(torch.promote_types(a.dtype, b.dtype))
         if (not has_scores(args, kwargs) and isinstance(a, Tensor) and isinstance(b, Tensor) and a.dim() >= 3
                 and b.dim() >= 3 and a.is_floating_point() and a.shape[-1] == b.shape[-2]):
@@ -189,6 +196,8 @@ def _baddbmm(args, kwargs):
 def _step(func, args, kwargs, s: Scores):
     """The recorded step for ``func`` applied to scores ``s``, or None (then computed for real)."""
     others = [x for x in args if x is not s]
+    if s.transposed:
+        return None  # only a product with v takes transposed probabilities
     if not s.probs:
         if func in _MUL and len(args) == 2 and not kwargs:
             c = _scalar(others[0]) if others else None
@@ -219,6 +228,9 @@ def _step(func, args, kwargs, s: Scores):
             if args[0] is s and dim in (-1, s.dim() - 1):
                 return s.but(probs=True, dtype=dtype or s.dtype)
     else:
+        if func in (Tensor.transpose, torch.transpose) and args[0] is s and len(args) == 3 and \
+                {d % s.dim() for d in args[1:3] if isinstance(d, int)} == {s.dim() - 2, s.dim() - 1}:
+            return s.but(transposed=True)
         if func in _DROPOUT:
             p = args[1] if len(args) > 1 else kwargs.get("p", 0.5)
             training = args[2] if len(args) > 2 else kwargs.get("training", kwargs.get("train", True))

@@ -103,6 +103,7 @@ class Match:
     split_heads: Optional[int] = None  # heads: rank-3 [B*H, N, D] operands viewed as [B, H, N, D]
     mha_fn: bool = False  # F.multi_head_attention_forward (nn.MultiheadAttention inlined by Dynamo)
     broadcast_q: bool = False  # q is computed from parameters only: expanded to k's batch
+    v_transposed: bool = False  # v above is vᵀ ([.., Dv, Nk]) and the output (p @ vᵀ)ᵀ: `v @ pᵀ`
     skip: Optional[str] = None
 
 
@@ -415,6 +416,7 @@ class _Product:
     right: Any
     einsum: Optional[tuple] = None  # (left letters, right letters, out letters)
     addend: Optional[tuple] = None  # baddbmm: (input, beta, alpha)
+    transposed: bool = False  # the output product is vᵀ-major: `v @ pᵀ` (EfficientViT's channels-first v)
 
 
 def _product(n, facts: GraphFacts) -> Optional[_Product]:
@@ -551,7 +553,8 @@ def _match_softmax(sm: fx.Node, facts: GraphFacts) -> Optional[Match]:
             m.nodes.add(right)
         else:
             m.k, m.k_transposed = right, True
-        m.v = out_product.right
+        m.v = out_product.left if out_product.transposed else out_product.right
+        m.v_transposed = out_product.transposed
     _apply_steps(m, steps, facts)
     _unrepeat_kv(m, facts)
     p, active = dropout_p
@@ -744,7 +747,7 @@ def _set_role(m: Match, facts: GraphFacts):
             # one fused projection (a module of the model's own, or a decomposed linear) split into q and k
             inputs = [a for a in src.all_input_nodes if facts.is_activation(a)]
             site.role = "window" if inputs and _windowed(inputs[0], facts) else "self"
-            _pooled(m, facts, same=True)
+        _pooled(m, facts, same=True)
         return
     if q_src is not k_src:
         site.role = "cross"
@@ -772,21 +775,20 @@ _POOLING = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgP
             nn.MaxPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
 
 
-def _pools(x, facts: GraphFacts, depth: int = 30) -> bool:
+def _pools(x, facts: GraphFacts, limit: int = 40) -> bool:
     """Whether x passes a pooling or a convolution on its way back to its projection."""
-    for _ in range(depth):
-        if not isinstance(x, fx.Node) or x.op == "placeholder" or facts.canon(x) == "linear":
-            return False
-        if x.op == "call_module" and isinstance(facts.modules.get(x.target), (nn.Linear,)):
-            return False
-        if x.op == "call_module" and isinstance(facts.modules.get(x.target), _POOLING):
+    todo, seen = [x], set()
+    while todo and len(seen) < limit:
+        n = todo.pop(0)
+        if not isinstance(n, fx.Node) or n in seen or n.op == "placeholder" or facts.canon(n) == "linear":
+            continue
+        seen.add(n)
+        mod = facts.modules.get(n.target) if n.op == "call_module" else None
+        if isinstance(mod, _POOLING) or (
+                n.op != "call_module" and re.search(r"pool|conv|interpolate|^a?max$", _op_name(n, facts))):
             return True
-        if x.op != "call_module" and re.search(r"pool|conv|interpolate", _op_name(x, facts)):
-            return True
-        acts = [a for a in x.all_input_nodes if facts.is_activation(a) and not facts.is_scalar(a)]
-        if not acts:
-            return False
-        x = acts[0]
+        if not isinstance(mod, nn.Linear):
+            todo.extend(a for a in n.all_input_nodes if facts.is_activation(a) and not facts.is_scalar(a))
     return False
 
 
@@ -1031,6 +1033,12 @@ def _walk_to_output(sm: fx.Node, facts: GraphFacts):
             if step is None and (facts.canon(user) in ("cast", "identity", "dropout") or (
                     facts.canon(user) == "reshape" and _regroups_leading_axes(user, facts))):
                 step = user  # a view to bmm's [B*H, N, N] (DeBERTa, BLOOM) keeps the (query, key) axes
+            if _is_last_two_transpose(user, facts) and len(user.users) == 1:
+                prod = _product(next(iter(user.users)), facts)
+                if prod is not None and prod.einsum is None and prod.right is user and prod.left is not cur \
+                        and facts.is_activation(prod.left):
+                    prod.transposed = True  # v [.., Dv, Nk] @ pᵀ [.., Nk, Nq]: (p @ vᵀ)ᵀ, over the keys
+                    return prod, p, nodes | {user}
         if step is None:
             return None  # v @ p, pᵀ @ v, ...: not an attention over keys
         if facts.canon(step) == "dropout":
@@ -1063,6 +1071,7 @@ def _apply_steps(m: Match, steps: list, facts: GraphFacts):
             m.replay = step[1]
             m.bias_steps = []
             m.causal = m.site.causal = False
+            m.site.has_bias = True
         elif step[0] == "fill":
             _, fill_mask, value, keep = step
             if not _is_very_negative(value):
@@ -1130,6 +1139,14 @@ def _check_scores_users(m: Match, scores: fx.Node):
     """The scores and probabilities may feed only the walk itself (and helpers that read just
     the scores' dtype): otherwise removing them would change the model."""
     retarget = {n for n, _ in m.retarget}
+    if m.replay is None and not m.bias_steps:
+        for user in list(scores.users):
+            chain = _slice_add(user, scores)
+            if chain is not None:  # replayed on zero scores (rewrite.py): the bias it adds
+                m.replay = chain
+                m.nodes |= set(chain)
+                m.site.has_bias = True
+                break
     for n in list(m.nodes - {m.out}):
         writer = next((u for u in n.users if u not in m.nodes and _writes_into(u, n)), None)
         if writer is not None:
@@ -1143,6 +1160,51 @@ def _check_scores_users(m: Match, scores: fx.Node):
                 m.nodes |= dead  # e.g. nn.MultiheadAttention's averaged weights when nothing reads them
             elif user not in m.nodes and user not in retarget:
                 m.skip = m.skip or f"an intermediate of the attention (`{n.name}`) is also used by `{user.name}`"
+
+
+def _slice_add(writer: fx.Node, scores: fx.Node) -> Optional[list]:
+    """`s[idx] = (s[idx].view(...) + t + ...).view(...)` with no t computed from s: a term added into a
+    slice of the scores (MViTv2's relative positions, as Dynamo traces timm's `cal_rel_pos_type`). The
+    nodes of the write in graph order (the write last), or None when it is anything else."""
+    if writer.op != "call_function" or writer.target is not operator.setitem or len(writer.args) != 3 \
+            or writer.args[0] is not scores:
+        return None
+    idx, x = writer.args[1], writer.args[2]
+    chain = [writer]
+    for _ in range(16):
+        if not isinstance(x, fx.Node) or (chain[-1] is not writer and len(x.users) != 1):
+            return None
+        chain.append(x)
+        if x.op == "call_function" and x.target is operator.getitem and x.args[0] is scores:
+            if x.args[1] != idx:
+                return None
+            order = {n: i for i, n in enumerate(scores.graph.nodes)}
+            return sorted(chain, key=order.__getitem__)
+        name = x.target if x.op == "call_method" else getattr(x.target, "__name__", "")
+        if name in ("view", "reshape"):
+            x = x.args[0]
+        elif name in ("add", "__add__") and len(x.args) == 2 and not x.kwargs:
+            a, b = x.args
+            if _computed_from(b, scores):
+                a, b = b, a
+            if _computed_from(b, scores):
+                return None
+            x = a
+        else:
+            return None
+    return None
+
+
+def _computed_from(x, node: fx.Node, limit: int = 400) -> bool:
+    todo, seen = [x], set()
+    while todo and len(seen) < limit:
+        n = todo.pop()
+        if n is node:
+            return True
+        if isinstance(n, fx.Node) and n not in seen:
+            seen.add(n)
+            todo.extend(n.all_input_nodes)
+    return len(seen) >= limit
 
 
 def _dead_nodes(node: fx.Node, depth: int = 8) -> set:

@@ -27,8 +27,8 @@ Both routes are plain Python that Dynamo inlines: ``torch.compile(sparse)`` sees
 from __future__ import annotations
 
 import functools
-import types
 import operator
+import types
 from typing import Optional
 
 import torch

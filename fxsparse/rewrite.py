@@ -158,6 +158,8 @@ def _emit_attention(gm: fx.GraphModule, m: Match, name: str) -> fx.Node:
         v = g.call_function(torch.einsum, (v_eq, v))
     elif m.k_transposed:
         k = g.call_method("transpose", (k, -2, -1))
+    if m.v_transposed:
+        v = g.call_method("transpose", (v, -2, -1))
     q0, k0 = q, k  # the product's own operands: the replayed scores have its shape
     if m.broadcast_q:
         q = g.call_function(broadcast_query, (q, k))
@@ -188,19 +190,23 @@ def _emit_attention(gm: fx.GraphModule, m: Match, name: str) -> fx.Node:
         out = g.call_function(torch.einsum, (out_eq, out))
     if m.split_heads is not None:
         out = g.call_function(merge_heads, (out, m.v))
+    if m.v_transposed:
+        out = g.call_method("transpose", (out, -2, -1))
     return out
 
 
 def _emit_replay(g: fx.Graph, m: Match, q, k):
     """The score steps recomputed on zero scores: their result is the additive bias."""
     addend = m.addend or (None, 1)
-    writable = any(match.known_bias_function(n) is not None for n in m.replay)
-    env = {m.scores: g.call_function(zero_scores, (q, k) + tuple(addend) + (writable,))}
+    # functions known to add a bias, and slices assigned (`s[idx] = s[idx] + t`), write into the zeros
+    writes = [n for n in m.replay if match.known_bias_function(n) is not None or n.target is operator.setitem]
+    env = {m.scores: g.call_function(zero_scores, (q, k) + tuple(addend) + (bool(writes),))}
     for node in m.replay:
         env[node] = new = g.node_copy(node, lambda n: env.get(n, n))
         new.target = _OUT_OF_PLACE.get(new.target, new.target)  # the zeros are a broadcast view
     m.site.has_bias = True
-    return env[m.replay[-1] if m.replay else m.scores]
+    last = m.replay[-1] if m.replay else m.scores
+    return env[m.scores if last.target is operator.setitem else last]
 
 
 _aten = torch.ops.aten

@@ -377,3 +377,173 @@ def test_a_python_number_added_to_the_scores_is_dropped(door):
     oracle = (q @ k.transpose(-2, -1) * 0.25).masked_fill(~keep, float("-inf")).softmax(-1) @ v
     assert_close(got, oracle)
     assert (oracle - want.double()).abs().max() > 1e-2
+
+
+# ------------------------------------------------------------------------------ roles and what the patterns take
+class ChannelAttention(nn.Module):
+    """XCiT's cross-covariance attention: the softmax runs over channels; the head dim is the token count."""
+
+    def __init__(self, dim=32, heads=2):
+        super().__init__()
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.temperature = nn.Parameter(torch.rand(heads, 1, 1) + 0.5)
+        self.h = heads
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.h, C // self.h).permute(2, 0, 3, 4, 1).unbind(0)  # [B, H, D, N]
+        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+        attn = ((q @ k.transpose(-2, -1)) * self.temperature).softmax(dim=-1)
+        return (attn @ v).permute(0, 3, 1, 2).reshape(B, N, C)
+
+
+def _one_site(model, x, mask_fn):
+    """(output, the report's one row) of model transformed with x as example input: roles such as
+    "channel" and "pooled" need shapes (the backend always has them)."""
+    sparse = fxsparse.transform(model, mask_fn, example_inputs=(x,))
+    with torch.no_grad():
+        out = sparse(x)
+    [row] = fxsparse.report(sparse).rows
+    return out, row
+
+
+def _all_true(site):
+    return torch.ones(site.q_len, site.kv_len, dtype=torch.bool)
+
+
+@pytest.mark.parametrize("make, tokens, role, lengths", [
+    (lambda: ChannelAttention(), 12, "channel", "16×16"),  # 16 channels a head; the head dim is the 12 tokens
+    (lambda: PooledMViT(), 17, "pooled", "17×5"),  # a class token and 4x4 patches; keys pooled to 2x2
+], ids=["channel", "pooled"])
+def test_sites_that_are_not_self_attention_are_rewritten_and_the_patterns_keep_them_dense(make, tokens, role, lengths):
+    if role == "pooled":
+        pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = make().eval()
+    x = torch.randn(2, tokens, 32)
+    with torch.no_grad():
+        want = model(x)
+    got, row = _one_site(model, x, _all_true)
+    assert_close(got, want)
+    assert (row.status, row.site.role, row.lengths) == ("rewritten", role, lengths)
+
+    got, row = _one_site(model, x, patterns.sliding_window(1, block_size=32))
+    assert_close(got, want)
+    assert row.status == "dense" and f"{role} attention" in row.reason
+
+
+def test_channel_attention_over_more_tokens_than_the_op_takes_is_reported():
+    torch.manual_seed(0)
+    model = ChannelAttention().eval()
+    x = torch.randn(1, 300, 32)
+    got, row = _one_site(model, x, _all_true)
+    assert row.status == "skipped" and "300 tokens" in row.reason and "head dim limit of 256" in row.reason
+    with torch.no_grad():
+        assert torch.equal(got, model(x))
+
+
+class PooledMViT(nn.Module):
+    """timm's MViTv2 attention: keys pooled by a strided conv, relative positions added by `cal_rel_pos_type`."""
+
+    def __init__(self):
+        super().__init__()
+        from timm.models.mvitv2 import MultiScaleAttention
+
+        self.attn = MultiScaleAttention(32, 32, (4, 4), num_heads=2, kernel_q=(3, 3), kernel_kv=(3, 3),
+                                        stride_kv=(2, 2))
+        with torch.no_grad():
+            self.attn.rel_pos_h.normal_()
+            self.attn.rel_pos_w.normal_()
+
+    def forward(self, x):
+        return self.attn(x, [4, 4])[0]
+
+
+def test_a_known_bias_function_is_replayed_on_zero_scores():
+    """MViTv2's relative positions (cal_rel_pos_type) stay in force: the rewritten model equals the
+    original, and differs from it once the position tables are zero."""
+    pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = PooledMViT().eval()
+    x = torch.randn(2, 17, 32)
+    got, row = _one_site(model, x, _all_true)
+    assert row.status == "rewritten" and row.site.has_bias
+    with torch.no_grad():
+        assert_close(got, model(x))
+        bare = PooledMViT().eval()
+        bare.load_state_dict(model.state_dict())
+        bare.attn.rel_pos_h.zero_()
+        bare.attn.rel_pos_w.zero_()
+        assert (bare(x) - got).abs().max() > 1e-2
+
+
+@torch.fx.wrap
+def _adds_a_ramp(attn):
+    attn[..., 1:] = attn[..., 1:] + torch.linspace(0, 1, attn.shape[-1] - 1)
+    return attn
+
+
+class UnknownFunction(nn.Module):
+    def forward(self, q, k, v):
+        return _adds_a_ramp(q @ k.transpose(-2, -1) * 0.25).softmax(-1) @ v
+
+
+def test_a_function_outside_the_table_is_reported_not_assumed_additive():
+    args = _qkv(2, 4, 16, 16)
+    sparse = fxsparse.transform(UnknownFunction(), patterns.dense())
+    [row] = fxsparse.report(sparse).rows
+    assert row.status == "skipped" and "_adds_a_ramp" in row.reason
+    with torch.no_grad():
+        assert torch.equal(sparse(*args), UnknownFunction()(*args))
+
+
+class ValueTimesTransposedProbs(nn.Module):
+    """EfficientViT's spelling: channels-first q, k, v [B, D, N]; `v @ attn.transpose(-2, -1)`."""
+
+    def __init__(self):
+        super().__init__()
+        self.bias = nn.Parameter(torch.randn(16, 16))
+
+    def forward(self, q, k, v):
+        attn = (q.transpose(-2, -1) @ k) * 0.25 + self.bias
+        return v @ attn.softmax(dim=-1).transpose(-2, -1)
+
+
+@pytest.mark.parametrize("door", ["transform", "backend"])
+def test_value_times_transposed_probabilities(door):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(2, 8, 16, generator=g), torch.randn(2, 8, 16, generator=g), torch.randn(2, 24, 16, generator=g)
+    model = ValueTimesTransposedProbs()
+    eye = lambda s: torch.eye(s.q_len, s.kv_len, dtype=torch.bool)  # noqa: E731
+    with torch.no_grad():
+        want = model(q, k, v)
+    if door == "transform":
+        outs = []
+        for fn in (patterns.dense(), eye):
+            sparse = fxsparse.transform(model, fn)
+            with torch.no_grad():
+                outs.append(sparse(q, k, v))
+            assert [r.status for r in fxsparse.report(sparse).rows] == ["rewritten"]
+        got, diagonal = outs
+    else:
+        got, rows = _backend_rows(model, q, k, v)
+        assert [r.status for r in rows] == ["rewritten"]
+        diagonal, _ = _backend_rows(model, q, k, v, mask_fn=eye)
+    assert_close(got, want)
+    assert_close(diagonal, v)  # one key per query: each query's output is its own value column
+
+
+def test_a_slice_assigned_a_term_is_a_bias_under_the_backend():
+    """Dynamo traces into MViTv2's `cal_rel_pos_type`: `s[idx] = s[idx].view(..) + rel_h + rel_w` is a
+    term added into a slice of the scores, replayed on zero scores as the bias."""
+    pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = PooledMViT().eval()
+    x = torch.randn(2, 17, 32)
+    with torch.no_grad():
+        want = model(x)
+    got, [row] = _backend_rows(model, x)
+    assert (row.status, row.site.role, row.site.has_bias) == ("rewritten", "pooled", True)
+    assert_close(got, want)
+    diagonal, _ = _backend_rows(model, x, mask_fn=lambda s: torch.eye(s.q_len, s.kv_len, dtype=torch.bool))
+    assert (diagonal - want).abs().max() > 1e-2

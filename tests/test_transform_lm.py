@@ -216,10 +216,14 @@ def test_cross_attention_q_len_differs_from_kv_len():
     torch.manual_seed(0)
     model = Decoder().eval()
     args = (torch.randn(2, 10, 64), torch.randn(2, 27, 64))
-    sparse = check_model(model, args, patterns.sliding_window(4), kinds=["matmul-softmax"], names=["cross"])
+    # the patterns keep cross sites dense (positions of queries and keys do not correspond): a mask_fn of
+    # one's own still applies a window there
+    window = lambda site: patterns.sliding_window_mask(site.q_len, site.kv_len, window=4)  # noqa: E731
+    sparse = check_model(model, args, window, kinds=["matmul-softmax"], names=["cross"])
     row = fxsparse.report(sparse).rows[0]
-    assert (row.site.q_len, row.site.kv_len) == (10, 27)
+    assert (row.site.q_len, row.site.kv_len, row.site.role) == (10, 27, "cross")
     assert row.pattern == "matmul-softmax (q + fused kv)"
+    assert fxsparse.report(fxsparse.transform(model, patterns.sliding_window(4))).rows[0].site.role == "cross"
 
 
 # ------------------------------------------------------------------------------ einsum

@@ -1,7 +1,7 @@
 """Every attention of models nobody here wrote, found and rewritten or reported with its reason.
 
-HuggingFace transformers architectures (``hf.py``) and timm families (``timm_zoo.py``) at tiny
-sizes, through both doors: ``fxsparse.transform`` and ``torch.compile(backend=fxsparse.backend)``.
+HuggingFace transformers architectures (``hf.py``), timm families (``timm_zoo.py``), torchvision's
+Swin and MaxViT and diffusers' UNet and DiT at tiny sizes, through both doors: ``fxsparse.transform`` and ``torch.compile(backend=fxsparse.backend)``.
 For each model:
 
 * the report lists exactly the attentions a reader of the model's code counts, the ones that
@@ -10,8 +10,8 @@ For each model:
 * a sparse token mask moves the output (the rewritten sites are really in the forward);
 * the user's model is untouched.
 
-The transform door of one attention implementation per architecture runs by default; the
-backend door and the other implementations are marked slow.
+The transform door of one attention implementation per architecture runs by default (the
+heaviest models' too are marked slow); the backend door and the other implementations are marked slow.
 """
 from __future__ import annotations
 
@@ -170,3 +170,46 @@ def test_torchvision(make, door, sites, skipped):
     model = make().eval()
     x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     check(model, (x,), {}, door, sites, skipped)
+
+
+# ------------------------------------------------------------------------------ diffusers
+def _unet():
+    from diffusers import UNet2DConditionModel
+
+    model = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+                                 block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+                                 attention_head_dim=8, norm_num_groups=8)
+    g = torch.Generator().manual_seed(1)
+    return model, dict(sample=torch.randn(1, 4, 8, 8, generator=g), timestep=torch.tensor([10]),
+                       encoder_hidden_states=torch.randn(1, 5, 32, generator=g))
+
+
+def _dit():
+    from diffusers import DiTTransformer2DModel
+
+    model = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4, num_layers=2,
+                                  sample_size=8, patch_size=2, norm_num_groups=8)
+    g = torch.Generator().manual_seed(1)
+    return model, dict(hidden_states=torch.randn(1, 4, 8, 8, generator=g), timestep=torch.tensor([10]),
+                       class_labels=torch.tensor([1]))
+
+
+# diffusers' `Attention` modules run their processor (SDPA): a UNet's self- and cross-attention in each
+# transformer block (3 blocks with attention at this size), a DiT's self-attention
+DIFFUSERS = [("unet", _unet, 8, True), ("dit", _dit, 2, False)]
+
+
+@pytest.mark.parametrize("make, door, sites", [
+    pytest.param(make, door, sites, marks=_marks(f"{name}-{door}", slow or door == "backend"), id=f"{name}-{door}")
+    for name, make, sites, slow in DIFFUSERS for door in ("transform", "backend")])
+def test_diffusers(make, door, sites):
+    pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    model, kwargs = make()
+    model.eval()
+    with torch.no_grad():  # zero-initialised output layers would hide every attention
+        for mod in model.modules():
+            if isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d)) and not mod.weight.any():
+                mod.weight.normal_(0.0, 0.02)
+    check(model, (), kwargs, door, sites, {})

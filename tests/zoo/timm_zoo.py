@@ -33,6 +33,9 @@ class Family:
                     mod.weight.fill_(1.0)
                 if isinstance(mod, torch.nn.Linear) and not mod.weight.any():
                     mod.weight.normal_(0.0, 0.02)
+                if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm) and mod.weight is not None and \
+                        not mod.weight.any():  # EfficientViT's attention output projection
+                    mod.weight.fill_(1.0)
         return model
 
     def inputs(self) -> tuple:
@@ -83,9 +86,12 @@ FAMILIES = [
     Family("vitamin", "vitamin_small_224", dict(img_size=64, depth=2), 64, 2),
     # beyond the families the reach issue first sampled
     Family("hiera", "hiera_tiny_224", dict(img_size=64, stages=(1, 1, 1, 1)), 64, 4),  # mask units, pooled queries
-    Family("nest", "nest_tiny", dict(img_size=32, patch_size=4), 32, 12),  # attention within nested blocks
+    Family("nest", "nest_tiny", dict(img_size=32, patch_size=4), 32, 12, slow=True),  # attention within nested blocks
     Family("samvit", "samvit_base_patch16", dict(img_size=64, depth=2, embed_dim=64, num_heads=2,
                                                  global_attn_indexes=(1,), window_size=2), 64, 2),  # rel pos bias
     Family("crossvit", "crossvit_tiny_240", dict(img_size=120, depth=((1, 1, 0),), embed_dim=(32, 64),
                                                  num_heads=(2, 2)), 120, 4),  # two towers, class-token cross attention
+    # cascaded group attention, one attention per head, `v @ attn.transpose(-2, -1)`, inside a module timm keeps
+    # whole (found when it runs)
+    Family("efficientvit_msra", "efficientvit_m0", dict(img_size=64), 64, 24, slow=True),
 ]
