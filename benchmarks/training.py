@@ -7,7 +7,8 @@
   against SDPA given the bool mask (the padding applied densely). Also the fold of the additive mask
   alone (bias kept, only fully padded blocks skipped) and no fold. Forward, and forward + backward.
 * ``documents``: a packed-document training step at 32k tokens (16 heads of 64, 16 documents whose
-  lengths are drawn again every step, causal within each): ``masks.document_layout`` + forward +
+  lengths are drawn again every step, causal within each): ``masks.packed_layout`` (from the lengths;
+  also ``masks.document_layout``, from document ids) + forward +
   backward against FlexAttention's ``create_block_mask`` (compiled, and not) + compiled
   ``flex_attention`` forward + backward, the same documents for both.
 * ``long``: the GPT-2-small-shaped causal LM (12 layers, 768 wide, 12 heads) with a 1,024-token causal
@@ -33,7 +34,7 @@ import torch.nn.functional as F
 
 import fxsparse
 from fxsparse import patterns
-from fxsparse.masks import document_ids, document_layout
+from fxsparse.masks import document_ids, document_layout, packed_layout
 from fxsparse.op import kernel_layout
 from fxsparse.rewrite import sdpa_bias
 from fxsparse.site import _fold_mask_bias
@@ -131,14 +132,36 @@ def documents(rows, quick):
         w = 0.5 + torch.rand(docs, generator=gen)
         lengths = (w / w.sum() * n).long()
         lengths[-1] += n - lengths.sum()
-        return document_ids(lengths.cuda(), total=n)
+        lengths = lengths.cuda()
+        return lengths, document_ids(lengths, total=n)
 
-    def fx_step(bs):
-        def run(ids):
-            layout = document_layout(ids, causal=True, block_size=bs)
+    def fx_step(bs, from_lengths=False):
+        def run(drawn):
+            lengths, ids = drawn
+            if from_lengths:
+                layout = packed_layout(lengths, n, causal=True, block_size=bs)
+            else:
+                layout = document_layout(ids, causal=True, block_size=bs)
             out = fxsparse.sparse_attention(q, k, v, layout)
             torch.autograd.grad(out, (q, k, v), dout)
         return run
+
+    # packed_layout reads nothing back to the host, so one CUDA graph replays its whole build
+    static_lengths = draw()[0].clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            packed_layout(static_lengths, n, causal=True, block_size=64)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        graph_layout = packed_layout(static_lengths, n, causal=True, block_size=64)
+
+    def fx_graph_step(drawn):
+        static_lengths.copy_(drawn[0])
+        graph.replay()  # rewrites graph_layout's tables for this step's lengths
+        torch.autograd.grad(fxsparse.sparse_attention(q, k, v, graph_layout), (q, k, v), dout)
 
     doc = torch.zeros(n, dtype=torch.long, device="cuda")  # one tensor the mask_mod reads: no recompiles
 
@@ -146,28 +169,33 @@ def documents(rows, quick):
         return (doc[q_idx] == doc[kv_idx]) & (kv_idx <= q_idx)
 
     def flex_step(build):
-        def run(ids):
-            doc.copy_(ids)
+        def run(drawn):
+            doc.copy_(drawn[1])
             block_mask = build(flex_mod, None, None, n, n, device="cuda")
             out = flex(q, k, v, block_mask=block_mask)
             torch.autograd.grad(out, (q, k, v), dout)
         return run
 
-    methods = {"fxsparse (128-blocks)": fx_step(128), "fxsparse (64-blocks)": fx_step(64),
+    methods = {"fxsparse packed_layout (CUDA graph)": fx_graph_step, "fxsparse packed_layout": fx_step(64, True), "fxsparse packed_layout (128-blocks)": fx_step(128, True),
+               "fxsparse document_layout": fx_step(64),
                "flex (compiled create_block_mask)": flex_step(cbm), "flex": flex_step(create_block_mask)}
     res = {}
     for name, fn in list(methods.items()) * 2:
+        gen.manual_seed(2)  # the same documents for every method
         ms = timed(fn, warmup=3, reps=10, before=draw)
         res[name] = min(ms, res.get(name, ms))
     rows.append(dict(case=f"documents: layout + fwd + bwd, 1x{h}x{n}x{d}, {docs} documents re-drawn every step",
                      mode="step", base="flex (compiled create_block_mask)", **res))
     # parts of the step, for the table's note
-    ids = draw()
+    lengths, ids = draw()
     doc.copy_(ids)
-    parts = {"fxsparse layout (128)": timed(lambda _: document_layout(ids, causal=True, block_size=128)),
-             "fxsparse layout (64)": timed(lambda _: document_layout(ids, causal=True, block_size=64))}
+    parts = {"fxsparse packed_layout": timed(lambda _: packed_layout(lengths, n, causal=True, block_size=64)),
+             "fxsparse document_layout": timed(lambda _: document_layout(ids, causal=True, block_size=64))}
+    static_lengths.copy_(lengths)
+    parts["fxsparse packed_layout (CUDA graph)"] = timed(lambda _: graph.replay())
+    same_graph = torch.equal(graph_layout.data, packed_layout(lengths, n, causal=True, block_size=64).data)
     parts["flex create_block_mask (compiled)"] = timed(lambda _: cbm(flex_mod, None, None, n, n, device="cuda"))
-    layout = document_layout(ids, causal=True, block_size=128)
+    layout = packed_layout(lengths, n, causal=True, block_size=64)
     block_mask = cbm(flex_mod, None, None, n, n, device="cuda")
 
     def fx_fb(_):
@@ -179,7 +207,9 @@ def documents(rows, quick):
     print("documents, parts of a step (ms): " + ", ".join(f"{k} {v:.2f}" for k, v in parts.items()))
     with torch.no_grad():
         err = rel_err(fxsparse.sparse_attention(q, k, v, layout), flex(q, k, v, block_mask=block_mask))
-    print(f"check documents bf16: fxsparse vs Flex max rel err {err:.2e}; layout density {layout.density:.2%}")
+    same = torch.equal(layout.to_mask(), document_layout(ids, causal=True, block_size=64).to_mask())
+    print(f"check documents bf16: fxsparse vs Flex max rel err {err:.2e}; packed_layout equals document_layout: {same}, "
+          f"its CUDA graph replay equals it: {same_graph}")
     rows[-1]["parts"] = parts
     return err
 
