@@ -11,7 +11,7 @@ from torch import nn
 import fxsparse
 from fxsparse import Layout
 from fxsparse import patterns as P
-from fxsparse.masks import document_ids, key_padding_layout, model_mask_layout
+from fxsparse.masks import document_ids, key_padding_layout, model_mask_layout, packed_layout
 from fxsparse.site import SiteAttention, _fold_mask_bias
 from fxsparse.testing import assert_close, compare_with_oracle
 from helpers import gen, qkv
@@ -223,3 +223,42 @@ def test_folded_layouts_through_the_kernels(with_mask):
     layout, kept = _fold_mask_bias(P.dense(block_size=bs).layout(n, n), bias, mask if with_mask else None)
     assert (kept is None) == with_mask
     compare_with_oracle(fxsparse.sparse_attention, q, k, v, mask, op_mask=layout, bias=kept)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_packed_layout_is_the_documents_exact_layout(causal):
+    """Documents given by their lengths (empty ones, documents shorter than a block, padding after
+    them, per sample): the same mask as document_layout's and every block's kind exact, in blocks of
+    32, 64 and 128; through the op against the float64 oracle."""
+    g = gen(13)
+    for trial in range(12):
+        longest = (3, 20, 90, 300)[trial % 4]
+        lengths = torch.randint(0, longest, (2, 1 + trial), generator=g)
+        n = int(lengths.sum(-1).max()) + int(torch.randint(1, 40, (), generator=g))
+        bs = (32, 64, 128)[trial % 3]
+        layout = packed_layout(lengths, n, causal=causal, block_size=bs)
+        ids = document_ids(lengths, total=n)
+        mask = (ids[:, :, None] == ids[:, None, :]) & (ids[:, :, None] >= 0)
+        if causal:
+            mask = mask & torch.ones(n, n, dtype=torch.bool).tril()
+        assert torch.equal(layout.to_mask()[:, 0], mask), (lengths, n, bs)
+        assert torch.equal(layout.kinds, Layout.from_mask(mask[:, None], bs).kinds), (lengths, n, bs)
+        assert layout.causal == causal
+    q, k, v = qkv(2, 2, 1, n, n, 16, seed=14)
+    compare_with_oracle(fxsparse.sparse_attention, q, k, v, mask[:, None], op_mask=layout)
+    one = packed_layout(torch.tensor([50, 30]), block_size=32)  # 1-D lengths, total = their sum
+    assert one.batch == 1 and one.shape == (80, 80)
+    with pytest.raises(ValueError, match="lengths must be an integer"):
+        packed_layout(torch.tensor([1.5, 2.0]), 4)
+
+
+@pytest.mark.interpret
+def test_packed_layout_through_the_kernels():
+    """The Triton kernels (GPU, or the interpreter) on a packed_layout, whose masks are not deduplicated."""
+    lengths = torch.tensor([[50, 9, 60], [128, 0, 0]])
+    layout = packed_layout(lengths, 128, block_size=64)
+    ids = document_ids(lengths, total=128)
+    mask = (ids[:, :, None] == ids[:, None, :]) & (ids[:, :, None] >= 0)  # padding (id -1) attends to nothing
+    mask = (mask & torch.ones(128, 128, dtype=torch.bool).tril())[:, None]
+    q, k, v = qkv(2, 2, 1, 128, 128, 32, seed=15)
+    compare_with_oracle(fxsparse.sparse_attention, q, k, v, mask, op_mask=layout, causal=True)
