@@ -10,10 +10,17 @@ documents), evaluates only the blocks the mask cuts, and returns an exact Layout
   HuggingFace's ``attention_mask``; nn.MultiheadAttention's ``key_padding_mask`` is the opposite: pass
   ``~key_padding_mask``);
 * :func:`model_mask_layout`: the mask a model passes its attention (bool, or additive with -inf /
-  the dtype's minimum for "masked"), [B|1, H|1, Nq|1, Nk]: a key-padding mask ([..., 1, Nk]) in
-  O(N), a full [Nq, Nk] one block by block;
+  the dtype's minimum for "masked"), [B|1, H|1, Nq|1, Nk]: a key-padding mask ([..., 1, Nk], or
+  expanded along the queries) in O(N), a full [Nq, Nk] one by one reshape and reductions;
+* :func:`packed_layout`: packed sequences given by their documents' lengths (tokens attend within
+  their document, causally by default);
 * :func:`document_layout`: packed sequences, a document id per token (tokens attend within their
   document; ``causal=True`` adds causality), with :func:`document_ids` to make ids from lengths.
+
+The tables of key padding, of a model's 4-D mask and of packed lengths are built with nothing read
+back to the host (``key_padding_tables``, ``block_tables``, ``interval_tables``): the fold of a
+model's own mask into a site's layout (``SiteAttention.skip_padding``) uses them at every forward, and
+``packed_layout``'s whole build can be captured in a CUDA graph and replayed each step.
 
 Compose with a pattern's layout by intersection, ``pattern.layout(n, n) & padding_layout(...)``
 (batch broadcasts), and pass the result as ``sparse_attention``'s ``mask``. Where a layout holds
