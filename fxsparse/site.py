@@ -282,7 +282,7 @@ def _on_device(data, device):
 
 
 FOLD_CACHE_SIZE = 4  # runtime masks whose folded layouts are kept (least recently used out first)
-_FOLDED: OrderedDict = OrderedDict()  # (id, version of the mask, tables' shape) -> (mask, result)
+_FOLDED: OrderedDict = OrderedDict()  # (id, version of the mask, ...) -> (weak ref to it, layout, bias dropped)
 
 
 def _fold_mask_bias(layout: Layout, bias, mask=None):
@@ -301,8 +301,9 @@ def _fold_mask_bias(layout: Layout, bias, mask=None):
     Built on the device with a fixed number of vectorised steps and nothing read back to the host
     (``masks.key_padding_layout``'s tables for masks that do not vary along the queries, one reshape
     and reductions for others), once per mask tensor: every layer of a model gets the same one, so the
-    result is kept (keyed by the tensor's identity and version; the tensor is held meanwhile, so its
-    identity is not reused). Eager calls only: a traced site runs its bias as it is.
+    result is kept (keyed by the tensor's identity and version, and checked against a weak reference
+    to it, so a new tensor that reuses a freed one's identity is folded afresh and nothing is kept
+    alive). Eager calls only: a traced site runs its bias as it is.
     """
     if bias is None or layout.density != 1.0 or bias.dim() != 4 or bias.shape[-1] != layout.shape[1]:
         return layout, bias
@@ -310,14 +311,14 @@ def _fold_mask_bias(layout: Layout, bias, mask=None):
     held = bias if source is None else source
     key = (id(held), held._version, source is None, layout.block_size, tuple(layout.shape))
     hit = _FOLDED.get(key)
-    if hit is not None and hit[0] is held:
+    if hit is not None and hit[0]() is held:
         _FOLDED.move_to_end(key)
-        return hit[1]
-    result = _fold(layout, bias, source)
-    _FOLDED[key] = (held, result)
+        return hit[1], None if hit[2] else bias
+    folded, kept = _fold(layout, bias, source)
+    _FOLDED[key] = (weakref.ref(held), folded, kept is None)  # the bias itself is not kept alive
     while len(_FOLDED) > FOLD_CACHE_SIZE:
         _FOLDED.popitem(last=False)
-    return result
+    return folded, kept
 
 
 def _fold(layout: Layout, bias, mask):
