@@ -94,4 +94,8 @@ FAMILIES = [
     # cascaded group attention, one attention per head, `v @ attn.transpose(-2, -1)`, inside a module timm keeps
     # whole (found when it runs)
     Family("efficientvit_msra", "efficientvit_m0", dict(img_size=64), 64, 24, slow=True),
+    Family("caformer", "caformer_s18", dict(), 64, 12, slow=True),  # MetaFormer: attention token mixers in the last two stages
+    Family("botnet", "botnet26t_256", dict(img_size=64), 64, 3, slow=True),  # bottleneck attention with relative positions
+    Family("swinv2_cr", "swinv2_cr_tiny_224", dict(img_size=64, window_size=4, depths=(1, 1, 1, 1)), 64, 4),
+    Family("coatnet", "coatnet_0_rw_224", dict(img_size=64), 64, 9, slow=True),
 ]
