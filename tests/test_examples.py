@@ -60,3 +60,8 @@ def test_hf_causal_lm_generates_with_a_window():
     pytest.importorskip("transformers")
     out = run_example("hf_causal_lm.py", "--small")
     assert "identical to the original model decoding with the window as a 4-D mask: True" in out
+
+
+def test_packed_documents_training():
+    out = run_example("packed_documents.py")  # exits non-zero unless step 0 equals the dense masked model
+    assert "max |sparse - dense|" in out and out.count("blocks visited") == 8
