@@ -193,8 +193,11 @@ def test_fold_keeps_the_bias_where_only_it_is_given():
     assert _fold_mask_bias(window, bias) == (window, bias)
 
 
-def test_compiled_transformed_model_keeps_the_mask():
-    """Under torch.compile the site runs as one op that gets the mask as its bias: the same result."""
+def test_compiled_transformed_model_keeps_the_mask(monkeypatch):
+    """Under torch.compile the site runs as one op that gets the mask as its bias (no fold, which keys
+    its results by tensor identity): the same result."""
+    folds = []
+    monkeypatch.setattr(fxsparse.site, "_fold_mask_bias", lambda *a: folds.append(1) or _fold_mask_bias(*a))
     q, k, v = qkv(2, 2, 2, 96, 96, 16, seed=9, grad=False)
     keep = padded_keys(2, 96, seed=10)[:, None, None, :].expand(2, 1, 96, 96)
     keep = keep | ~keep.any(-1, keepdim=True)  # SDPA's compiled math path differs on rows with no key
@@ -203,7 +206,9 @@ def test_compiled_transformed_model_keeps_the_mask():
     with torch.no_grad():
         want = model(q, k, v, keep)
         eager = sparse(q, k, v, keep)
+        eager_folds = len(folds)
         compiled = torch.compile(sparse, backend="aot_eager")(q, k, v, keep)
+    assert eager_folds > 0 and len(folds) == eager_folds, "a compiled site runs the site op, which takes the bias as it is"
     assert_close(eager, want, what="eager, folded")
     assert_close(compiled, want, what="compiled")
 
