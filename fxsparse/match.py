@@ -1171,6 +1171,7 @@ def _slice_add(writer: fx.Node, scores: fx.Node) -> Optional[list]:
         return None
     idx, x = writer.args[1], writer.args[2]
     chain = [writer]
+    order = {n: i for i, n in enumerate(scores.graph.nodes)}
     for _ in range(16):
         if not isinstance(x, fx.Node) or (chain[-1] is not writer and len(x.users) != 1):
             return None
@@ -1178,16 +1179,15 @@ def _slice_add(writer: fx.Node, scores: fx.Node) -> Optional[list]:
         if x.op == "call_function" and x.target is operator.getitem and x.args[0] is scores:
             if x.args[1] != idx:
                 return None
-            order = {n: i for i, n in enumerate(scores.graph.nodes)}
             return sorted(chain, key=order.__getitem__)
         name = x.target if x.op == "call_method" else getattr(x.target, "__name__", "")
         if name in ("view", "reshape"):
             x = x.args[0]
         elif name in ("add", "__add__") and len(x.args) == 2 and not x.kwargs:
             a, b = x.args
-            if _computed_from(b, scores):
+            if _computed_from(b, scores, order):
                 a, b = b, a
-            if _computed_from(b, scores):
+            if _computed_from(b, scores, order):
                 return None
             x = a
         else:
@@ -1195,13 +1195,14 @@ def _slice_add(writer: fx.Node, scores: fx.Node) -> Optional[list]:
     return None
 
 
-def _computed_from(x, node: fx.Node, limit: int = 400) -> bool:
+def _computed_from(x, node: fx.Node, order: dict, limit: int = 400) -> bool:
+    """Whether x depends on node (nodes before node in the graph cannot: the search stops there)."""
     todo, seen = [x], set()
     while todo and len(seen) < limit:
         n = todo.pop()
         if n is node:
             return True
-        if isinstance(n, fx.Node) and n not in seen:
+        if isinstance(n, fx.Node) and n not in seen and order.get(n, -1) > order[node]:
             seen.add(n)
             todo.extend(n.all_input_nodes)
     return len(seen) >= limit
