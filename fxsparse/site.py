@@ -112,7 +112,7 @@ class SiteAttention(nn.Module):
         shape = (q.shape[-2], k.shape[-2])
         entry = self._layouts.get(shape, _MISSING)
         if entry is _MISSING:
-            entry = self._prepare(q, k)
+            entry = self._prepare(q, k, v)
         try:
             if entry is None:
                 out = _dense_attention(q, k, v, bias, scale, causal)
@@ -130,20 +130,21 @@ class SiteAttention(nn.Module):
             raise SiteError(f"{self.site.where}: {err}") from err
         return _from_4d(out, rank, lead)
 
-    def kernel_layout_for(self, q, k) -> Layout:
+    def kernel_layout_for(self, q, k, v) -> Layout:
         """The Layout the kernels walk for these inputs, whatever mask_fn said (dense: all blocks)."""
         shape = (q.shape[-2], k.shape[-2])
         entry = self._layouts.get(shape, _MISSING)
         if entry is _MISSING:
-            entry = self._prepare(q, k)
+            entry = self._prepare(q, k, v)
         if entry is not None and entry[0] is not None:
             return self._buffer_layout(entry[0], entry[3])
         # kept dense, or few queries (SDPA with the token mask when eager): built once per shape and device
-        key = (*shape, str(q.device), q.shape[-1] <= op.KERNEL_BLOCK)
+        dim = max(q.shape[-1], v.shape[-1])  # the kernels' tiles follow the wider of the two head dims
+        key = (*shape, str(q.device), dim <= op.KERNEL_BLOCK)
         layout = self._run_layouts.get(key)
         if layout is None:
             built = Layout.dense(*shape, device=q.device) if entry is None else Layout.from_mask(entry[3].to(q.device))
-            layout = self._run_layouts[key] = kernel_layout(built, q.shape[-1])
+            layout = self._run_layouts[key] = kernel_layout(built, dim)
         return layout
 
     def _buffer_layout(self, name: str, built: Layout) -> Layout:
@@ -155,11 +156,11 @@ class SiteAttention(nn.Module):
         return layout
 
     @torch.compiler.disable
-    def _prepare(self, q, k):
+    def _prepare(self, q, k, v):
         """First call at these lengths: ask mask_fn, check it, build the Layout."""
-        return self.prepare(q.shape[1], k.shape[1], q.shape[2], k.shape[2], q.shape[3], q.device)
+        return self.prepare(q.shape[1], k.shape[1], q.shape[2], k.shape[2], q.shape[3], q.device, v.shape[3])
 
-    def prepare(self, num_heads, num_kv_heads, q_len, kv_len, head_dim, device):
+    def prepare(self, num_heads, num_kv_heads, q_len, kv_len, head_dim, device, value_dim=None):
         site = dataclasses.replace(self.site, num_heads=num_heads, num_kv_heads=num_kv_heads, q_len=q_len,
                                    kv_len=kv_len, head_dim=head_dim)
         self.site = site
@@ -173,7 +174,7 @@ class SiteAttention(nn.Module):
             entry = (None, layout.block_size, layout.density, layout.to_mask().to(device))
         elif layout is not None:
             name = f"layout_{q_len}x{kv_len}"
-            tables = kernel_layout(layout, head_dim)  # what the kernels walk; the report shows mask_fn's layout
+            tables = kernel_layout(layout, max(head_dim, value_dim or head_dim))  # what the kernels walk; the report shows mask_fn's layout
             self.register_buffer(name, _on_device(tables.data, device), persistent=False)
             entry = (name, layout.block_size, layout.density, dataclasses.replace(tables, data=tables.data[:0]))
         self._layouts[key] = entry
@@ -212,7 +213,7 @@ def _site(uid: int) -> "SiteAttention":
 def _site_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor], scale: float,
              causal: bool, site: int) -> tuple[torch.Tensor, torch.Tensor]:
     s = _site(site)
-    return op.layout_forward(q, k, v, s.kernel_layout_for(q, k), scale=scale, bias=bias, causal=causal,
+    return op.layout_forward(q, k, v, s.kernel_layout_for(q, k, v), scale=scale, bias=bias, causal=causal,
                              options=s.options)
 
 
@@ -229,7 +230,7 @@ def _site_backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
                       lse: torch.Tensor, bias: Optional[torch.Tensor], scale: float, causal: bool, site: int,
                       bias_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     s = _site(site)
-    dq, dk, dv, dbias = op.layout_backward(dout, q, k, v, out, lse, s.kernel_layout_for(q, k), scale=scale,
+    dq, dk, dv, dbias = op.layout_backward(dout, q, k, v, out, lse, s.kernel_layout_for(q, k, v), scale=scale,
                                            bias=bias, causal=causal, bias_grad=bias_grad, options=s.options)
     dbias = dbias if dbias is not None else q.new_empty(0)
     return dq.contiguous(), dk.contiguous(), dv.contiguous(), dbias

@@ -90,10 +90,10 @@ def test_eager_site_reuses_its_layout_and_follows_new_tables():
         assert_close(sparse(x, mem), want, what="first call")
         site = next(s for s in site_modules(sparse) if s.status == "rewritten")
         q = torch.randn(2, 4, 80, 8)
-        first = site.kernel_layout_for(q, q)
-        assert site.kernel_layout_for(q, q) is first  # made once, not per call
+        first = site.kernel_layout_for(q, q, q)
+        assert site.kernel_layout_for(q, q, q) is first  # made once, not per call
         name = next(n for n, _ in site.named_buffers())
         setattr(site, name, getattr(site, name).clone())  # what .to(device) does: new tables
-        again = site.kernel_layout_for(q, q)
+        again = site.kernel_layout_for(q, q, q)
         assert again is not first and again.data is getattr(site, name)
         assert_close(sparse(x, mem), want, what="call after the tables moved")
