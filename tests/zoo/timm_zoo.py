@@ -101,4 +101,8 @@ FAMILIES = [
     Family("shvit", "shvit_s1", dict(), 64, 9),  # single-head attention on a slice of the channels
     Family("iformer", "iformer_t", dict(), 64, 5),  # SHMA: single-head modulation attention
     Family("lowformer", "lowformer_b0", dict(), 64, 7),  # convolutional attention at a lower resolution
+    Family("hieradet_sam2", "hieradet_small", dict(), 64, 16, slow=True),  # SAM2's Hiera: windows, pooled queries
+    # no softmax over q kᵀ: linear attention with a ReLU kernel (EfficientViT-MIT), SwiftFormer's additive attention
+    Family("efficientvit_mit", "efficientvit_b0", dict(), 64, 0),
+    Family("swiftformer", "swiftformer_xs", dict(), 64, 0),
 ]
