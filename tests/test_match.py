@@ -547,3 +547,52 @@ def test_a_slice_assigned_a_term_is_a_bias_under_the_backend():
     assert_close(got, want)
     diagonal, _ = _backend_rows(model, x, mask_fn=lambda s: torch.eye(s.q_len, s.kv_len, dtype=torch.bool))
     assert (diagonal - want).abs().max() > 1e-2
+
+
+# ------------------------------------------------------------------------------ deferred scores
+class _Deferring(torch.overrides.TorchFunctionMode):
+    """Runs code with its scores deferred (fxsparse.deferred), attention computed densely in float64."""
+
+    def __init__(self):
+        super().__init__()
+        self.attentions = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        from fxsparse import deferred
+
+        kwargs = kwargs or {}
+        out = deferred.handle(func, args, kwargs, self._attention)
+        return func(*args, **kwargs) if out is NotImplemented else out
+
+    def _attention(self, q, k, v, bias, scale):
+        self.attentions += 1
+        with torch._C.DisableTorchFunction():
+            s = (q.double() @ k.double().transpose(-2, -1)) * scale
+            s = s if bias is None else s + bias.double()
+            return (s.softmax(-1) @ v.double()).to(v.dtype)
+
+
+def _write_into_slice(q, k, v, rel):
+    s = q @ k.transpose(-2, -1) * 0.25
+    s[..., 1:, 1:] = s[..., 1:, 1:] + rel  # MViTv2's way of adding its relative positions
+    return s.softmax(-1) @ v
+
+
+def _value_times_transposed(q, k, v, rel):
+    attn = (q @ k.transpose(-2, -1) * 0.25 + rel).softmax(-1)
+    return (v.transpose(-2, -1) @ attn.transpose(-2, -1)).transpose(-2, -1)  # v [B, H, D, N] @ pᵀ
+
+
+@pytest.mark.parametrize("fn, rel_shape", [(_write_into_slice, (15, 15)), (_value_times_transposed, (16, 16))],
+                         ids=["slice-written", "v-times-transposed-probs"])
+def test_deferred_scores_keep_writes_and_take_transposed_probabilities(fn, rel_shape):
+    """Code run with its scores deferred: a slice written into the scores stays in force (kept as their
+    bias) and `v @ pᵀ` is an attention, both equal to the code run as it is."""
+    q, k, v = _qkv(2, 4, 16, 8)
+    rel = torch.randn(*rel_shape, generator=torch.Generator().manual_seed(1))
+    want = fn(q, k, v, rel)
+    mode = _Deferring()
+    with mode:
+        got = fn(q, k, v, rel)
+    assert mode.attentions == 1
+    assert_close(got, want)
