@@ -98,8 +98,8 @@ FAMILIES = [
     Family("botnet", "botnet26t_256", dict(img_size=64), 64, 3, slow=True),  # bottleneck attention with relative positions
     Family("swinv2_cr", "swinv2_cr_tiny_224", dict(img_size=64, window_size=4, depths=(1, 1, 1, 1)), 64, 4),
     Family("coatnet", "coatnet_0_rw_224", dict(img_size=64), 64, 9, slow=True),
-    Family("shvit", "shvit_s1", dict(), 64, 9),  # single-head attention on a slice of the channels
-    Family("iformer", "iformer_t", dict(), 64, 5),  # SHMA: single-head modulation attention
+    Family("shvit", "shvit_s1", dict(), 64, 9, slow=True),  # single-head attention on a slice of the channels
+    Family("iformer", "iformer_t", dict(), 64, 5, slow=True),  # SHMA: single-head modulation attention
     Family("lowformer", "lowformer_b0", dict(), 64, 7),  # convolutional attention at a lower resolution
     Family("hieradet_sam2", "hieradet_small", dict(), 64, 16, slow=True),  # SAM2's Hiera: windows, pooled queries
     # no softmax over q kᵀ: linear attention with a ReLU kernel (EfficientViT-MIT), SwiftFormer's additive attention
