@@ -34,6 +34,7 @@ outputs are usually discarded, but they are not bit-equal.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -49,6 +50,8 @@ from .layout import (
     layout_from_kinds,
     pack_bits,
 )
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # packed_layout's Triton build runs there on any device
 
 __all__ = ["padding_layout", "key_padding_layout", "document_layout", "document_ids", "packed_layout", "model_mask_layout"]
 
@@ -270,8 +273,21 @@ def packed_layout(lengths, total: int | None = None, *, causal: bool = True,
         raise ValueError(f"packed_layout: lengths must be an integer [documents] or [batch, documents] tensor, "
                          f"got {lengths.dtype} of shape {tuple(lengths.shape)}")
     lengths = lengths if lengths.dim() == 2 else lengths[None]
+    if lengths.shape[1] == 0:
+        raise ValueError("packed_layout: lengths holds no documents; give at least one length per sample "
+                         "(a length of 0 is an empty document)")
     bs = check_block_size_any(block_size)
     n = int(lengths.sum(-1).max()) if total is None else check_count(total, "packed_layout: total", 1)
+    if lengths.is_cuda or _INTERPRET:
+        from .kernels.tables import packed_layout_tables
+
+        return packed_layout_tables(lengths, n, bs, bool(causal))
+    return _packed_layout_torch(lengths, n, bs, bool(causal))
+
+
+def _packed_layout_torch(lengths: torch.Tensor, n: int, bs: int, causal: bool) -> Layout:
+    """packed_layout's build in torch operations (int lengths [B, D], D >= 1): the path for CPU tensors,
+    and the oracle of the Triton build (``fxsparse.kernels.tables``), whose tables it equals bit for bit."""
     ends = lengths.cumsum(-1)
     pos = torch.arange(n, device=lengths.device)
     doc = torch.searchsorted(ends, pos.expand(ends.shape[0], n).contiguous(), right=True)  # [B, n]
@@ -280,7 +296,7 @@ def packed_layout(lengths, total: int | None = None, *, causal: bool = True,
     end = ends.gather(1, doc)
     lo = torch.where(inside, end - lengths.gather(1, doc), n)  # padding rows: the empty interval [n, n - 1]
     hi = torch.where(inside, pos if causal else end - 1, n - 1)
-    return layout_from_kinds(*interval_tables(lo, hi, n, bs), bs, (n, n), density=float("nan"), causal=bool(causal))
+    return layout_from_kinds(*interval_tables(lo, hi, n, bs), bs, (n, n), density=float("nan"), causal=causal)
 
 
 def interval_tables(lo: torch.Tensor, hi: torch.Tensor, nk: int, bs: int):
@@ -318,7 +334,7 @@ def interval_tables(lo: torch.Tensor, hi: torch.Tensor, nk: int, bs: int):
     # the packed masks of the slots: row i keeps columns lo..hi of its block, 32 to a word
     rows = (where // nkb)[..., None] * bs + torch.arange(bs, device=dev)  # [B, slots, bs]
     cols = (where % nkb)[..., None, None] * bs + torch.arange(0, bs, 32, device=dev)  # [B, slots, 1, words]
-    valid = rows < nq
+    valid = (rows < nq) & (torch.arange(slots, device=dev) < partial.sum(1, keepdim=True))[..., None]  # unused slots: 0
     rows = rows.clamp(max=nq - 1)
     row_lo = torch.where(valid, lo.gather(1, rows.flatten(1)).view(rows.shape), nk)[..., None]
     row_hi = torch.where(valid, hi.gather(1, rows.flatten(1)).view(rows.shape).clamp(max=nk - 1), -1)[..., None]
