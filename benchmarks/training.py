@@ -7,10 +7,12 @@
   against SDPA given the bool mask (the padding applied densely). Also the fold of the additive mask
   alone (bias kept, only fully padded blocks skipped) and no fold. Forward, and forward + backward.
 * ``documents``: a packed-document training step at 32k tokens (16 heads of 64, 16 documents whose
-  lengths are drawn again every step, causal within each): ``masks.packed_layout`` (from the lengths;
+  lengths are drawn again every step, causal within each): ``masks.packed_layout`` (from the lengths:
+  its Triton build eagerly, the same replayed from a CUDA graph, and its torch build, the CPU path;
   also ``masks.document_layout``, from document ids) + forward +
   backward against FlexAttention's ``create_block_mask`` (compiled, and not) + compiled
-  ``flex_attention`` forward + backward, the same documents for both.
+  ``flex_attention`` forward + backward, the same documents for both. Then checks that the Triton
+  build's tables equal the torch build's at 32k and 128k tokens, and times both builds.
 * ``long``: the GPT-2-small-shaped causal LM (12 layers, 768 wide, 12 heads) with a 1,024-token causal
   sliding window, one training step (forward, backward, AdamW) at 131,072 tokens on one GPU: step time
   and peak memory; the loss over the vocabulary is computed in chunks (each recomputed in the
@@ -34,7 +36,7 @@ import torch.nn.functional as F
 
 import fxsparse
 from fxsparse import patterns
-from fxsparse.masks import document_ids, document_layout, packed_layout
+from fxsparse.masks import _packed_layout_torch, document_ids, document_layout, packed_layout
 from fxsparse.op import kernel_layout
 from fxsparse.rewrite import sdpa_bias
 from fxsparse.site import _fold_mask_bias
@@ -135,11 +137,13 @@ def documents(rows, quick):
         lengths = lengths.cuda()
         return lengths, document_ids(lengths, total=n)
 
-    def fx_step(bs, from_lengths=False):
+    def fx_step(bs, build="packed_layout"):
         def run(drawn):
             lengths, ids = drawn
-            if from_lengths:
+            if build == "packed_layout":  # on the GPU: the Triton build (fxsparse.kernels.tables)
                 layout = packed_layout(lengths, n, causal=True, block_size=bs)
+            elif build == "torch":  # the same tables in torch operations (the CPU path)
+                layout = _packed_layout_torch(lengths[None], n, bs, True)
             else:
                 layout = document_layout(ids, causal=True, block_size=bs)
             out = fxsparse.sparse_attention(q, k, v, layout)
@@ -176,8 +180,9 @@ def documents(rows, quick):
             torch.autograd.grad(out, (q, k, v), dout)
         return run
 
-    methods = {"fxsparse packed_layout (CUDA graph)": fx_graph_step, "fxsparse packed_layout": fx_step(64, True), "fxsparse packed_layout (128-blocks)": fx_step(128, True),
-               "fxsparse document_layout": fx_step(64),
+    methods = {"fxsparse packed_layout (CUDA graph)": fx_graph_step, "fxsparse packed_layout": fx_step(64),
+               "fxsparse packed_layout (torch build)": fx_step(64, "torch"),
+               "fxsparse packed_layout (128-blocks)": fx_step(128), "fxsparse document_layout": fx_step(64, "ids"),
                "flex (compiled create_block_mask)": flex_step(cbm), "flex": flex_step(create_block_mask)}
     res = {}
     for name, fn in list(methods.items()) * 2:
@@ -190,6 +195,7 @@ def documents(rows, quick):
     lengths, ids = draw()
     doc.copy_(ids)
     parts = {"fxsparse packed_layout": timed(lambda _: packed_layout(lengths, n, causal=True, block_size=64)),
+             "fxsparse packed_layout (torch build)": timed(lambda _: _packed_layout_torch(lengths[None], n, 64, True)),
              "fxsparse document_layout": timed(lambda _: document_layout(ids, causal=True, block_size=64))}
     static_lengths.copy_(lengths)
     parts["fxsparse packed_layout (CUDA graph)"] = timed(lambda _: graph.replay())
@@ -211,7 +217,33 @@ def documents(rows, quick):
     print(f"check documents bf16: fxsparse vs Flex max rel err {err:.2e}; packed_layout equals document_layout: {same}, "
           f"its CUDA graph replay equals it: {same_graph}")
     rows[-1]["parts"] = parts
+    rows[-1]["builds_equal"] = packed_builds_equal(n, quick)
     return err
+
+
+def packed_builds_equal(n, quick) -> bool:
+    """packed_layout's Triton build against its torch build, every table bit for bit: at the step's
+    length and at 128k tokens (32k with --quick), causal or not, blocks of 64 and 128, a batch of 2 with
+    padding after the documents; and the build's time at the long length."""
+    gen = torch.Generator().manual_seed(3)
+    ok = True
+    for total in (n, 32768 if quick else 131072):
+        w = 0.5 + torch.rand(2, 16, generator=gen)
+        lengths = (w / w.sum(-1, keepdim=True) * (total - 100)).long().cuda()  # ~100 tokens of padding each
+        lengths[1, 3] = 0  # an empty document
+        for causal in (True, False):
+            for bs in (64, 128):
+                got = packed_layout(lengths, total, causal=causal, block_size=bs)
+                want = _packed_layout_torch(lengths, total, bs, causal)
+                same = torch.equal(got.data, want.data)
+                ok &= same
+                print(f"check packed_layout builds, {total} tokens, batch 2, causal={causal}, blocks of {bs}: "
+                      f"the Triton build's tables equal the torch build's: {same}")
+        one = lengths[:1]
+        print(f"packed_layout build, {total} tokens, 16 documents, blocks of 64 (ms): Triton "
+              f"{timed(lambda _: packed_layout(one, total, causal=True, block_size=64)):.3f}, torch "
+              f"{timed(lambda _: _packed_layout_torch(one, total, 64, True)):.3f}")
+    return ok
 
 
 # ------------------------------------------------------------------------------ 131k-token LM

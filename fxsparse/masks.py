@@ -261,11 +261,13 @@ def packed_layout(lengths, total: int | None = None, *, causal: bool = True,
     (default: the longest sum; give it to read nothing back to the host); tokens past the documents are
     padding: they attend to nothing and nothing attends to them.
 
-    Every query row attends to one interval of keys, so the layout is built from per-row bounds in a
-    fixed number of vectorised steps and nothing is read back to the host (the block lists, the
-    partial blocks' masks: a fixed number of slots, by the intervals' order): for lengths that change
-    every training step. ``density`` is not computed (NaN: it would be read back); ``Layout.causal`` is
-    ``causal``. The mask is ``document_layout(document_ids(lengths, total), causal=causal)``'s, which
+    Every query row attends to one interval of keys, so the layout is built from per-row bounds and
+    nothing is read back to the host (the partial blocks' masks take a fixed number of slots, by the
+    intervals' order): for lengths that change every training step. On a CUDA device (and under
+    ``TRITON_INTERPRET=1``) two Triton kernels write the tables (``fxsparse.kernels.tables``: four
+    launches in all, cheap enough to build eagerly every step); on the CPU a fixed number of vectorised
+    torch steps give the same tables. Either can be captured in a CUDA graph. ``density`` is not
+    computed (NaN: it would be read back); ``Layout.causal`` is ``causal``. The mask is ``document_layout(document_ids(lengths, total), causal=causal)``'s, which
     takes any document ids. Returns a Layout with batch B (1 for 1-D lengths).
     """
     lengths = torch.as_tensor(lengths)

@@ -52,6 +52,7 @@ def cases():
         out.append((lengths, n, (32, 64, 128)[trial % 3], trial % 2 == 0))
     out.append((torch.tensor([[300, 0, 1, 1]]), 310, 64, True))  # a long document then short ones and padding
     out.append((torch.tensor([[64, 64, 64]]), 192, 64, False))  # documents on block edges: full blocks only
+    out.append((torch.tensor([[5, 3]]), 10, 32, True))  # one block
     return out
 
 

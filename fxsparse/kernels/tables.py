@@ -29,9 +29,10 @@ import triton
 import triton.language as tl
 
 from ..layout import Layout, table_offsets
+from .launch import _on_device
 
-CHUNK = 256  # blocks one program handles per step of its loops
-RANGES_CHUNK = 1024  # block rows (columns) the ranges kernel handles per step
+CHUNK = 256  # blocks one program of the tables kernel handles per step of its loops
+RANGES_CHUNK = 4096  # at most this many block rows (columns) per step of the ranges kernel's loops
 
 
 @triton.jit
@@ -246,13 +247,15 @@ def packed_layout_tables(lengths: torch.Tensor, total: int, block_size: int, cau
     ends = lengths.cumsum(-1, dtype=torch.int32)
     ranges = torch.empty(bsz, 5, nqb + nkb, dtype=torch.int32, device=dev)
     steps = docs.bit_length()
-    _packed_ranges_kernel[(bsz,)](ends, ranges, docs, steps, n, nqb, nkb, slots,
-                                  BS=bs, CAUSAL=bool(causal), CHUNK=RANGES_CHUNK)
+    chunk = min(RANGES_CHUNK, 1 << (nqb - 1).bit_length())  # one program per sample walks every block row
     at = [offsets[name][0] for name in ("kinds", "mask_id", "full_num", "full_idx", "part_num", "part_idx",
                                         "part_mid", "t_full_num", "t_full_idx", "t_part_num", "t_part_idx",
                                         "t_part_mid")]
-    _packed_tables_kernel[(nqb + nkb, bsz)](ends, ranges, data, docs, steps, n, nqb, nkb, slots, *at,
-                                            bits_at, bits_at + words, BS=bs, CAUSAL=bool(causal), CHUNK=CHUNK,
-                                            PB=max(1, 2048 // (bs * (bs // 32))))
+    with _on_device(lengths):
+        _packed_ranges_kernel[(bsz,)](ends, ranges, docs, steps, n, nqb, nkb, slots, BS=bs, CAUSAL=bool(causal),
+                                      CHUNK=chunk, num_warps=4 if chunk <= 1024 else 8)
+        _packed_tables_kernel[(nqb + nkb, bsz)](ends, ranges, data, docs, steps, n, nqb, nkb, slots, *at,
+                                                bits_at, bits_at + words, BS=bs, CAUSAL=bool(causal), CHUNK=CHUNK,
+                                                PB=max(1, 2048 // (bs * (bs // 32))))
     return Layout(block_size=bs, shape=(n, n), batch=bsz, num_heads=1, data=data, density=float("nan"),
                   causal=bool(causal))
