@@ -767,7 +767,8 @@ def _pooled(m: Match, facts: GraphFacts, same: bool, q_src=None, k_src=None):
     site = m.site
     if not (isinstance(site.q_len, int) and isinstance(site.kv_len, int)) or site.q_len == site.kv_len:
         return
-    if (same and (_pools(m.q, facts) or _pools(m.k, facts))) or (not same and _derives_from(k_src, q_src, facts)):
+    if (same and (_pools(m.q, facts) or _pools(m.k, facts))) or (
+            not same and _derives_from(k_src, q_src, facts) and _pools(k_src, facts, stop=q_src)):
         site.role = "pooled"  # not a KV cache (keys concatenated to past keys): that stays "self"
 
 
@@ -775,20 +776,33 @@ _POOLING = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgP
             nn.MaxPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
 
 
-def _pools(x, facts: GraphFacts, limit: int = 40) -> bool:
-    """Whether x passes a pooling or a convolution on its way back to its projection."""
+def _strided(stride) -> bool:
+    strides = stride if isinstance(stride, (tuple, list)) else (stride,)
+    return any(not isinstance(t, int) or t > 1 for t in strides)
+
+
+def _pools(x, facts: GraphFacts, stop=None, limit: int = 40) -> bool:
+    """Whether x passes a pooling (a strided convolution, a pooling, a max over a window) on its way
+    back to the projection that made it (a linear or an unstrided convolution) or to ``stop``."""
     todo, seen = [x], set()
     while todo and len(seen) < limit:
         n = todo.pop(0)
-        if not isinstance(n, fx.Node) or n in seen or n.op == "placeholder" or facts.canon(n) == "linear":
+        if not isinstance(n, fx.Node) or n in seen or n is stop or n.op == "placeholder" or \
+                facts.canon(n) == "linear":
             continue
         seen.add(n)
         mod = facts.modules.get(n.target) if n.op == "call_module" else None
-        if isinstance(mod, _POOLING) or (
-                n.op != "call_module" and re.search(r"pool|conv|interpolate|^a?max$", _op_name(n, facts))):
+        name = _op_name(n, facts) if n.op != "call_module" else ""
+        if isinstance(mod, nn.Linear):
+            continue
+        if isinstance(mod, _POOLING) or name.startswith("conv"):
+            stride = getattr(mod, "stride", 2) if mod is not None else _arg(n, 3, "stride", 1)
+            if isinstance(mod, _POOLING[3:]) or _strided(stride):
+                return True
+            continue  # an unstrided convolution: a projection
+        if re.search(r"pool|interpolate|^a?max$", name):
             return True
-        if not isinstance(mod, nn.Linear):
-            todo.extend(a for a in n.all_input_nodes if facts.is_activation(a) and not facts.is_scalar(a))
+        todo.extend(a for a in n.all_input_nodes if facts.is_activation(a) and not facts.is_scalar(a))
     return False
 
 

@@ -102,6 +102,8 @@ FAMILIES = [
     Family("iformer", "iformer_t", dict(), 64, 5, slow=True),  # SHMA: single-head modulation attention
     Family("lowformer", "lowformer_b0", dict(), 64, 7),  # convolutional attention at a lower resolution
     Family("hieradet_sam2", "hieradet_small", dict(), 64, 16, slow=True),  # SAM2's Hiera: windows, pooled queries
+    Family("halonet", "halonet26t", dict(), 256, 3, slow=True),  # blocked local attention with halos (needs 256 px)
+    Family("qwen3_vit", "qwen3_vit_88m", dict(depth=2), 32, 2),  # rotary position embedding
     # no softmax over q kᵀ: linear attention with a ReLU kernel (EfficientViT-MIT), SwiftFormer's additive attention
     Family("efficientvit_mit", "efficientvit_b0", dict(), 64, 0),
     Family("swiftformer", "swiftformer_xs", dict(), 64, 0),
