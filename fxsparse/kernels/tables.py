@@ -149,9 +149,8 @@ def _packed_tables_kernel(ENDS, RANGES, DATA, D, steps, n, nqb, nkb, slots,
     ends = ENDS + s * D
     stride = nqb + nkb
     rng = RANGES + s * 5 * stride
-    cols = pid >= nqb
-    blk = tl.where(cols, pid - nqb, pid)  # this program's block row, or block column
-    at = tl.where(cols, nqb + blk, blk)
+    blk = tl.where(pid < nqb, pid, pid - nqb)  # this program's block row, or block column
+    at = pid  # its ranges: rows first, then columns
     a = tl.load(rng + at)
     b = tl.load(rng + stride + at)
     f0 = tl.load(rng + 2 * stride + at)
@@ -163,7 +162,7 @@ def _packed_tables_kernel(ENDS, RANGES, DATA, D, steps, n, nqb, nkb, slots,
     word = tl.arange(0, W)
     inner = tl.arange(0, BS)
     pp = tl.arange(0, PB)
-    if not cols:
+    if pid < nqb:
         first_slot = tl.load(rng + 4 * stride + blk)
         row = (s * nqb + blk).to(tl.int64)
         for c0 in range(0, nkb, CHUNK):
