@@ -257,7 +257,8 @@ def packed_layout(lengths, total: int | None = None, *, causal: bool = True,
                   block_size: int = DEFAULT_BLOCK_SIZE) -> Layout:
     """Packed documents given by their lengths, in order (FlashAttention's ``cu_seqlens`` as lengths):
     each token attends to the tokens of its own document (with ``causal=True``, the default, to those
-    at or before it). ``lengths``: int [D] or [B, D] (zero-padded rows); ``total``: the sequence length
+    at or before it). ``lengths``: int [D] or [B, D] (zero-padded rows; each >= 0, which is not checked,
+    since checking would read them back); ``total``: the sequence length
     (default: the longest sum; give it to read nothing back to the host); tokens past the documents are
     padding: they attend to nothing and nothing attends to them.
 

@@ -186,7 +186,8 @@ def _packed_tables_kernel(ENDS, RANGES, DATA, D, steps, n, nqb, nkb, slots,
             kbp = tl.where(p < L, a + p, f1 + 1 + p - L)
             words = _words(lo[None, :, None], hi[None, :, None], kbp[:, None, None] * BS + 32 * word[None, None, :])
             dst = DATA + BITS + (first_slot + p).to(tl.int64)[:, None, None] * (BS * W) + inner[None, :, None] * W
-            tl.store(dst + word[None, None, :], words, mask=(p < npart)[:, None, None])
+            keep = (p < npart) & (first_slot + p < (s + 1) * slots)  # within the sample's slots, whatever the input
+            tl.store(dst + word[None, None, :], words, mask=keep[:, None, None])
     else:
         col = (s * nkb + blk).to(tl.int64)
         for c0 in range(0, nqb, CHUNK):
@@ -196,7 +197,7 @@ def _packed_tables_kernel(ENDS, RANGES, DATA, D, steps, n, nqb, nkb, slots,
             tl.store(DATA + T_FULL_IDX + col * nqb + p, tl.where(p < nf, f0 + p, tl.where(q < f0, q, q + nf)), mask=m)
             qb = _pick(p, a, b, f0, f1, npart, nf, L)
             tl.store(DATA + T_PART_IDX + col * nqb + p, qb, mask=m)
-            sel = m & (p < npart)  # the mask id of partial block (qb, blk), from block row qb's ranges
+            sel = m & (p < npart) & (qb >= 0) & (qb < nqb)  # the mask id of partial block (qb, blk), from row qb's
             ra = tl.load(rng + qb, mask=sel, other=0)
             rf0 = tl.load(rng + 2 * stride + qb, mask=sel, other=0)
             rf1 = tl.load(rng + 3 * stride + qb, mask=sel, other=0)
@@ -209,13 +210,14 @@ def _packed_tables_kernel(ENDS, RANGES, DATA, D, steps, n, nqb, nkb, slots,
         clo, chi = _interval(ends, D, steps, blk * BS + inner, n, CAUSAL, True)
         for p0 in range(0, npart, PB):
             p = p0 + pp
-            sel = p < npart
             qbp = tl.where(p < L, a + p, f1 + 1 + p - L)
+            sel = (p < npart) & (qbp >= 0) & (qbp < nqb)
             ra = tl.load(rng + qbp, mask=sel, other=0)
             rf0 = tl.load(rng + 2 * stride + qbp, mask=sel, other=0)
             rf1 = tl.load(rng + 3 * stride + qbp, mask=sel, other=0)
             rfirst = tl.load(rng + 4 * stride + qbp, mask=sel, other=0)
             slot = rfirst + tl.where(blk < rf0, blk - ra, rf0 - ra + blk - rf1 - 1)
+            sel = sel & (slot >= s * slots) & (slot < (s + 1) * slots)
             words = _words(clo[None, :, None], chi[None, :, None], qbp[:, None, None] * BS + 32 * word[None, None, :])
             dst = DATA + T_BITS + slot.to(tl.int64)[:, None, None] * (BS * W) + inner[None, :, None] * W
             tl.store(dst + word[None, None, :], words, mask=sel[:, None, None])
