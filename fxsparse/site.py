@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import masks, op, reference
-from .layout import EMPTY, Layout, layout_from_kinds, resolve_mask
+from .layout import EMPTY, Layout, block_mask, layout_from_kinds, resolve_mask
 from .match import AttentionSite
 from .op import kernel_layout, sparse_attention
 
@@ -308,6 +308,8 @@ def _fold_mask_bias(layout: Layout, bias, mask=None):
     """
     if bias is None or layout.density != 1.0 or bias.dim() != 4 or bias.shape[-1] != layout.shape[1]:
         return layout, bias
+    if not _keeps_every_pair(layout):  # a window inside one partial block also has block density 1
+        return layout, bias
     source = mask if mask is not None and mask.dtype == torch.bool and mask.dim() == 4 else None
     held = bias if source is None else source
     key = (id(held), held._version, source is None, layout.block_size, tuple(layout.shape))
@@ -320,6 +322,28 @@ def _fold_mask_bias(layout: Layout, bias, mask=None):
     while len(_FOLDED) > FOLD_CACHE_SIZE:
         _FOLDED.popitem(last=False)
     return folded, kept
+
+
+_EVERY_PAIR: "weakref.WeakKeyDictionary[Layout, bool]" = weakref.WeakKeyDictionary()
+
+
+def _keeps_every_pair(layout: Layout) -> bool:
+    """Whether ``layout``'s mask is all True, read once per Layout object (a site keeps its own): a
+    block density of 1 counts a partial block whole, whatever its element mask holds. Checked a few
+    block rows at a time (at most 16M mask elements)."""
+    got = _EVERY_PAIR.get(layout)
+    if got is None:
+        got = not bool((layout.kinds == EMPTY).any())
+        nqb = layout.num_blocks[0]
+        step = max(1, (1 << 24) // (layout.block_size * layout.shape[1] * layout.batch * layout.num_heads))
+        for start in range(0, nqb, step) if got else ():
+            rows = block_mask(layout.data, layout.batch, layout.num_heads, layout.block_size, layout.shape,
+                              start, min(start + step, nqb))
+            if not bool(rows.all()):
+                got = False
+                break
+        _EVERY_PAIR[layout] = got
+    return got
 
 
 def _fold(layout: Layout, bias, mask):

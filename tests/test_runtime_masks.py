@@ -13,7 +13,7 @@ from fxsparse import Layout
 from fxsparse import patterns as P
 from fxsparse.masks import document_ids, key_padding_layout, model_mask_layout, packed_layout
 from fxsparse.site import SiteAttention, _fold_mask_bias
-from fxsparse.testing import assert_close, compare_with_oracle
+from fxsparse.testing import assert_close, compare_with_oracle, dense_attention
 from helpers import gen, qkv
 
 
@@ -191,6 +191,23 @@ def test_fold_keeps_the_bias_where_only_it_is_given():
     assert _fold_mask_bias(base, per_head) == (base, per_head)
     window = P.sliding_window(8).layout(n, n, block_size=bs)
     assert _fold_mask_bias(window, bias) == (window, bias)
+
+
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_fold_keeps_a_window_inside_one_partial_block(with_mask):
+    """A window over 20 tokens in 128-blocks is one partial block: its block density is 1, but its mask
+    is not all True, so the model's mask must not replace it (against the float64 oracle)."""
+    n = 20
+    q, k, v = qkv(2, 2, 2, n, n, 16, seed=11, grad=False)
+    window = P.sliding_window(2).layout(n, n)
+    assert window.density == 1.0
+    keep = torch.ones(2, 1, n, n, dtype=torch.bool)
+    keep[1, ..., n - 2:] = False  # every query row keeps a key of its window
+    bias = torch.zeros(2, 1, n, n).masked_fill(~keep, torch.finfo(torch.float32).min)
+    layout, kept = _fold_mask_bias(window, bias, keep if with_mask else None)
+    got = fxsparse.sparse_attention(q, k, v, layout, bias=kept)
+    want = dense_attention(q.double(), k.double(), v.double(), window.to_mask() & keep)
+    assert_close(got, want.to(got.dtype), tol=1e-5, what="window with the model's mask")
 
 
 def test_compiled_transformed_model_keeps_the_mask(monkeypatch):
