@@ -254,7 +254,7 @@ def packed_layout_tables(lengths: torch.Tensor, total: int, block_size: int, cau
                                         "t_part_mid")]
     with _on_device(lengths):
         _packed_ranges_kernel[(bsz,)](ends, ranges, docs, steps, n, nqb, nkb, slots, BS=bs, CAUSAL=bool(causal),
-                                      CHUNK=chunk, num_warps=4 if chunk <= 1024 else 8)
+                                      CHUNK=chunk, num_warps=max(4, chunk // 256))
         _packed_tables_kernel[(nqb + nkb, bsz)](ends, ranges, data, docs, steps, n, nqb, nkb, slots, *at,
                                                 bits_at, bits_at + words, BS=bs, CAUSAL=bool(causal), CHUNK=CHUNK,
                                                 PB=max(1, 2048 // (bs * (bs // 32))))
