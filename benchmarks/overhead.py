@@ -140,7 +140,7 @@ def sites(device: str):
     x = torch.randn(1, 128, 64, device=device, dtype=dtype)
     q = torch.randn(1, 1, 128, 64, device=device, dtype=dtype)
     site = site_modules(sparse)[0]
-    layout = site.kernel_layout_for(q, q)
+    layout = site.kernel_layout_for(q, q, q)
     calls = {
         "transformed attention module (owner)": lambda: sparse.h[0].attn(x),
         "original attention module": lambda: model.h[0].attn(x),
