@@ -109,10 +109,10 @@ def test_launches_move_to_the_tensors_gpu(monkeypatch):
         def __init__(self, index):
             self.device = torch.device("cuda", index)
 
-    guard = kernels._on_device(OnGpu(1))
+    guard = kernels.launch_device(OnGpu(1))
     assert isinstance(guard, torch.cuda.device) and guard.idx == 1
-    assert isinstance(kernels._on_device(OnGpu(0)), contextlib.nullcontext)
-    assert isinstance(kernels._on_device(torch.zeros(1)), contextlib.nullcontext)  # CPU, interpreter
+    assert isinstance(kernels.launch_device(OnGpu(0)), contextlib.nullcontext)
+    assert isinstance(kernels.launch_device(torch.zeros(1)), contextlib.nullcontext)  # CPU, interpreter
 
 
 def test_configs_from_options_become_each_kernels_first_plan():

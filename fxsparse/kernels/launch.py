@@ -104,7 +104,7 @@ def _current_device() -> int:
     return torch.cuda.current_device()
 
 
-def _on_device(t: torch.Tensor):
+def launch_device(t: torch.Tensor):
     """Makes t's GPU the current device for the launches (nothing to do when it already is, or for CPU
     tensors under the interpreter): triton compiles for and launches on the current device, which
     need not be the one a model's tensors live on (a model on cuda:1 without torch.cuda.set_device)."""
@@ -132,7 +132,7 @@ def _launch(kernel, grid, ptrs, scalars, consts, num_warps, num_stages, maxnreg=
     first call with a given key, straight to the compiled kernel's launcher (fast=False turns that
     off, and a launch hook, e.g. a profiler's, sends every call through triton). ptrs: the tensor
     parameters (tensors or tensor descriptors), which come first (their device is the current one: see
-    `_on_device`); scalars: the int and float ones after them. maxnreg caps the registers a thread holds."""
+    `launch_device`); scalars: the int and float ones after them. maxnreg caps the registers a thread holds."""
     if not (_FAST_LAUNCH and fast):
         kernel[grid](*ptrs, *scalars, **consts, **_triton_options(num_warps, num_stages, maxnreg))
         return
@@ -251,7 +251,7 @@ def forward(q, k, v, tables, bias, scale, block, causal, out, options: KernelOpt
 
     key = ("forward_kernel", q.device, q.dtype, *consts.values(), options.forward_config, options.forward_look_ahead,
            options.forward_max_registers)
-    with _on_device(q):
+    with launch_device(q):
         _launch_fitting(key, lambda: forward_plans(block, max(d_pad, dv_pad), q.dtype, options, INTERPRETED), launch)
     return lse
 
@@ -299,7 +299,7 @@ def backward(dout, q, k, v, out, lse, tables, bias, scale, block, causal, bias_g
 
     key = (q.device, q.dtype, bias_grad, dq_tma, dkdv_tma, *common.values())
     width = max(d_pad, dv_pad)  # the plans of the wider head dim (both dims' tiles sit in shared memory)
-    with _on_device(q):
+    with launch_device(q):
         _launch_fitting(("dq_kernel", *key, options.dq_config, options.dq_look_ahead),
                         lambda: dq_plans(block, width, q.dtype, options, INTERPRETED), launch_dq)
         _launch_fitting(("dkdv_kernel", *key, options.dkdv_config, options.dkdv_look_ahead, options.dkdv_max_registers),

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from ..layout import Layout, table_offsets
-from .launch import _on_device
+from .launch import launch_device
 
 CHUNK = 256  # blocks one program of the tables kernel handles per step of its loops
 RANGES_CHUNK = 4096  # at most this many block rows (columns) per step of the ranges kernel's loops
@@ -252,7 +252,7 @@ def packed_layout_tables(lengths: torch.Tensor, total: int, block_size: int, cau
     at = [offsets[name][0] for name in ("kinds", "mask_id", "full_num", "full_idx", "part_num", "part_idx",
                                         "part_mid", "t_full_num", "t_full_idx", "t_part_num", "t_part_idx",
                                         "t_part_mid")]
-    with _on_device(lengths):
+    with launch_device(lengths):
         _packed_ranges_kernel[(bsz,)](ends, ranges, docs, steps, n, nqb, nkb, slots, BS=bs, CAUSAL=bool(causal),
                                       CHUNK=chunk, num_warps=max(4, chunk // 256))
         _packed_tables_kernel[(nqb + nkb, bsz)](ends, ranges, data, docs, steps, n, nqb, nkb, slots, *at,
