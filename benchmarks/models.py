@@ -17,6 +17,7 @@ model, the GPU's idle time within the step, the host time to issue the step, and
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -114,6 +115,30 @@ def print_profile(case, method, p):
         print(f"    {ms:8.3f} ms  {name}")
 
 
+def time_in_turns(case: str, methods: dict, forward, train: bool) -> dict:
+    """Each method's step time in ms: the better median of two rounds, the methods timed in turns.
+    ``methods``: name -> (module, the context its steps run in: a baseline's SdpaWith, or None);
+    ``forward(module)`` is the model's output, whose mean square a training step differentiates.
+    With --profile, also where one step's time goes, once per method."""
+    results, profiled = {}, set()
+    for method in list(methods) * 2:
+        net, mode = methods[method]
+
+        def step():
+            with torch.autocast("cuda", dtype=torch.bfloat16), mode if mode is not None else contextlib.nullcontext():
+                out = forward(net)
+            if train:
+                out.float().square().mean().backward()
+        net.train(train)
+        with torch.set_grad_enabled(train):
+            t = timed(step)
+            if PROFILE and method not in profiled:
+                profiled.add(method)
+                print_profile(f"{case} {'train' if train else 'forward'}", method, profile_step(step))
+        results[method] = min(t, results.get(method, t))
+    return results
+
+
 def local_window_mod(grid, window, prefix):
     """The local 2-D window with global prefix tokens, as index arithmetic."""
     def mask_mod(b, h, q_idx, kv_idx):
@@ -136,33 +161,10 @@ def vit_case(img, window, batch, rows, quick):
     x = torch.randn(batch, 3, img, img, device="cuda")
     sparse = fxsparse.transform(model, mask_fn)
     density = None
+    methods = {"fxsparse": (sparse, None), "dense": (model, None),
+               "sdpa+mask": (model, SdpaWith(attn_mask=bool_mask)), "flex": (model, SdpaWith(block_mask=block_mask))}
     for train in (False, True) if not quick else (False,):
-        results, profiled = {}, set()
-        for method in ("fxsparse", "dense", "sdpa+mask", "flex") * 2:  # two rounds in turns; the best median
-            net = sparse if method == "fxsparse" else model
-            mode = {"sdpa+mask": SdpaWith(attn_mask=bool_mask), "flex": SdpaWith(block_mask=block_mask)}.get(method)
-
-            def step():
-                with torch.autocast("cuda", dtype=torch.bfloat16):
-                    if mode is not None:
-                        with mode:
-                            out = net(x)
-                    else:
-                        out = net(x)
-                if train:
-                    out.float().square().mean().backward()
-            if train:
-                net.train()
-                t = timed(step)
-            else:
-                net.eval()
-                with torch.no_grad():
-                    t = timed(step)
-            results[method] = min(t, results.get(method, t))
-            if PROFILE and method not in profiled:
-                profiled.add(method)
-                with torch.set_grad_enabled(train):
-                    print_profile(f"ViT {img}px {'train' if train else 'forward'}", method, profile_step(step))
+        results = time_in_turns(f"ViT {img}px", methods, lambda net: net(x), train)
         density = density or fxsparse.report(sparse).rows[0].density
         rows.append(dict(model=f"ViT-B/16 {img}px ({n} tok, {2 * window + 1}x{2 * window + 1} + CLS)", batch=batch,
                          mode="train step" if train else "forward", density=density, **results))
@@ -220,32 +222,9 @@ def lm_window(rows, quick):
     block_mask = create_block_mask(mask_mod, None, None, n, n, device="cuda")
     sparse = fxsparse.transform(model, patterns.sliding_window(window, causal=True),
                                 example_inputs={"input_ids": ids[:, :128]})
+    methods = {"fxsparse": (sparse, None), "dense": (model, None), "flex": (model, SdpaWith(block_mask=block_mask))}
     for train in (False, True):
-        results, profiled = {}, set()
-        for method in ("fxsparse", "dense", "flex") * 2:
-            net = sparse if method == "fxsparse" else model
-            mode = SdpaWith(block_mask=block_mask) if method == "flex" else None
-
-            def step():
-                with torch.autocast("cuda", dtype=torch.bfloat16):
-                    if mode is not None:
-                        with mode:
-                            out = net(input_ids=ids, use_cache=False).logits
-                    else:
-                        out = net(input_ids=ids, use_cache=False).logits
-                if train:
-                    out.float().square().mean().backward()
-            net.train(train)
-            if train:
-                t = timed(step)
-            else:
-                with torch.no_grad():
-                    t = timed(step)
-            results[method] = min(t, results.get(method, t))
-            if PROFILE and method not in profiled:
-                profiled.add(method)
-                with torch.set_grad_enabled(train):
-                    print_profile(f"GPT-2 window {'train' if train else 'forward'}", method, profile_step(step))
+        results = time_in_turns("GPT-2 window", methods, lambda net: net(input_ids=ids, use_cache=False).logits, train)
         rows.append(dict(model=f"GPT-2-small shape, {n} tok, causal window {window}", batch=1,
                          mode="train step" if train else "forward", density=fxsparse.report(sparse).rows[0].density,
                          **results))

@@ -364,13 +364,12 @@ def _fold(layout: Layout, bias, mask):
         return layout_from_kinds(*tables, bs, (nq, nk), density=nan, causal=False), None
     # the bias stays: drop the blocks where it masks everything; a row with no unmasked key keeps them all
     nqb, nkb = layout.num_blocks
+    keep = keep | ~keep.any(-1, keepdim=True)
     if keep.dim() == 2:
-        keep = keep | ~keep.any(-1, keepdim=True)
         padded = keep.new_zeros(keep.shape[0], nkb * bs)
         padded[:, :nk] = keep
         visit = padded.view(-1, 1, 1, nkb, bs).any(-1)  # [B, 1, 1, NKB]
     else:
-        keep = keep | ~keep.any(-1, keepdim=True)
         padded = keep.new_zeros(keep.shape[0], 1, nqb * bs, nkb * bs)
         padded[:, :, :nq, :nk] = keep.expand(-1, -1, nq, -1)
         visit = padded.view(-1, 1, nqb, bs, nkb, bs).any(-1).any(-2)  # [B, 1, NQB, NKB]

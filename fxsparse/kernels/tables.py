@@ -130,12 +130,42 @@ def _words(first, last, at):
 
 
 @triton.jit
+def _partial(p, a, f1, L):
+    """The p-th partial block (p < the count): [a, a + L) then (f1, b]."""
+    return tl.where(p < L, a + p, f1 + 1 + p - L)
+
+
+@triton.jit
 def _pick(p, a, b, f0, f1, npart, nf, L):
     """The p-th entry of a block list: the partial blocks [a, f0) then (f1, b] (p < npart), then the
     others ascending: [0, a), the full run [f0, f1], (b, end)."""
     q = p - npart
     rest = tl.where(q < a, q, tl.where(q < a + nf, f0 + q - a, b + 1 + q - a - nf))
-    return tl.where(p < npart, tl.where(p < L, a + p, f1 + 1 + p - L), rest)
+    return tl.where(p < npart, _partial(p, a, f1, L), rest)
+
+
+@triton.jit
+def _full_first(p, f0, nf):
+    """The p-th entry of a full-blocks list: the full run [f0, f0 + nf), then the others ascending."""
+    q = p - nf
+    return tl.where(p < nf, f0 + p, tl.where(q < f0, q, q + nf))
+
+
+@triton.jit
+def _slot(first, a, f0, f1, blk):
+    """Mask slot of partial block ``blk`` of a row whose partial blocks [a, f0) then (f1, b] take the
+    slots from ``first`` on."""
+    return first + tl.where(blk < f0, blk - a, f0 - a + blk - f1 - 1)
+
+
+@triton.jit
+def _slot_in_row(rng, stride, qb, blk, sel):
+    """Mask slot of partial block (qb, blk), from block row qb's ranges (where ``sel``)."""
+    a = tl.load(rng + qb, mask=sel, other=0)
+    f0 = tl.load(rng + 2 * stride + qb, mask=sel, other=0)
+    f1 = tl.load(rng + 3 * stride + qb, mask=sel, other=0)
+    first = tl.load(rng + 4 * stride + qb, mask=sel, other=0)
+    return _slot(first, a, f0, f1, blk)
 
 
 @triton.jit
@@ -171,10 +201,9 @@ def _packed_tables_kernel(ENDS, RANGES, DATA, D, steps, n, nqb, nkb, slots,
             full = (kb >= f0) & (kb <= f1)
             part = (kb >= a) & (kb <= b) & ~full
             tl.store(DATA + KINDS + row * nkb + kb, tl.where(full, 2, tl.where(part, 1, 0)), mask=m)
-            slot = first_slot + tl.where(kb < f0, kb - a, L + kb - f1 - 1)
+            slot = _slot(first_slot, a, f0, f1, kb)
             tl.store(DATA + MASK_ID + row * nkb + kb, tl.where(part, slot, -1), mask=m)
-            q = kb - nf  # kb as a list position
-            tl.store(DATA + FULL_IDX + row * nkb + kb, tl.where(kb < nf, f0 + kb, tl.where(q < f0, q, q + nf)), mask=m)
+            tl.store(DATA + FULL_IDX + row * nkb + kb, _full_first(kb, f0, nf), mask=m)  # kb as a list position
             tl.store(DATA + PART_IDX + row * nkb + kb, _pick(kb, a, b, f0, f1, npart, nf, L), mask=m)
             tl.store(DATA + PART_MID + row * nkb + kb, tl.where(kb < npart, first_slot + kb, -1), mask=m)
         tl.store(DATA + FULL_NUM + row, nf)
@@ -183,7 +212,7 @@ def _packed_tables_kernel(ENDS, RANGES, DATA, D, steps, n, nqb, nkb, slots,
         lo, hi = _interval(ends, D, steps, blk * BS + inner, n, CAUSAL, False)
         for p0 in range(0, npart, PB):
             p = p0 + pp
-            kbp = tl.where(p < L, a + p, f1 + 1 + p - L)
+            kbp = _partial(p, a, f1, L)
             words = _words(lo[None, :, None], hi[None, :, None], kbp[:, None, None] * BS + 32 * word[None, None, :])
             dst = DATA + BITS + (first_slot + p).to(tl.int64)[:, None, None] * (BS * W) + inner[None, :, None] * W
             keep = (p < npart) & (first_slot + p < (s + 1) * slots)  # within the sample's slots, whatever the input
@@ -193,16 +222,11 @@ def _packed_tables_kernel(ENDS, RANGES, DATA, D, steps, n, nqb, nkb, slots,
         for c0 in range(0, nqb, CHUNK):
             p = c0 + pos
             m = p < nqb
-            q = p - nf
-            tl.store(DATA + T_FULL_IDX + col * nqb + p, tl.where(p < nf, f0 + p, tl.where(q < f0, q, q + nf)), mask=m)
+            tl.store(DATA + T_FULL_IDX + col * nqb + p, _full_first(p, f0, nf), mask=m)
             qb = _pick(p, a, b, f0, f1, npart, nf, L)
             tl.store(DATA + T_PART_IDX + col * nqb + p, qb, mask=m)
             sel = m & (p < npart) & (qb >= 0) & (qb < nqb)  # the mask id of partial block (qb, blk), from row qb's
-            ra = tl.load(rng + qb, mask=sel, other=0)
-            rf0 = tl.load(rng + 2 * stride + qb, mask=sel, other=0)
-            rf1 = tl.load(rng + 3 * stride + qb, mask=sel, other=0)
-            rfirst = tl.load(rng + 4 * stride + qb, mask=sel, other=0)
-            slot = rfirst + tl.where(blk < rf0, blk - ra, rf0 - ra + blk - rf1 - 1)
+            slot = _slot_in_row(rng, stride, qb, blk, sel)
             tl.store(DATA + T_PART_MID + col * nqb + p, tl.where(sel, slot, -1), mask=m)
         tl.store(DATA + T_FULL_NUM + col, nf)
         tl.store(DATA + T_PART_NUM + col, npart)
@@ -210,13 +234,9 @@ def _packed_tables_kernel(ENDS, RANGES, DATA, D, steps, n, nqb, nkb, slots,
         clo, chi = _interval(ends, D, steps, blk * BS + inner, n, CAUSAL, True)
         for p0 in range(0, npart, PB):
             p = p0 + pp
-            qbp = tl.where(p < L, a + p, f1 + 1 + p - L)
+            qbp = _partial(p, a, f1, L)
             sel = (p < npart) & (qbp >= 0) & (qbp < nqb)
-            ra = tl.load(rng + qbp, mask=sel, other=0)
-            rf0 = tl.load(rng + 2 * stride + qbp, mask=sel, other=0)
-            rf1 = tl.load(rng + 3 * stride + qbp, mask=sel, other=0)
-            rfirst = tl.load(rng + 4 * stride + qbp, mask=sel, other=0)
-            slot = rfirst + tl.where(blk < rf0, blk - ra, rf0 - ra + blk - rf1 - 1)
+            slot = _slot_in_row(rng, stride, qbp, blk, sel)
             sel = sel & (slot >= s * slots) & (slot < (s + 1) * slots)
             words = _words(clo[None, :, None], chi[None, :, None], qbp[:, None, None] * BS + 32 * word[None, None, :])
             dst = DATA + T_BITS + slot.to(tl.int64)[:, None, None] * (BS * W) + inner[None, :, None] * W
