@@ -246,6 +246,12 @@ def check(shapes):
         dict(b=1, h=2, hkv=2, n=300, d=256, dens=0.5, bias=False, causal=False, dtype=torch.bfloat16),
         dict(b=2, h=8, hkv=8, n=1500, d=64, dens=0.2, bias=False, causal=True, dtype=torch.bfloat16),
         dict(b=2, h=8, hkv=4, n=2000, d=128, dens=0.15, bias=False, causal=True, dtype=torch.bfloat16),
+        # global tokens (rows that visit every kv block: the forward splits them across programs)
+        dict(b=1, h=12, hkv=12, n=8193, d=64, dens=0.05, bias=False, causal=False, dtype=torch.bfloat16, glob=(0,)),
+        dict(b=2, h=8, hkv=8, n=6000, d=128, dens=0.05, bias=True, causal=False, dtype=torch.float16,
+             glob=(0, 1, 2, 3000)),
+        dict(b=2, h=8, hkv=2, n=8192, d=64, dens=0.05, bias=False, causal=True, dtype=torch.bfloat16,
+             glob=(0, 4100, 8000)),
     ]
     for c in cases:
         b, h, hkv, n, d, dt = c["b"], c["h"], c["hkv"], c["n"], c["d"], c["dtype"]
@@ -258,9 +264,14 @@ def check(shapes):
         mask = window_mask(n, max(16, int(c["dens"] * n / 2)), dev)
         if c.get("keep", 0.9) < 1:  # partial blocks everywhere
             mask = mask & (torch.rand(h, n, n, device=dev, generator=g) < c.get("keep", 0.9))
+        for t in c.get("glob", ()):  # a global token: it attends to every key, every query attends to it
+            mask = mask.clone()
+            mask[..., t, :] = True
+            mask[..., :, t] = True
         bias = torch.randn(1, h, n, n, device=dev, generator=g).requires_grad_() if c["bias"] else None
         layout = Layout.from_mask(mask, block_size=BLOCK)
         out = fxsparse.sparse_attention(q, k, v, layout, bias=bias, causal=c["causal"], **OPTIONS)
+        split = fxsparse.op.kernel_layout(layout, d).split
         # reference: fp32 math
         full = mask & (torch.ones(n, n, device=dev, dtype=torch.bool).tril() if c["causal"] else True)
         add = torch.zeros(h, n, n, device=dev).masked_fill(~full, float("-inf"))
@@ -280,7 +291,8 @@ def check(shapes):
         nan = any(torch.isnan(t).any().item() for t in (out, *got))
         tol = 2e-2 if dt != torch.float32 else 5e-3
         ok = not nan and all(e < tol for e in errs)  # a NaN error fails too
-        results.append(dict(case=f"{b}x{h}/{hkv}x{n}x{d} {str(dt)[6:]} bias={c['bias']} causal={c['causal']}",
+        results.append(dict(case=f"{b}x{h}/{hkv}x{n}x{d} {str(dt)[6:]} bias={c['bias']} causal={c['causal']}"
+                                 + (f" global={c['glob']} split={split}" if "glob" in c else ""),
                             errs=" ".join(f"{e:.1e}" for e in errs), ok=ok))
         print(results[-1], flush=True)
         del q, k, v, s, ref, got, want

@@ -194,7 +194,7 @@ class _Problem:
     as contiguous slabs (``index_select`` into reused buffers, and ``index_copy_``)."""
 
     def __init__(self, q, k, tables, bs, causal):
-        data, self.bl, self.hl = tables
+        data, self.bl, self.hl = tables[:3]  # a row split (tables[3]) is the kernels' scheduling
         self.b, self.h, self.nq, self.d = q.shape
         self.hkv, self.nk = k.shape[1], k.shape[2]
         self.bs = bs

@@ -46,6 +46,12 @@ TABLE_SHAPES = (
     ("t_part_num", ("bl", "hl", "nkb")),
     ("t_part_idx", ("bl", "hl", "nkb", "nqb")),
     ("t_part_mid", ("bl", "hl", "nkb", "nqb")),  # mask_id of each t_part_idx entry
+    # query blocks whose visit list is split across programs (`Layout.split`), and kv blocks likewise in
+    # the transposed lists; stored plus one, so that zeros (no split) are neutral
+    ("long_index", ("bl", "hl", "nqb")),  # 1 + the block's position among the long query blocks, else 0
+    ("long_rows", ("bl", "hl", "nqb")),  # 1 + the long query blocks, ascending, then 0
+    ("t_long_index", ("bl", "hl", "nkb")),
+    ("t_long_cols", ("bl", "hl", "nkb")),
 )
 # bits: [P, block, block // 32], the packed masks (row = query, bit = key); t_bits: the same masks
 # transposed (row = key, bit = query), for the dk / dv kernel
@@ -163,6 +169,12 @@ class Layout:
     causal: bool = False
     # refinements of this layout already built (block size -> Layout), see `refine`
     refined: dict = field(default_factory=dict, init=False, repr=False)
+    # (chunk, long rows, chunks) for the query blocks, then the same for the kv blocks: a query block
+    # that visits more than 2 * chunk kv blocks (`long_rows`) is walked by several programs, `chunk`
+    # blocks each, whose partial results are then merged, so that one long row (a global token's)
+    # does not finish long after the others; a kv block visited by as many query blocks likewise in
+    # the backward (`t_long_cols`). Long rows (columns) 0 = none; () = no split at all
+    split: tuple = ()
     # the mask function this layout was built from, if any (to_block_mask hands it to FlexAttention)
     mask_mod: object = field(default=None, init=False, repr=False)
     # what the `kinds` table holds for each block (the module's constants, here for code that
@@ -420,7 +432,7 @@ class Layout:
 
     def to(self, device) -> "Layout":
         moved = Layout(block_size=self.block_size, shape=self.shape, batch=self.batch, num_heads=self.num_heads,
-                       data=self.data.to(device), density=self.density, causal=self.causal)
+                       data=self.data.to(device), density=self.density, causal=self.causal, split=self.split)
         moved.mask_mod = self.mask_mod
         moved.refined.update({bs: fine.to(device) for bs, fine in self.refined.items()})
         return moved
@@ -531,12 +543,14 @@ def _assemble(dims, bits, bs: int, shape, device, fill, density=None, causal=Non
     bits_at = offsets["bits"][0]
     data[bits_at: bits_at + words] = bits.reshape(-1)
     data[bits_at + words:] = _pack_bits(unpack_bits(bits).transpose(-1, -2)).reshape(-1)
+    split = ()
+    data[offsets["long_index"][0]: offsets["bits"][0]].zero_()  # no split until _facts finds one
     if density is None or causal is None:
-        got_density, got_causal = _facts(view, kinds, mask_id, bits, bs, nq, nk)
+        got_density, got_causal, split = _facts(view, kinds, mask_id, bits, bs, nq, nk)
         density = got_density if density is None else density
         causal = got_causal if causal is None else causal
     return Layout(block_size=bs, shape=(nq, nk), batch=bl, num_heads=hl, data=data, density=density,
-                  causal=causal)
+                  causal=causal, split=split)
 
 
 _UPPER: dict = {}
@@ -551,11 +565,48 @@ def _strict_upper(bs: int, device) -> torch.Tensor:
     return _UPPER[key]
 
 
+# A query block is split across programs when it visits more than 2 * chunk kv blocks, chunk being twice
+# the mean visit count and at least SPLIT_MIN_CHUNK blocks (see `Layout.split`)
+SPLIT_MIN_CHUNK = 16
+
+
+def _split_lists(index_out: torch.Tensor, rows_out: torch.Tensor, row_len: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Writes the positions (``index_out``) and lists (``rows_out``) of the long blocks of ``row_len``
+    (int32 [Bl, Hl, N], how many blocks each one's list holds), those with more than 2 * chunk, both
+    plus one (0: not long, no more). Returns the number of long blocks in the widest (batch, head), on
+    the device."""
+    long = row_len > 2 * chunk
+    count = long.sum(-1, dtype=torch.int32)
+    index_out.copy_(torch.where(long, long.cumsum(-1, dtype=torch.int32), 0))
+    block = torch.arange(row_len.shape[-1], device=row_len.device, dtype=torch.int32)
+    _lists_into(long, -1, block, torch.empty_like(count), rows_out)
+    rows_out.add_(1).masked_fill_(block >= count[..., None], 0)
+    return count.max()
+
+
+def _split(view, row_len: torch.Tensor, col_len: torch.Tensor, stats: list) -> tuple:
+    """`Layout.split` from the lists' lengths (query blocks: ``row_len``, kv blocks: ``col_len``) and
+    their sums and maxima (``stats``, read already); writes the tables of the long blocks. Nothing more
+    is read back unless some list is long (then the long blocks are counted, one more synchronisation)."""
+    sides = []
+    for (total, longest), length, names in zip((stats[:2], stats[2:]), (row_len, col_len),
+                                               (("long_index", "long_rows"), ("t_long_index", "t_long_cols"))):
+        chunk = max(SPLIT_MIN_CHUNK, math.ceil(2 * total / length.numel()))
+        sides.append((chunk, int(longest), length, names))
+    if all(longest <= 2 * chunk for chunk, longest, _, _ in sides):
+        return ()
+    counts = [_split_lists(view(names[0]), view(names[1]), length, chunk) if longest > 2 * chunk
+              else torch.zeros((), dtype=torch.int32, device=length.device)
+              for chunk, longest, length, names in sides]
+    counts = torch.stack(counts).tolist()
+    return tuple(x for (chunk, longest, _, _), n in zip(sides, counts) for x in (chunk, n, -(-longest // chunk)))
+
+
 def _facts(view, kinds, mask_id, bits, bs: int, nq: int, nk: int) -> tuple:
-    """(density, causal) of freshly written tables, from the per-row lists (O(block rows)), read in one
-    synchronisation. density: the share of the [nq, nk] scores the visited blocks compute (edge blocks
+    """(density, causal, split) of freshly written tables, from the per-row lists (O(block rows)), read in
+    one synchronisation. density: the share of the [nq, nk] scores the visited blocks compute (edge blocks
     cut to the sequence), averaged over the mask's batch and heads; causal: every allowed entry has
-    key j <= query i (token indices, top-left as SDPA's is_causal)."""
+    key j <= query i (token indices, top-left as SDPA's is_causal); split: `Layout.split`."""
     bl, hl, nqb, nkb = kinds.shape
     dev = kinds.device
     full_num, part_num = view("full_num"), view("part_num")
@@ -572,8 +623,10 @@ def _facts(view, kinds, mask_id, bits, bs: int, nq: int, nk: int) -> tuple:
     diag_kinds, diag_mid = kinds.diagonal(dim1=-2, dim2=-1), mask_id.diagonal(dim1=-2, dim2=-1)
     above_diag = (diag_kinds == PARTIAL) & upper[diag_mid.clamp(min=0).long()]
     bad = above.any() | above_diag.any()
-    total, bad = torch.stack([total, bad.double()]).tolist()
-    return total / (nq * nk), not bad
+    row_len, col_len = full_num + part_num, view("t_full_num") + view("t_part_num")
+    lens = [f(x).double() for x in (row_len, col_len) for f in (lambda t: t.sum(dtype=torch.int64), torch.max)]
+    total, bad, *lens = torch.stack([total, bad.double(), *lens]).tolist()
+    return total / (nq * nk), not bad, _split(view, row_len, col_len, lens)
 
 
 def check_count(x, what: str, minimum: int = 0) -> int:

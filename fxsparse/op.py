@@ -62,32 +62,33 @@ def _launch_options(impl, options: str) -> dict:
     return {"options": decode(options)} if impl is _kernels else {}
 
 
-def _forward(q, k, v, layout, layout_batch, layout_heads, bias, scale, block_size, causal, options=""):
+def _forward(q, k, v, layout, layout_batch, layout_heads, layout_split, bias, scale, block_size, causal, options=""):
     impl = _impl(q)
     out = _new_out(q, v.shape[-1])
-    lse = impl.forward(q, k, v, (layout, layout_batch, layout_heads), bias, scale, block_size, causal, out,
+    lse = impl.forward(q, k, v, (layout, layout_batch, layout_heads, tuple(layout_split)), bias, scale, block_size,
+                       causal, out,
                        **_launch_options(impl, options))
     return out, lse
 
 
-def _backward_impl(dout, q, k, v, out, lse, layout, layout_batch, layout_heads, bias, scale, block_size, causal,
-                   bias_grad, options=""):
+def _backward_impl(dout, q, k, v, out, lse, layout, layout_batch, layout_heads, layout_split, bias, scale, block_size,
+                   causal, bias_grad, options=""):
     impl = _impl(q)
-    tables = (layout, layout_batch, layout_heads)
+    tables = (layout, layout_batch, layout_heads, tuple(layout_split))
     return impl.backward(dout, q, k, v, out, lse, tables, bias, scale, block_size, causal, bias_grad,
                          **_launch_options(impl, options))
 
 
 @torch.library.custom_op("fxsparse::sparse_attention", mutates_args=())
 def _sparse_attention_op(
-    q: Tensor, k: Tensor, v: Tensor, layout: Tensor, layout_batch: int, layout_heads: int,
+    q: Tensor, k: Tensor, v: Tensor, layout: Tensor, layout_batch: int, layout_heads: int, layout_split: list[int],
     bias: Optional[Tensor], scale: float, block_size: int, causal: bool, options: str = "",
 ) -> tuple[Tensor, Tensor]:
-    return _forward(q, k, v, layout, layout_batch, layout_heads, bias, scale, block_size, causal, options)
+    return _forward(q, k, v, layout, layout_batch, layout_heads, layout_split, bias, scale, block_size, causal, options)
 
 
 @_sparse_attention_op.register_fake
-def _(q, k, v, layout, layout_batch, layout_heads, bias, scale, block_size, causal, options=""):
+def _(q, k, v, layout, layout_batch, layout_heads, layout_split, bias, scale, block_size, causal, options=""):
     b, h, nq, _ = q.shape
     return _new_out(q, v.shape[-1]), q.new_empty(b, h, 2, nq, dtype=reference.acc_dtype(q))
 
@@ -95,19 +96,19 @@ def _(q, k, v, layout, layout_batch, layout_heads, bias, scale, block_size, caus
 @torch.library.custom_op("fxsparse::sparse_attention_backward", mutates_args=())
 def _sparse_attention_backward_op(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, layout: Tensor, layout_batch: int,
-    layout_heads: int, bias: Optional[Tensor], scale: float, block_size: int, causal: bool, bias_grad: bool,
-    options: str = "",
+    layout_heads: int, layout_split: list[int], bias: Optional[Tensor], scale: float, block_size: int, causal: bool,
+    bias_grad: bool, options: str = "",
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    dq, dk, dv, dbias = _backward_impl(dout, q, k, v, out, lse, layout, layout_batch, layout_heads, bias, scale,
-                                       block_size, causal, bias_grad, options)
+    dq, dk, dv, dbias = _backward_impl(dout, q, k, v, out, lse, layout, layout_batch, layout_heads, layout_split, bias,
+                                       scale, block_size, causal, bias_grad, options)
     # contiguous, as the fake kernel promises (a compiled graph checks the strides); no copy where they already are
     dq, dk, dv = dq.contiguous(), dk.contiguous(), dv.contiguous()
     return dq, dk, dv, dbias.contiguous() if dbias is not None else q.new_empty(0, dtype=reference.acc_dtype(q))
 
 
 @_sparse_attention_backward_op.register_fake
-def _(dout, q, k, v, out, lse, layout, layout_batch, layout_heads, bias, scale, block_size, causal, bias_grad,
-      options=""):
+def _(dout, q, k, v, out, lse, layout, layout_batch, layout_heads, layout_split, bias, scale, block_size, causal,
+      bias_grad, options=""):
     b, h, nq, _ = q.shape
     acc = reference.acc_dtype(q)
     dbias = q.new_empty(b, h, nq, k.shape[2], dtype=acc) if bias_grad else q.new_empty(0, dtype=acc)
@@ -136,11 +137,11 @@ torch.library.register_autograd("fxsparse::sparse_attention_backward", _no_doubl
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, layout, layout_batch, layout_heads, bias, scale, block_size, causal, *options = inputs
+    q, k, v, layout, layout_batch, layout_heads, layout_split, bias, scale, block_size, causal, *options = inputs
     out, lse = output
     ctx.options = options[0] if options else ""
     ctx.save_for_backward(q, k, v, out, lse, bias, layout)
-    ctx.layout_batch, ctx.layout_heads = layout_batch, layout_heads
+    ctx.layout_batch, ctx.layout_heads, ctx.layout_split = layout_batch, layout_heads, layout_split
     ctx.scale, ctx.block_size, ctx.causal = scale, block_size, causal
     ctx.bias_grad = bias is not None and bias.requires_grad
     ctx.bias_shape = None if bias is None else tuple(bias.shape)
@@ -149,11 +150,11 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dout, dlse, backward_op=_sparse_attention_backward_op):
     q, k, v, out, lse, bias, layout = ctx.saved_tensors
     dq, dk, dv, dbias = backward_op(
-        dout, q, k, v, out, lse, layout, ctx.layout_batch, ctx.layout_heads, bias, ctx.scale, ctx.block_size,
-        ctx.causal, ctx.bias_grad, ctx.options,
+        dout, q, k, v, out, lse, layout, ctx.layout_batch, ctx.layout_heads, ctx.layout_split, bias, ctx.scale,
+        ctx.block_size, ctx.causal, ctx.bias_grad, ctx.options,
     )
     dbias_out = _reduce_to(dbias, ctx.bias_shape).to(bias.dtype) if ctx.bias_grad else None
-    return dq, dk, dv, None, None, None, dbias_out, None, None, None, None
+    return dq, dk, dv, None, None, None, None, dbias_out, None, None, None, None
 
 
 def _reduce_to(grad: Tensor, shape: tuple) -> Tensor:
@@ -310,7 +311,8 @@ def sparse_attention(
                                           or type(causal).__module__ == "numpy" and hasattr(causal, "__bool__")):
         raise TypeError(f"causal must be a bool, got {type(causal).__module__}.{type(causal).__qualname__}")
     causal = bool(causal) and not layout.causal  # a layout that holds causality needs no per-element test
-    args = (q, k, v, layout.data, layout.batch, layout.num_heads, bias, scale, layout.block_size, causal, key)
+    args = (q, k, v, layout.data, layout.batch, layout.num_heads, list(layout.split), bias, scale, layout.block_size,
+            causal, key)
     tensors = (q, k, v, layout.data, bias)
     if q.numel() == 0:  # an empty batch or no heads: an empty output that autograd connects to q, k, v
         return q * 0 + (k.sum() + v.sum()).to(q.dtype) * 0
@@ -505,8 +507,8 @@ def layout_forward(q: Tensor, k: Tensor, v: Tensor, layout: Layout, *, scale: fl
                    causal: bool, options: Optional[KernelOptions] = None) -> tuple[Tensor, Tensor]:
     """The op's forward on a kernel Layout (``kernel_layout``), outside autograd: (out, lse)."""
     causal = bool(causal) and not layout.causal
-    return _forward(q, k, v, layout.data, layout.batch, layout.num_heads, bias, float(scale), layout.block_size,
-                    causal, encode(options))
+    return _forward(q, k, v, layout.data, layout.batch, layout.num_heads, layout.split, bias, float(scale),
+                    layout.block_size, causal, encode(options))
 
 
 def layout_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, layout: Layout, *,
@@ -514,6 +516,7 @@ def layout_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, 
                     options: Optional[KernelOptions] = None) -> tuple:
     """The op's backward for ``layout_forward``: (dq, dk, dv, dbias or None, dbias reduced to bias's shape)."""
     causal = bool(causal) and not layout.causal
-    dq, dk, dv, dbias = _backward_impl(dout, q, k, v, out, lse, layout.data, layout.batch, layout.num_heads, bias,
-                                       float(scale), layout.block_size, causal, bias_grad, encode(options))
+    dq, dk, dv, dbias = _backward_impl(dout, q, k, v, out, lse, layout.data, layout.batch, layout.num_heads,
+                                       layout.split, bias, float(scale), layout.block_size, causal, bias_grad,
+                                       encode(options))
     return dq, dk, dv, (_reduce_to(dbias, tuple(bias.shape)).to(bias.dtype) if bias_grad else None)

@@ -47,6 +47,9 @@ class KernelOptions:
     refine: at head dims up to 64 (q/k's and v's), walk a coarser layout in 64-token blocks
         (``Layout.refine(64)``), so element masks apply only where they cut (False: walk the layout
         as given).
+    split: walk a block whose visit list is far longer than the mean (``Layout.split``: a global
+        token's query row in the forward and dq kernels, its key column in the dk/dv kernel) with
+        several programs and merge their results (False: one program per block, for comparison).
     """
 
     forward_config: Optional[LaunchConfig] = None
@@ -63,6 +66,7 @@ class KernelOptions:
     dkdv_max_registers: Optional[int] = None
     fast_launch: bool = True
     refine: bool = True
+    split: bool = True
 
     def __post_init__(self):
         for f in dataclasses.fields(self):

@@ -106,7 +106,8 @@ def _op_args(bias_kind, packed, dtype=torch.float32, causal=True):
     bias = None
     if bias_kind != "none":
         bias = torch.randn(B, 1, 1, N, generator=gen(44)).to(dtype).requires_grad_(bias_kind == "grad")
-    return (q, k, v, LAYOUT.data, LAYOUT.batch, LAYOUT.num_heads, bias, 0.3, LAYOUT.block_size, causal)
+    return (q, k, v, LAYOUT.data, LAYOUT.batch, LAYOUT.num_heads, list(LAYOUT.split), bias, 0.3, LAYOUT.block_size,
+            causal)
 
 
 # test_aot_dispatch_dynamic applies (the op has a fake kernel and autograd), so every utility runs
@@ -125,11 +126,12 @@ def test_opcheck_forward_dtypes(dtype):
 @pytest.mark.parametrize("bias_grad", [False, True])
 def test_opcheck_backward(bias_grad, dtype):
     # the backward op has no autograd of its own (no double backward): its inputs are detached
-    q, k, v, data, lb, lh, bias, scale, bs, causal = _op_args("grad" if bias_grad else "none", False, dtype=dtype)
-    out, lse = OP(q, k, v, data, lb, lh, bias, scale, bs, causal)
+    q, k, v, data, lb, lh, split, bias, scale, bs, causal = _op_args("grad" if bias_grad else "none", False,
+                                                                     dtype=dtype)
+    out, lse = OP(q, k, v, data, lb, lh, split, bias, scale, bs, causal)
     dout = torch.randn(out.shape, generator=gen(45)).to(dtype)
     det = [t.detach() for t in (q, k, v, out, lse)]
-    args = (dout, *det, data, lb, lh, None if bias is None else bias.detach(), scale, bs, causal, bias_grad)
+    args = (dout, *det, data, lb, lh, split, None if bias is None else bias.detach(), scale, bs, causal, bias_grad)
     torch.library.opcheck(BWD_OP, args)
 
 

@@ -239,3 +239,32 @@ def test_kv_through_tensor_descriptors(dtype, packed, monkeypatch):
     compare_with_oracle(functools.partial(op, options=opts), q, k, v, mask, op_mask=_layout(mask, 32), bias=bias,
                         causal=True, tols=_tols(dtype))
     assert len(used) == 3 and all(shape[-1] == D for pair in used for shape in pair)  # forward, dq, dk/dv
+
+
+def _global_token_mask(n: int, bs: int, heads: int = 0) -> torch.Tensor:
+    """A band one block wide plus global tokens: query rows 0 and 5 * bs + 3 see every key, key columns 0
+    and 7 * bs + 1 are seen by every query (with heads, one mask per head, the others shifted)."""
+    i = torch.arange(n)
+    m = (i[:, None] - i[None, :]).abs() <= bs
+    m[0, :] = m[5 * bs + 3, :] = True
+    m[:, 0] = m[:, 7 * bs + 1] = True
+    if heads:
+        m = torch.stack([m.roll((3 * bs * h, 2 * bs * h), (0, 1)) for h in range(heads)])
+    return m
+
+
+@pytest.mark.parametrize("causal,hkv,heads,bias", [(False, 2, 0, False), (True, 1, 0, False), (False, 2, 2, True)],
+                         ids=["plain", "causal_gqa_ragged", "per_head_bias"])
+def test_long_rows_and_columns_split_across_programs(causal, hkv, heads, bias, monkeypatch):
+    # global rows and columns visit every block; with a small minimum chunk the kernels walk them in
+    # several programs (forward and dq: rows, dk/dv: columns) and merge: the result is the oracle's
+    monkeypatch.setattr(fxsparse.layout, "SPLIT_MIN_CHUNK", 2)
+    n = 32 * 40 + (5 if causal else 0)
+    mask = _global_token_mask(n, 32, heads)
+    layout = _layout(mask, 32)
+    chunk, rows, chunks, t_chunk, cols, t_chunks = layout.split
+    assert rows == 2 and cols == 2 and chunks >= 3 and t_chunks >= 3
+    q, k, v = qkv(1, 2, hkv, n, n, 16, device=DEVICE, seed=21)
+    b = torch.randn(1, 2, n, n, generator=gen(22)).to(DEVICE).requires_grad_() if bias else None
+    compare_with_oracle(functools.partial(op, options=fxsparse.KernelOptions(refine=False)), q, k, v, mask,
+                        op_mask=layout, bias=b, causal=causal)

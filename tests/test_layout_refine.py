@@ -182,3 +182,30 @@ def test_output_can_be_modified_in_place(eager, monkeypatch):
     want = merged.detach() * 2
     merged.mul_(2)
     assert torch.equal(merged.detach(), want)
+
+
+def test_split_lists_long_rows_and_columns():
+    # a local band (3 blocks a row) with query block 6 global and kv block 9 seen by every query: the
+    # two lists far longer than the mean are named, the others not
+    nb, bs = 40, 32
+    blocks = torch.zeros(nb, nb, dtype=torch.bool)
+    for i in range(nb):
+        blocks[i, max(0, i - 1): i + 2] = True
+    blocks[6, :] = True
+    blocks[:, 9] = True
+    layout = Layout.from_blocks(blocks, bs)
+    chunk, rows, chunks, t_chunk, cols, t_chunks = layout.split
+    mean = blocks.sum(-1).double().mean().item()
+    assert chunk == max(fxsparse.layout.SPLIT_MIN_CHUNK, int(torch.tensor(2 * mean).ceil()))
+    assert (rows, cols) == (1, 1) and chunks == -(-nb // chunk) and t_chunks == -(-nb // t_chunk)
+    # the tables hold blocks and positions plus one (0: none)
+    assert layout.long_rows.flatten().tolist() == [7] + [0] * (nb - 1)
+    assert layout.long_index.flatten().tolist() == [1 if i == 6 else 0 for i in range(nb)]
+    assert layout.t_long_cols.flatten().tolist() == [10] + [0] * (nb - 1)
+    # the split follows the layout through .to() and refine (where the lists are twice as long, and so is the mean)
+    assert layout.to("cpu").split == layout.split
+    fine = Layout.from_blocks(blocks, 64).refine(32)
+    assert fine.split[1] == fine.split[4] == 2
+    # a band alone has no long list
+    band = Layout.from_mask(_window(nb * bs, nb * bs, 40), bs)
+    assert band.split == () and (band.long_rows == 0).all() and (band.t_long_cols == 0).all()

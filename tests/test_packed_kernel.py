@@ -108,7 +108,7 @@ _METADATA = {"empty", "view", "slice", "unsqueeze", "alias", "expand", "squeeze"
 
 def test_kernel_build_launches_two_kernels_and_two_torch_ops(monkeypatch):
     """The Triton build's launches: its two kernels, the documents' ends (a cumulative sum) and the
-    zeroing of the mask slots, whatever the size; the torch build launches over a hundred."""
+    zeroing of the mask slots and the split tables, whatever the size; the torch build launches over a hundred."""
     from fxsparse.kernels import tables
 
     launched = []

@@ -25,12 +25,14 @@ import triton.language as tl
 
 from .common import (
     bias_log2,
+    chunk_range,
     count_below,
     dot,
     full_visit,
     load_bits,
     load_rows,
-    query_tile,
+    query_rows,
+    split_tile,
     tile_scores,
     visit,
     visit_counts,
@@ -90,34 +92,42 @@ def _dkdv_tile(
 
 @triton.jit
 def dkdv_kernel(
-    Q, K, V, DO, Q_DESC, DO_DESC, Lse, Delta, DK, DV_OUT, Bias, T,
-    O_PART_MID, O_BITS, O_FULL_NUM, O_FULL_IDX, O_PART_NUM, O_PART_IDX,
+    Q, K, V, DO, Q_DESC, DO_DESC, Lse, Delta, DK, DV_OUT, Bias, T, Work,
+    O_PART_MID, O_BITS, O_FULL_NUM, O_FULL_IDX, O_PART_NUM, O_PART_IDX, O_LONG_INDEX, O_LONG_COLS,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_bias_b, stride_bias_h, stride_bias_m, stride_bias_n,
     SLOT_B, SLOT_H,
-    H, HKV, G, NQ, NK, NQB, NKB, scale, scale_log2,
+    H, HKV, G, NQ, NK, NQB, NKB, scale, scale_log2, CHUNK, N_LONG, N_CHUNKS,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
     BLOCK: tl.constexpr, HAS_BIAS: tl.constexpr,
     IS_CAUSAL: tl.constexpr, PRECISION: tl.constexpr, PAD: tl.constexpr, RAGGED: tl.constexpr,
-    FOLD: tl.constexpr, TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    FOLD: tl.constexpr, TMA: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     LOOK_AHEAD: tl.constexpr,
 ):
     """One program: BLOCK_N kv rows (inside one layout block) of one (batch, kv head), over the G query
-    heads that share it. DK and DV_OUT are contiguous [B, HKV, NK, HEAD_DIM] and [B, HKV, NK, DV]."""
+    heads that share it. DK and DV_OUT are contiguous [B, HKV, NK, HEAD_DIM] and [B, HKV, NK, DV].
+
+    SPLIT: a kv block visited by far more query blocks than the mean (`Layout.split`, from the slot of
+    the group's first head) is walked by several programs, CHUNK entries of each head's list each
+    (`common.split_tile`); they write float32 partial dk, dv to Work ([.., BLOCK, D_PAD + DV_PAD]
+    entries) for `common.sum_chunks_kernel`."""
     tl.static_assert(BLOCK % BLOCK_N == 0, "a program's kv rows lie inside one layout block")
     tl.static_assert(BLOCK % BLOCK_M == 0, "a visited block is walked in whole tiles")
     SUB: tl.constexpr = BLOCK // BLOCK_M
     PART_MID, BITS = T + O_PART_MID, T + O_BITS
     T_FULL_NUM, T_FULL_IDX, T_PART_NUM, T_PART_IDX = T + O_FULL_NUM, T + O_FULL_IDX, T + O_PART_NUM, T + O_PART_IDX
-    pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // HKV
     hk = pid_bh % HKV
     b32 = b.to(tl.int32)
-    start_n = pid_n * BLOCK_N
+    if SPLIT:
+        start_n, li, chunk, valid = split_tile(T + O_LONG_INDEX, T + O_LONG_COLS, b * SLOT_B + hk * G * SLOT_H, NKB,
+                                               N_CHUNKS, BLOCK=BLOCK, ROWS=BLOCK_N)
+    else:
+        start_n = tl.program_id(0) * BLOCK_N
     kb = start_n // BLOCK
     col0 = start_n - kb * BLOCK
     offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -147,6 +157,9 @@ def dkdv_kernel(
         if IS_CAUSAL:  # query blocks that end before this kv block are skipped
             first_part = count_below(T_PART_IDX + trow * NQB, n_part, kb, PAD=PAD)
             first_full = count_below(T_FULL_IDX + trow * NQB, n_full, kb, PAD=PAD)
+        if SPLIT:
+            first_part, n_part, first_full, n_full = chunk_range(first_part, n_part, first_full, n_full, li, chunk,
+                                                                 CHUNK, valid)
         for t in range(first_part * SUB, n_part * SUB):
             qb = tl.load(T_PART_IDX + trow * NQB + t // SUB)
             mid = tl.load(PART_MID + trow * NQB + t // SUB)
@@ -167,6 +180,14 @@ def dkdv_kernel(
                 HEAD_DIM=HEAD_DIM, D_PAD=D_PAD, DV=DV, DV_PAD=DV_PAD, BLOCK=BLOCK, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, PARTIAL=False,
                 BOUNDS=False, HAS_BIAS=HAS_BIAS, IS_CAUSAL=IS_CAUSAL, PRECISION=PRECISION, FOLD=FOLD, TMA=TMA,
             )
+    if SPLIT:  # a chunk of a long column: its partial sums to the workspace; every other column: dk, dv
+        part = (li >= 0) & valid
+        at = (((pid_bh * N_LONG + tl.maximum(li, 0)) * N_CHUNKS + chunk) * BLOCK + (offs_n - kb * BLOCK))
+        at = at * (D_PAD + DV_PAD)
+        tl.store(Work + at[:, None] + offs_d[None, :], dk, mask=(offs_n[:, None] < NK) & part)
+        tl.store(Work + at[:, None] + D_PAD + offs_dv[None, :], dv, mask=(offs_n[:, None] < NK) & part)
+        nmask = nmask & (li < 0)
+        nmask_v = nmask_v & (li < 0)
     tl.store(DK + pid_bh * NK * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :],
              (dk * scale).to(DK.dtype.element_ty), mask=nmask)
     tl.store(DV_OUT + pid_bh * NK * DV + offs_n[:, None] * DV + offs_dv[None, :],
@@ -212,8 +233,8 @@ def _dq_tile(
 
 @triton.jit
 def dq_kernel(
-    Q, K, V, K_DESC, V_DESC, DO, Out, Lse, Delta, DQ, Bias, DBias, T,
-    O_PART_MID, O_BITS, O_FULL_NUM, O_FULL_IDX, O_PART_NUM, O_PART_IDX,
+    Q, K, V, K_DESC, V_DESC, DO, Out, Lse, Delta, DQ, Bias, DBias, T, Work,
+    O_PART_MID, O_BITS, O_FULL_NUM, O_FULL_IDX, O_PART_NUM, O_PART_IDX, O_LONG_INDEX, O_LONG_ROWS,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -221,22 +242,27 @@ def dq_kernel(
     stride_ob, stride_oh, stride_om, stride_od,
     stride_bias_b, stride_bias_h, stride_bias_m, stride_bias_n,
     SLOT_B, SLOT_H,
-    H, G, NQ, NK, NQB, NKB, scale, scale_log2,
+    H, G, NQ, NK, NQB, NKB, scale, scale_log2, CHUNK, N_LONG, N_CHUNKS,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
     BLOCK: tl.constexpr, HAS_BIAS: tl.constexpr,
     IS_CAUSAL: tl.constexpr, PRECISION: tl.constexpr, PAD: tl.constexpr, RAGGED: tl.constexpr,
-    FOLD: tl.constexpr, TMA: tl.constexpr, BIAS_GRAD: tl.constexpr, BLOCK_M: tl.constexpr,
+    FOLD: tl.constexpr, TMA: tl.constexpr, SPLIT: tl.constexpr, BIAS_GRAD: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, LOOK_AHEAD: tl.constexpr,
 ):
     """One program: BLOCK_M query rows (inside one layout block) of one (batch, head). DQ is contiguous
     [B, H, NQ, HEAD_DIM]; DBias, when BIAS_GRAD, a contiguous float32 [B, H, NQ, NK] (zeros where
-    the layout visits nothing)."""
+    the layout visits nothing).
+
+    SPLIT: long rows as in the forward; each chunk writes a float32 partial dq to Work ([.., BLOCK,
+    D_PAD] entries) for `common.sum_chunks_kernel`, and the first one delta."""
     tl.static_assert(BLOCK % BLOCK_M == 0, "a program's query rows lie inside one layout block")
     tl.static_assert(BLOCK % BLOCK_N == 0, "a visited block is walked in whole tiles")
     SUB: tl.constexpr = BLOCK // BLOCK_N
     PART_MID, BITS = T + O_PART_MID, T + O_BITS
     FULL_NUM, FULL_IDX, PART_NUM, PART_IDX = T + O_FULL_NUM, T + O_FULL_IDX, T + O_PART_NUM, T + O_PART_IDX
-    pid_bh, b, h, start_m, qb, rows_in_block, offs_m, offs_d = query_tile(H, BLOCK=BLOCK, BLOCK_M=BLOCK_M, D_PAD=D_PAD)
+    pid_bh, b, h, slot, start_m, qb, rows_in_block, offs_m, offs_d, li, chunk, valid = query_rows(
+        T, O_LONG_INDEX, O_LONG_ROWS, H, SLOT_B, SLOT_H, NQB, N_CHUNKS, SPLIT=SPLIT, BLOCK=BLOCK, BLOCK_M=BLOCK_M,
+        D_PAD=D_PAD)
     offs_dv = tl.arange(0, DV_PAD)
     mmask = (offs_m[:, None] < NQ) & (offs_d[None, :] < HEAD_DIM)
     mmask_v = (offs_m[:, None] < NQ) & (offs_dv[None, :] < DV)
@@ -250,17 +276,24 @@ def dq_kernel(
     o = tl.load(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od,
                 mask=mmask_v, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(Delta + pid_bh * NQ + offs_m, delta, mask=offs_m < NQ)
+    if SPLIT:
+        tl.store(Delta + pid_bh * NQ + offs_m, delta, mask=(offs_m < NQ) & (chunk == 0))
+    else:
+        tl.store(Delta + pid_bh * NQ + offs_m, delta, mask=offs_m < NQ)
     K += b * stride_kb + (h // G) * stride_kh
     V += b * stride_vb + (h // G) * stride_vh
     Bias += b * stride_bias_b + h * stride_bias_h
     DBias += pid_bh * NQ * NK
     b32, hk32 = b.to(tl.int32), (h // G).to(tl.int32)
-    row = (b * SLOT_B + h * SLOT_H) * NQB + qb
+    row = slot * NQB + qb
     dq = tl.zeros([BLOCK_M, D_PAD], tl.float32)
     n_part, n_full = visit_counts(PART_NUM, PART_IDX, FULL_NUM, FULL_IDX, row, NKB, start_m,
                                   BLOCK=BLOCK, BLOCK_M=BLOCK_M, IS_CAUSAL=IS_CAUSAL, PAD=PAD)
-    for t in range(n_part * SUB):
+    if SPLIT:
+        p0, p1, f0, f1 = chunk_range(0, n_part, 0, n_full, li, chunk, CHUNK, valid)
+    else:
+        p0, p1, f0, f1 = 0, n_part, 0, n_full
+    for t in range(p0 * SUB, p1 * SUB):
         kb = tl.load(PART_IDX + row * NKB + t // SUB)
         mid = tl.load(PART_MID + row * NKB + t // SUB)
         dq = _dq_tile(
@@ -271,9 +304,9 @@ def dq_kernel(
             BOUNDS=RAGGED, HAS_BIAS=HAS_BIAS, BIAS_GRAD=BIAS_GRAD, IS_CAUSAL=IS_CAUSAL, PRECISION=PRECISION,
             FOLD=FOLD, TMA=TMA,
         )
-    kb_next = visit(FULL_IDX + row * NKB, 0, n_full * SUB, SUB=SUB)
-    for t in range(n_full * SUB):
-        kb, kb_next = full_visit(FULL_IDX + row * NKB, kb_next, t, n_full * SUB, SUB=SUB, LOOK_AHEAD=LOOK_AHEAD)
+    kb_next = visit(FULL_IDX + row * NKB, f0 * SUB, f1 * SUB, SUB=SUB)
+    for t in range(f0 * SUB, f1 * SUB):
+        kb, kb_next = full_visit(FULL_IDX + row * NKB, kb_next, t, f1 * SUB, SUB=SUB, LOOK_AHEAD=LOOK_AHEAD)
         dq = _dq_tile(
             dq, q, do, m2, log_l, delta, K, V, K_DESC, V_DESC, b32, hk32, Bias, DBias, BITS, kb, (t % SUB) * BLOCK_N,
             0, offs_m, rows_in_block, offs_d, offs_dv, stride_kn, stride_kd, stride_vn, stride_vd, stride_bias_m,
@@ -282,5 +315,9 @@ def dq_kernel(
             BOUNDS=False, HAS_BIAS=HAS_BIAS, BIAS_GRAD=BIAS_GRAD, IS_CAUSAL=IS_CAUSAL, PRECISION=PRECISION,
             FOLD=FOLD, TMA=TMA,
         )
+    if SPLIT:  # a chunk of a long row: its partial dq to the workspace; every other row: dq
+        at = (((pid_bh * N_LONG + tl.maximum(li, 0)) * N_CHUNKS + chunk) * BLOCK + rows_in_block) * D_PAD
+        tl.store(Work + at[:, None] + offs_d[None, :], dq, mask=(offs_m[:, None] < NQ) & ((li >= 0) & valid))
+        mmask = mmask & (li < 0)
     tl.store(DQ + pid_bh * NQ * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :],
              (dq * scale).to(DQ.dtype.element_ty), mask=mmask)

@@ -83,17 +83,6 @@ def bias_log2(bias):
 
 
 @triton.jit
-def query_tile(H, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, D_PAD: tl.constexpr):
-    """Where this program's BLOCK_M query rows sit: (batch, head) slot (int64: whole slices can pass
-    2**31 elements), batch, head, first row, layout block, rows within that block, rows, head-dim lanes."""
-    pid_bh = tl.program_id(1).to(tl.int64)
-    start_m = tl.program_id(0) * BLOCK_M
-    qb = start_m // BLOCK
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    return pid_bh, pid_bh // H, pid_bh % H, start_m, qb, offs_m - qb * BLOCK, offs_m, tl.arange(0, D_PAD)
-
-
-@triton.jit
 def tile_scores(
     s, Bias, BITS, mid, offs_m, rows_in_block, cols, j, stride_bias_m, stride_bias_n, NQ, NK,
     BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -153,3 +142,83 @@ def full_visit(IDX, nxt, t, end, SUB: tl.constexpr, LOOK_AHEAD: tl.constexpr):
         return nxt, visit(IDX, t + 1, end, SUB=SUB)
     else:
         return tl.load(IDX + t // SUB), nxt
+
+
+# ------------------------------------------------------------------------------------- row split
+@triton.jit
+def split_tile(LONG_INDEX, LONG_ROWS, slot, NB, N_CHUNKS, BLOCK: tl.constexpr, ROWS: tl.constexpr):
+    """Where a program of a split launch works (`Layout.split`): (its first row, the block's position among
+    the long blocks or -1, chunk, valid). Programs below NB * BLOCK // ROWS are the usual tiles of ROWS
+    rows (chunk 0); those after them take chunks 1 .. N_CHUNKS - 1 of a long block's list, and are not
+    valid where this slot of the tables has fewer long blocks than the widest one."""
+    SUBM: tl.constexpr = BLOCK // ROWS
+    pid = tl.program_id(0)
+    tiles = NB * SUBM
+    extra = pid >= tiles
+    e = tl.maximum(pid - tiles, 0)
+    li_x = e // SUBM // (N_CHUNKS - 1)
+    blk_x = tl.load(LONG_ROWS + slot * NB + li_x, mask=extra, other=1) - 1  # the tables hold blocks plus one
+    li_main = tl.load(LONG_INDEX + slot * NB + tl.minimum(pid, tiles - 1) // SUBM, mask=pid < tiles, other=0) - 1
+    start = tl.where(extra, tl.maximum(blk_x, 0) * BLOCK + (e % SUBM) * ROWS, pid * ROWS)
+    li = tl.where(extra, li_x, li_main)
+    chunk = tl.where(extra, 1 + (e // SUBM) % (N_CHUNKS - 1), 0)
+    return start, li, chunk, (pid < tiles) | (blk_x >= 0)
+
+
+@triton.jit
+def query_rows(T, O_LONG_INDEX, O_LONG_ROWS, H, SLOT_B, SLOT_H, NQB, N_CHUNKS, SPLIT: tl.constexpr,
+               BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, D_PAD: tl.constexpr):
+    """Where a forward or dq program's BLOCK_M query rows sit: (batch, head) slot (int64: whole slices can
+    pass 2**31 elements), batch, head, the tables' slot, first row, layout block, rows within that
+    block, rows, head-dim lanes, and with SPLIT the long row's position, chunk and validity of
+    `split_tile` (without: -1, 0, True)."""
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b, h = pid_bh // H, pid_bh % H
+    slot = b * SLOT_B + h * SLOT_H
+    if SPLIT:
+        start_m, li, chunk, valid = split_tile(T + O_LONG_INDEX, T + O_LONG_ROWS, slot, NQB, N_CHUNKS,
+                                               BLOCK=BLOCK, ROWS=BLOCK_M)
+    else:
+        start_m, li, chunk, valid = tl.program_id(0) * BLOCK_M, -1, 0, True
+    qb = start_m // BLOCK
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    return pid_bh, b, h, slot, start_m, qb, offs_m - qb * BLOCK, offs_m, tl.arange(0, D_PAD), li, chunk, valid
+
+
+@triton.jit
+def chunk_range(p_first, p_end, f_first, f_end, li, chunk, CHUNK, valid):
+    """The entries of a visit list (partial ones p_first .. p_end, then full ones f_first .. f_end)
+    that `chunk` of a long block walks: entries chunk * CHUNK .. + CHUNK of the two read as one list,
+    all of them where li < 0 (not a long block), none where not valid: (p0, p1, f0, f1)."""
+    n_p = p_end - p_first
+    total = n_p + f_end - f_first
+    hi = tl.where(li >= 0, tl.minimum(chunk * CHUNK + CHUNK, total), total)
+    hi = tl.where(valid, hi, 0)
+    lo = tl.minimum(tl.where(li >= 0, chunk * CHUNK, 0), hi)
+    return (p_first + tl.minimum(lo, n_p), p_first + tl.minimum(hi, n_p), f_first + tl.maximum(lo - n_p, 0),
+            f_first + tl.maximum(hi - n_p, 0))
+
+
+@triton.jit
+def sum_chunks_kernel(
+    Dst, T, Work, O_LONG, SLOT_B, SLOT_H, HEADS, G, NB, N, N_LONG, N_CHUNKS, W_STRIDE, W_OFF, factor,
+    DIM: tl.constexpr, DIM_PAD: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
+):
+    """Dst (contiguous [B, HEADS, N, DIM]) rows of one long block: factor times the sum of its N_CHUNKS
+    chunks' partial gradients in the workspace (entries of W_STRIDE floats, this one at W_OFF). The
+    block's slot of the tables is that of head h * G (the first query head of a kv head's group)."""
+    SUBM: tl.constexpr = BLOCK // ROWS
+    pid = tl.program_id(1).to(tl.int64)
+    b, h = pid // HEADS, pid % HEADS
+    li = tl.program_id(0) // SUBM
+    blk = tl.load(T + O_LONG + (b * SLOT_B + h * G * SLOT_H) * NB + li) - 1
+    rows_in_block = (tl.program_id(0) % SUBM) * ROWS + tl.arange(0, ROWS)
+    offs = tl.maximum(blk, 0) * BLOCK + rows_in_block
+    cols = tl.arange(0, DIM_PAD)
+    keep = (offs[:, None] < N) & (cols[None, :] < DIM) & (blk >= 0)
+    acc = tl.zeros([ROWS, DIM_PAD], tl.float32)
+    for c in range(N_CHUNKS):
+        at = (((pid * N_LONG + li) * N_CHUNKS + c) * BLOCK + rows_in_block) * W_STRIDE + W_OFF
+        acc += tl.load(Work + at[:, None] + cols[None, :], mask=keep, other=0.0)
+    tl.store(Dst + pid * N * DIM + offs[:, None] * DIM + cols[None, :], (acc * factor).to(Dst.dtype.element_ty),
+             mask=keep)

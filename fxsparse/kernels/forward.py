@@ -21,13 +21,19 @@ Each query tile visits the kv blocks its layout row lists: partial blocks first 
 the element mask), then full blocks (no per-element work), each in one flat loop over tiles so the
 compiler can prefetch the next tile while this one computes. Softmax runs online in base 2 with
 log2(e) folded into the scale. A row with no allowed key writes 0 and log2-sum +inf.
+
+Row split (SPLIT, the layout's `split`): a query block whose visit list is much longer than the mean
+(a global token's row visits every kv block) is walked by several programs, CHUNK blocks of the list
+each (`common.split_tile`, `common.chunk_range`). The first chunk runs in the row's own program, the
+others in programs appended to the grid. Each writes its unnormalised output and row statistics to
+a float32 workspace (an empty chunk too), and `combine_kernel` merges them.
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-from .common import dot, full_visit, load_rows, query_tile, tile_scores, visit, visit_counts
+from .common import chunk_range, dot, full_visit, load_rows, query_rows, tile_scores, visit, visit_counts
 
 
 @triton.jit
@@ -69,28 +75,30 @@ def _forward_tile(
 
 @triton.jit
 def forward_kernel(
-    Q, K, V, K_DESC, V_DESC, Out, Lse, Bias, T,
-    O_PART_MID, O_BITS, O_FULL_NUM, O_FULL_IDX, O_PART_NUM, O_PART_IDX,
+    Q, K, V, K_DESC, V_DESC, Out, Lse, Bias, T, Work,
+    O_PART_MID, O_BITS, O_FULL_NUM, O_FULL_IDX, O_PART_NUM, O_PART_IDX, O_LONG_INDEX, O_LONG_ROWS,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,
     stride_bias_b, stride_bias_h, stride_bias_m, stride_bias_n,
     SLOT_B, SLOT_H,
-    H, G, NQ, NK, NQB, NKB, scale_log2,
+    H, G, NQ, NK, NQB, NKB, scale_log2, CHUNK, N_LONG, N_CHUNKS,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
     BLOCK: tl.constexpr, HAS_BIAS: tl.constexpr,
     IS_CAUSAL: tl.constexpr, PRECISION: tl.constexpr, PAD: tl.constexpr, RAGGED: tl.constexpr,
-    FOLD: tl.constexpr, TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    FOLD: tl.constexpr, TMA: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     LOOK_AHEAD: tl.constexpr,
 ):
-    """One program: BLOCK_M query rows (inside one layout block) of one (batch, head).
+    """One program: BLOCK_M query rows (inside one layout block) of one (batch, head), or with SPLIT
+    one chunk of a long row's visit list.
 
     K_DESC, V_DESC: tensor descriptors of K and V when TMA, else K and V again. SLOT_B, SLOT_H: how a
     (batch, head) picks its row of the tables (0 where the layout is shared). PAD: the width of the
     causal bound search (1 when not causal). RAGGED: a sequence ends inside a block, so partial
     tiles check bounds (full blocks never cross a sequence's end). FOLD: unmasked tiles may fold the
-    scale into one multiply-add (needs scale > 0)."""
+    scale into one multiply-add (needs scale > 0). Work, CHUNK, N_LONG, N_CHUNKS: the row split
+    (module docstring; unused without SPLIT)."""
     tl.static_assert(BLOCK % BLOCK_M == 0, "a program's query rows lie inside one layout block")
     tl.static_assert(BLOCK % BLOCK_N == 0, "a visited block is walked in whole tiles")
     tl.static_assert(D_PAD >= HEAD_DIM)
@@ -98,7 +106,9 @@ def forward_kernel(
     SUB: tl.constexpr = BLOCK // BLOCK_N
     PART_MID, BITS = T + O_PART_MID, T + O_BITS
     FULL_NUM, FULL_IDX, PART_NUM, PART_IDX = T + O_FULL_NUM, T + O_FULL_IDX, T + O_PART_NUM, T + O_PART_IDX
-    pid_bh, b, h, start_m, qb, rows_in_block, offs_m, offs_d = query_tile(H, BLOCK=BLOCK, BLOCK_M=BLOCK_M, D_PAD=D_PAD)
+    pid_bh, b, h, slot, start_m, qb, rows_in_block, offs_m, offs_d, li, chunk, valid = query_rows(
+        T, O_LONG_INDEX, O_LONG_ROWS, H, SLOT_B, SLOT_H, NQB, N_CHUNKS, SPLIT=SPLIT, BLOCK=BLOCK, BLOCK_M=BLOCK_M,
+        D_PAD=D_PAD)
     q = tl.load(
         Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
         mask=(offs_m[:, None] < NQ) & (offs_d[None, :] < HEAD_DIM), other=0.0,
@@ -107,14 +117,18 @@ def forward_kernel(
     V += b * stride_vb + (h // G) * stride_vh
     Bias += b * stride_bias_b + h * stride_bias_h
     b32, hk32 = b.to(tl.int32), (h // G).to(tl.int32)
-    row = (b * SLOT_B + h * SLOT_H) * NQB + qb
+    row = slot * NQB + qb
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     offs_dv = tl.arange(0, DV_PAD)
     acc = tl.zeros([BLOCK_M, DV_PAD], tl.float32)
     n_part, n_full = visit_counts(PART_NUM, PART_IDX, FULL_NUM, FULL_IDX, row, NKB, start_m,
                                   BLOCK=BLOCK, BLOCK_M=BLOCK_M, IS_CAUSAL=IS_CAUSAL, PAD=PAD)
-    for t in range(n_part * SUB):
+    if SPLIT:
+        p0, p1, f0, f1 = chunk_range(0, n_part, 0, n_full, li, chunk, CHUNK, valid)
+    else:
+        p0, p1, f0, f1 = 0, n_part, 0, n_full
+    for t in range(p0 * SUB, p1 * SUB):
         kb = tl.load(PART_IDX + row * NKB + t // SUB)
         mid = tl.load(PART_MID + row * NKB + t // SUB)
         acc, m_i, l_i = _forward_tile(
@@ -124,9 +138,9 @@ def forward_kernel(
             HEAD_DIM=HEAD_DIM, D_PAD=D_PAD, DV=DV, DV_PAD=DV_PAD, BLOCK=BLOCK, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, PARTIAL=True,
             BOUNDS=RAGGED, HAS_BIAS=HAS_BIAS, IS_CAUSAL=IS_CAUSAL, PRECISION=PRECISION, FOLD=FOLD, TMA=TMA,
         )
-    kb_next = visit(FULL_IDX + row * NKB, 0, n_full * SUB, SUB=SUB)
-    for t in range(n_full * SUB):
-        kb, kb_next = full_visit(FULL_IDX + row * NKB, kb_next, t, n_full * SUB, SUB=SUB, LOOK_AHEAD=LOOK_AHEAD)
+    kb_next = visit(FULL_IDX + row * NKB, f0 * SUB, f1 * SUB, SUB=SUB)
+    for t in range(f0 * SUB, f1 * SUB):
+        kb, kb_next = full_visit(FULL_IDX + row * NKB, kb_next, t, f1 * SUB, SUB=SUB, LOOK_AHEAD=LOOK_AHEAD)
         acc, m_i, l_i = _forward_tile(
             acc, m_i, l_i, q, K, V, K_DESC, V_DESC, b32, hk32, Bias, BITS, kb, (t % SUB) * BLOCK_N, 0,
             offs_m, rows_in_block, offs_d, offs_dv, stride_kn, stride_kd, stride_vn, stride_vd, stride_bias_m,
@@ -134,11 +148,65 @@ def forward_kernel(
             HEAD_DIM=HEAD_DIM, D_PAD=D_PAD, DV=DV, DV_PAD=DV_PAD, BLOCK=BLOCK, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, PARTIAL=False,
             BOUNDS=False, HAS_BIAS=HAS_BIAS, IS_CAUSAL=IS_CAUSAL, PRECISION=PRECISION, FOLD=FOLD, TMA=TMA,
         )
+    keep = offs_m < NQ
+    if SPLIT:
+        # a chunk of a long row: its unnormalised sums to the workspace; every other row: its output
+        write = keep & ((li >= 0) & valid)
+        at = ((pid_bh * N_LONG + tl.maximum(li, 0)) * N_CHUNKS + chunk) * BLOCK + rows_in_block
+        tl.store(Work + at[:, None] * (DV_PAD + 2) + offs_dv[None, :], acc, mask=write[:, None])
+        tl.store(Work + at * (DV_PAD + 2) + DV_PAD, m_i, mask=write)
+        tl.store(Work + at * (DV_PAD + 2) + DV_PAD + 1, l_i, mask=write)
+        keep = keep & (li < 0)
+    finish_rows(acc, m_i, l_i, Out, Lse, b, h, pid_bh, offs_m, offs_dv, keep, stride_ob, stride_oh, stride_om,
+                stride_od, NQ, DV=DV)
+
+
+@triton.jit
+def finish_rows(acc, m_i, l_i, Out, Lse, b, h, pid_bh, offs_m, offs_dv, keep, stride_ob, stride_oh, stride_om,
+                stride_od, NQ, DV: tl.constexpr):
+    """Writes rows `offs_m` (where `keep`) of the output, acc / row sum, and their statistics
+    (row max and log2 of the row sum; a row with no allowed key: 0 and +inf)."""
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
     log_l = tl.where(empty, float("inf"), tl.math.log2(tl.where(empty, 1.0, l_i)))
     o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od
-    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=(offs_m[:, None] < NQ) & (offs_dv[None, :] < DV))
-    tl.store(Lse + pid_bh * 2 * NQ + offs_m, m_safe, mask=offs_m < NQ)
-    tl.store(Lse + pid_bh * 2 * NQ + NQ + offs_m, log_l, mask=offs_m < NQ)
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=keep[:, None] & (offs_dv[None, :] < DV))
+    tl.store(Lse + pid_bh * 2 * NQ + offs_m, m_safe, mask=keep)
+    tl.store(Lse + pid_bh * 2 * NQ + NQ + offs_m, log_l, mask=keep)
+
+
+@triton.jit
+def combine_kernel(
+    Out, Lse, T, Work, O_LONG_ROWS,
+    stride_ob, stride_oh, stride_om, stride_od,
+    SLOT_B, SLOT_H, H, NQ, NQB, N_LONG, N_CHUNKS,
+    DV: tl.constexpr, DV_PAD: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """Merges the N_CHUNKS chunks of BLOCK_M query rows of one long row and writes their output and
+    statistics (an empty chunk holds row max -inf and row sum 0, and adds nothing)."""
+    SUBM: tl.constexpr = BLOCK // BLOCK_M
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b, h = pid_bh // H, pid_bh % H
+    li = tl.program_id(0) // SUBM
+    qb = tl.load(T + O_LONG_ROWS + (b * SLOT_B + h * SLOT_H) * NQB + li) - 1
+    rows_in_block = (tl.program_id(0) % SUBM) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = tl.maximum(qb, 0) * BLOCK + rows_in_block
+    offs_dv = tl.arange(0, DV_PAD)
+    keep = (offs_m < NQ) & (qb >= 0)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, DV_PAD], tl.float32)
+    for c in range(N_CHUNKS):
+        at = (((pid_bh * N_LONG + li) * N_CHUNKS + c) * BLOCK + rows_in_block) * (DV_PAD + 2)
+        m_c = tl.load(Work + at + DV_PAD, mask=keep, other=float("-inf"))
+        l_c = tl.load(Work + at + DV_PAD + 1, mask=keep, other=0.0)
+        acc_c = tl.load(Work + at[:, None] + offs_dv[None, :], mask=keep[:, None], other=0.0)
+        m_new = tl.maximum(m_i, m_c)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        a_run, a_c = tl.math.exp2(m_i - m_safe), tl.math.exp2(m_c - m_safe)
+        acc = acc * a_run[:, None] + acc_c * a_c[:, None]
+        l_i = l_i * a_run + l_c * a_c
+        m_i = m_new
+    finish_rows(acc, m_i, l_i, Out, Lse, b, h, pid_bh, offs_m, offs_dv, keep, stride_ob, stride_oh,
+                stride_om, stride_od, NQ, DV=DV)

@@ -15,8 +15,9 @@ import triton
 from ..layout import bits_offsets, table_offsets
 from ..options import DEFAULT, KernelOptions
 from .backward import dkdv_kernel, dq_kernel
+from .common import sum_chunks_kernel
 from .configs import LaunchConfig, dkdv_plans, dq_plans, forward_plans
-from .forward import forward_kernel
+from .forward import combine_kernel, forward_kernel
 
 LOG2E = 1.4426950408889634
 # Triton decides when it decorates a kernel whether it runs compiled or through its CPU interpreter
@@ -56,8 +57,9 @@ def _ragged(nq: int, nk: int, block: int) -> bool:
 def _table_args(tables, nqb: int, nkb: int):
     """The flat tables, the offsets of the six a kernel walks (forward, or transposed with the
     transposed element masks), and (SLOT_B, SLOT_H): how a (batch, head) pair picks its row of the
-    tables (0 = broadcast)."""
-    data, bl, hl = tables
+    tables (0 = broadcast), then the offsets of the split's tables (query blocks, kv blocks). tables:
+    (flat tables, layout batch, layout heads[, `Layout.split`])."""
+    data, bl, hl = tables[:3]
     return (data,) + _offsets(data.numel(), bl, hl, nqb, nkb)
 
 
@@ -67,7 +69,24 @@ def _offsets(numel: int, bl: int, hl: int, nqb: int, nkb: int):
     off["bits"], off["t_bits"] = bits_offsets(numel, bl, hl, nqb, nkb)
     fwd = tuple(off[n] for n in ("part_mid", "bits", "full_num", "full_idx", "part_num", "part_idx"))
     bwd = tuple(off[n] for n in ("t_part_mid", "t_bits", "t_full_num", "t_full_idx", "t_part_num", "t_part_idx"))
-    return fwd, bwd, ((hl if bl > 1 else 0), (1 if hl > 1 else 0))
+    longs = (off["long_index"], off["long_rows"]), (off["t_long_index"], off["t_long_cols"])
+    return fwd, bwd, ((hl if bl > 1 else 0), (1 if hl > 1 else 0)), longs
+
+
+def _split(tables, options) -> tuple:
+    """(query blocks, kv blocks): each (chunk, long blocks, chunks) of `Layout.split`, or None where
+    that side has no long block (or the options turn the split off)."""
+    split = tables[3] if len(tables) > 3 else ()
+    if not (split and options.split):
+        return None, None
+    return (split[:3] if split[1] else None), (split[3:] if split[4] else None)
+
+
+def _work(n: int, split, block: int, width: int, device) -> torch.Tensor:
+    """The float32 workspace of a split launch: per (batch, head) slice, long block and chunk, `width`
+    floats for each of the block's rows."""
+    size = n * split[1] * split[2] * block * width if split else 1
+    return torch.empty(size, dtype=torch.float32, device=device)
 
 
 def _bias_args(bias, q, nk):
@@ -224,30 +243,55 @@ def _tile_descriptors(a, b, rows: int):
     return [TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, t.shape[-1]]) for t in (a, b)]
 
 
+def _extra(split, tiles: int) -> int:
+    """Programs a split launch appends to the grid: chunks 1 .. of each long block, each of its tiles."""
+    return split[1] * (split[2] - 1) * tiles if split else 0
+
+
+def _sum_chunks(dst, data, work, long_at: int, split, where, stride: int, offset: int, factor: float, block: int,
+                rows: int, options):
+    """dst's rows of the long blocks: factor times the sum of their chunks' partial gradients in work.
+    where: (SLOT_B, SLOT_H, heads of dst, query heads per head of dst, blocks, length)."""
+    slot_b, slot_h, heads, g, nb, n = where
+    dim = dst.shape[-1]
+    _launch(sum_chunks_kernel, (split[1] * (block // rows), dst.shape[0] * heads), (dst, data, work),
+            (long_at, slot_b, slot_h, heads, g, nb, n, split[1], split[2], stride, offset, factor),
+            dict(DIM=dim, DIM_PAD=_pad_dim(dim), BLOCK=block, ROWS=rows), 4, 1, None, options.fast_launch)
+
+
 # ------------------------------------------------------------------------------------- entry points
 def forward(q, k, v, tables, bias, scale, block, causal, out, options: KernelOptions = DEFAULT):
     """Writes softmax(q kᵀ scale + bias, restricted to the layout) v into `out` and returns the row
     statistics [B, H, 2, Nq] (float32, base 2) the backward needs. tables: (flat tables, layout
-    batch, layout heads)."""
+    batch, layout heads[, `Layout.split`]); with a split, long rows are walked in chunks by extra
+    programs and merged by `combine_kernel`."""
     b, h, nq, d = q.shape
     hkv, nk, dv = k.shape[1], k.shape[2], v.shape[-1]
     nqb, nkb = -(-nq // block), -(-nk // block)
-    data, fwd_offsets, _, (slot_b, slot_h) = _table_args(tables, nqb, nkb)
+    data, fwd_offsets, _, (slot_b, slot_h), (long_offsets, _) = _table_args(tables, nqb, nkb)
+    split = _split(tables, options)[0]
     d_pad, dv_pad = _pad_dim(d), _pad_dim(dv)
     lse = torch.empty(b, h, 2, nq, dtype=torch.float32, device=q.device)
     bias_t, bstr, has_bias = _bias_args(bias, q, nk)
     tma = _use_descriptors(k, v, options.forward_descriptors)
     consts = dict(HEAD_DIM=d, D_PAD=d_pad, DV=dv, DV_PAD=dv_pad, BLOCK=block, HAS_BIAS=has_bias, IS_CAUSAL=causal,
                   PRECISION=_precision(q.dtype), PAD=_pad_blocks(nqb, nkb, causal), RAGGED=_ragged(nq, nk, block),
-                  FOLD=scale > 0 and options.forward_fold, TMA=tma)
-    scalars = (*fwd_offsets, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *bstr, slot_b, slot_h,
-               h, h // hkv, nq, nk, nqb, nkb, scale * LOG2E)
+                  FOLD=scale > 0 and options.forward_fold, TMA=tma, SPLIT=split is not None)
+    scalars = (*fwd_offsets, *long_offsets, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *bstr, slot_b,
+               slot_h, h, h // hkv, nq, nk, nqb, nkb, scale * LOG2E, *(split or (0, 0, 0)))
+    work = _work(b * h, split, block, dv_pad + 2, q.device)  # each row: its unnormalised output, max and sum
 
     def launch(plan: LaunchConfig):
         kd, vd = _tile_descriptors(k, v, plan.cols) if tma else (k, v)
-        _launch(forward_kernel, (nqb * (block // plan.rows), b * h), (q, k, v, kd, vd, out, lse, bias_t, data),
+        tiles = block // plan.rows
+        _launch(forward_kernel, (nqb * tiles + _extra(split, tiles), b * h),
+                (q, k, v, kd, vd, out, lse, bias_t, data, work),
                 scalars, dict(consts, BLOCK_M=plan.rows, BLOCK_N=plan.cols, LOOK_AHEAD=plan.look_ahead),
                 plan.num_warps, plan.num_stages, options.forward_max_registers, options.fast_launch)
+        if split:
+            _launch(combine_kernel, (split[1] * tiles, b * h), (out, lse, data, work),
+                    (long_offsets[1], *out.stride(), slot_b, slot_h, h, nq, nqb, *split[1:]),
+                    dict(DV=dv, DV_PAD=dv_pad, BLOCK=block, BLOCK_M=plan.rows), 4, 1, None, options.fast_launch)
 
     key = ("forward_kernel", q.device, q.dtype, *consts.values(), options.forward_config, options.forward_look_ahead,
            options.forward_max_registers)
@@ -262,7 +306,8 @@ def backward(dout, q, k, v, out, lse, tables, bias, scale, block, causal, bias_g
     b, h, nq, d = q.shape
     hkv, nk, d_v = k.shape[1], k.shape[2], v.shape[-1]
     nqb, nkb = -(-nq // block), -(-nk // block)
-    data, fwd_offsets, bwd_offsets, (slot_b, slot_h) = _table_args(tables, nqb, nkb)
+    data, fwd_offsets, bwd_offsets, (slot_b, slot_h), (long_offsets, t_long_offsets) = _table_args(tables, nqb, nkb)
+    row_split, col_split = _split(tables, options)
     d_pad, dv_pad = _pad_dim(d), _pad_dim(d_v)
     delta = torch.empty(b, h, nq, dtype=torch.float32, device=q.device)  # written by the dq kernel
     dq = torch.empty(b, h, nq, d, dtype=q.dtype, device=q.device)
@@ -278,26 +323,42 @@ def backward(dout, q, k, v, out, lse, tables, bias, scale, block, causal, bias_g
     # descriptors: K and V for dq, q and dout for dk/dv
     dq_tma = _use_descriptors(k, v, options.backward_descriptors)
     dkdv_tma = _use_descriptors(q, dout, options.backward_descriptors)
-    dq_scalars = (*fwd_offsets, *io_strides, *out.stride(), *bias_slots, h, h // hkv, nq, nk, nqb, nkb,
-                  scale, scale * LOG2E)
-    dkdv_scalars = (*bwd_offsets, *io_strides, *bias_slots, h, hkv, h // hkv, nq, nk, nqb, nkb, scale, scale * LOG2E)
+    dq_scalars = (*fwd_offsets, *long_offsets, *io_strides, *out.stride(), *bias_slots, h, h // hkv, nq, nk, nqb,
+                  nkb, scale, scale * LOG2E, *(row_split or (0, 0, 0)))
+    dkdv_scalars = (*bwd_offsets, *t_long_offsets, *io_strides, *bias_slots, h, hkv, h // hkv, nq, nk, nqb, nkb, scale,
+                    scale * LOG2E, *(col_split or (0, 0, 0)))
+    dq_work = _work(b * h, row_split, block, d_pad, q.device)  # each row: its partial dq
+    dkdv_work = _work(b * hkv, col_split, block, d_pad + dv_pad, q.device)  # each kv row: partial dk, dv
 
     def launch_dq(plan: LaunchConfig):  # rows: query rows, cols: kv rows
         kd, vd = _tile_descriptors(k, v, plan.cols) if dq_tma else (k, v)
-        _launch(dq_kernel, (nqb * (block // plan.rows), b * h),
-                (q, k, v, kd, vd, dout, out, lse, delta, dq, bias_t, dbias if bias_grad else q, data), dq_scalars,
-                dict(common, TMA=dq_tma, BIAS_GRAD=bias_grad, BLOCK_M=plan.rows, BLOCK_N=plan.cols,
-                     LOOK_AHEAD=plan.look_ahead),
+        tiles = block // plan.rows
+        _launch(dq_kernel, (nqb * tiles + _extra(row_split, tiles), b * h),
+                (q, k, v, kd, vd, dout, out, lse, delta, dq, bias_t, dbias if bias_grad else q, data, dq_work),
+                dq_scalars, dict(common, TMA=dq_tma, SPLIT=row_split is not None, BIAS_GRAD=bias_grad,
+                                 BLOCK_M=plan.rows, BLOCK_N=plan.cols, LOOK_AHEAD=plan.look_ahead),
                 plan.num_warps, plan.num_stages, None, options.fast_launch)
+        if row_split:
+            _sum_chunks(dq, data, dq_work, long_offsets[1], row_split, (slot_b, slot_h, h, 1, nqb, nq), d_pad, 0, scale,
+                        block, plan.rows, options)
 
     def launch_dkdv(plan: LaunchConfig):  # rows: kv rows, cols: query rows
         qd, dod = _tile_descriptors(q, dout, plan.cols) if dkdv_tma else (q, dout)
-        _launch(dkdv_kernel, (nkb * (block // plan.rows), b * hkv),
-                (q, k, v, dout, qd, dod, lse, delta, dk, dv, bias_t, data), dkdv_scalars,
-                dict(common, TMA=dkdv_tma, BLOCK_M=plan.cols, BLOCK_N=plan.rows, LOOK_AHEAD=plan.look_ahead),
+        tiles = block // plan.rows
+        _launch(dkdv_kernel, (nkb * tiles + _extra(col_split, tiles), b * hkv),
+                (q, k, v, dout, qd, dod, lse, delta, dk, dv, bias_t, data, dkdv_work), dkdv_scalars,
+                dict(common, TMA=dkdv_tma, SPLIT=col_split is not None, BLOCK_M=plan.cols, BLOCK_N=plan.rows,
+                     LOOK_AHEAD=plan.look_ahead),
                 plan.num_warps, plan.num_stages, options.dkdv_max_registers, options.fast_launch)
+        if col_split:
+            where = (slot_b, slot_h, hkv, h // hkv, nkb, nk)
+            _sum_chunks(dk, data, dkdv_work, t_long_offsets[1], col_split, where, d_pad + dv_pad, 0, scale, block,
+                        plan.rows, options)
+            _sum_chunks(dv, data, dkdv_work, t_long_offsets[1], col_split, where, d_pad + dv_pad, d_pad, 1.0, block,
+                        plan.rows, options)
 
-    key = (q.device, q.dtype, bias_grad, dq_tma, dkdv_tma, *common.values())
+    key = (q.device, q.dtype, bias_grad, dq_tma, dkdv_tma, row_split is not None, col_split is not None,
+           *common.values())
     width = max(d_pad, dv_pad)  # the plans of the wider head dim (both dims' tiles sit in shared memory)
     with launch_device(q):
         _launch_fitting(("dq_kernel", *key, options.dq_config, options.dq_look_ahead),

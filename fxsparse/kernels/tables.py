@@ -264,7 +264,8 @@ def packed_layout_tables(lengths: torch.Tensor, total: int, block_size: int, cau
     words = bsz * slots * bs * (bs // 32)
     dev = lengths.device
     data = torch.empty(bits_at + 2 * words, dtype=torch.int32, device=dev)
-    data[bits_at:].zero_()  # slots past a sample's partial blocks stay zero
+    # slots past a sample's partial blocks stay zero, and so do the split's tables (no split) before them
+    data[offsets["long_index"][0]:].zero_()
     ends = lengths.cumsum(-1, dtype=torch.int32)
     ranges = torch.empty(bsz, 5, nqb + nkb, dtype=torch.int32, device=dev)
     steps = docs.bit_length()
