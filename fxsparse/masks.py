@@ -257,10 +257,11 @@ def packed_layout(lengths, total: int | None = None, *, causal: bool = True,
                   block_size: int = DEFAULT_BLOCK_SIZE) -> Layout:
     """Packed documents given by their lengths, in order (FlashAttention's ``cu_seqlens`` as lengths):
     each token attends to the tokens of its own document (with ``causal=True``, the default, to those
-    at or before it). ``lengths``: int [D] or [B, D] (zero-padded rows; each >= 0, which is not checked,
-    since checking would read them back); ``total``: the sequence length
-    (default: the longest sum; give it to read nothing back to the host); tokens past the documents are
-    padding: they attend to nothing and nothing attends to them.
+    at or before it). ``lengths``: int [D] or [B, D] (zero-padded rows; each >= 0, checked where that
+    reads nothing more back: for CPU lengths, and with the longest sum when ``total`` is not given);
+    ``total``: the sequence length (default: the longest sum; give it, with CUDA lengths, to read nothing
+    back to the host); tokens past the documents are padding: they attend to nothing and nothing attends
+    to them.
 
     Every query row attends to one interval of keys, so the layout is built from per-row bounds and
     nothing is read back to the host (the partial blocks' masks take a fixed number of slots, by the
@@ -280,7 +281,12 @@ def packed_layout(lengths, total: int | None = None, *, causal: bool = True,
         raise ValueError("packed_layout: lengths holds no documents; give at least one length per sample "
                          "(a length of 0 is an empty document)")
     bs = check_block_size_any(block_size)
-    n = int(lengths.sum(-1).max()) if total is None else check_count(total, "packed_layout: total", 1)
+    if total is None or not lengths.is_cuda:  # one read either way: the longest sum and the smallest length
+        longest, least = torch.stack([lengths.sum(-1).max().long(), lengths.min().long()]).tolist()
+        if least < 0:
+            raise ValueError(f"packed_layout: lengths must be >= 0, got {least}; a document's length is its "
+                             "number of tokens (0 for an empty one)")
+    n = longest if total is None else check_count(total, "packed_layout: total", 1)
     if lengths.is_cuda or _INTERPRET:
         from .kernels.tables import packed_layout_tables
 

@@ -253,13 +253,13 @@ def _global_token_mask(n: int, bs: int, heads: int = 0) -> torch.Tensor:
     return m
 
 
-@pytest.mark.parametrize("causal,hkv,heads,bias", [(False, 2, 0, False), (True, 1, 0, False), (False, 2, 2, True)],
-                         ids=["plain", "causal_gqa_ragged", "per_head_bias"])
+@pytest.mark.parametrize("causal,hkv,heads,bias", [(True, 1, 0, False), (False, 2, 2, True)],
+                         ids=["causal_gqa_ragged", "per_head_bias"])
 def test_long_rows_and_columns_split_across_programs(causal, hkv, heads, bias, monkeypatch):
     # global rows and columns visit every block; with a small minimum chunk the kernels walk them in
     # several programs (forward and dq: rows, dk/dv: columns) and merge: the result is the oracle's
     monkeypatch.setattr(fxsparse.layout, "SPLIT_MIN_CHUNK", 2)
-    n = 32 * 40 + (5 if causal else 0)
+    n = 32 * 32 + (5 if causal else 0)
     mask = _global_token_mask(n, 32, heads)
     layout = _layout(mask, 32)
     chunk, rows, chunks, t_chunk, cols, t_chunks = layout.split

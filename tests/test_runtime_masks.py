@@ -272,6 +272,9 @@ def test_packed_layout_is_the_documents_exact_layout(causal):
     assert one.batch == 1 and one.shape == (80, 80)
     with pytest.raises(ValueError, match="lengths must be an integer"):
         packed_layout(torch.tensor([1.5, 2.0]), 4)
+    for total in (None, 64):  # a negative length: named, with or without the total
+        with pytest.raises(ValueError, match="lengths must be >= 0, got -3"):
+            packed_layout(torch.tensor([[40, -3, 20], [10, 10, 0]]), total)
 
 
 @pytest.mark.interpret
