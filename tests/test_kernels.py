@@ -243,14 +243,21 @@ def test_kv_through_tensor_descriptors(dtype, packed, monkeypatch):
 
 def _global_token_mask(n: int, bs: int, heads: int = 0) -> torch.Tensor:
     """A band one block wide plus global tokens: query rows 0 and 5 * bs + 3 see every key, key columns 0
-    and 7 * bs + 1 are seen by every query (with heads, one mask per head, the others shifted)."""
+    and 7 * bs + 1 are seen by every query. With heads, one mask per head: the odd heads have only the
+    first global row and column (fewer long lists than the widest head), shifted along both axes."""
     i = torch.arange(n)
-    m = (i[:, None] - i[None, :]).abs() <= bs
-    m[0, :] = m[5 * bs + 3, :] = True
-    m[:, 0] = m[:, 7 * bs + 1] = True
-    if heads:
-        m = torch.stack([m.roll((3 * bs * h, 2 * bs * h), (0, 1)) for h in range(heads)])
-    return m
+    band = (i[:, None] - i[None, :]).abs() <= bs
+
+    def one(rows, cols):
+        m = band.clone()
+        m[rows, :] = True
+        m[:, cols] = True
+        return m
+
+    if not heads:
+        return one([0, 5 * bs + 3], [0, 7 * bs + 1])
+    return torch.stack([one([0, 5 * bs + 3], [0, 7 * bs + 1]) if h % 2 == 0
+                        else one([0], [0]).roll((3 * bs, 2 * bs), (0, 1)) for h in range(heads)])
 
 
 @pytest.mark.parametrize("causal,hkv,heads,bias", [(True, 1, 0, False), (False, 2, 2, True)],
@@ -264,6 +271,8 @@ def test_long_rows_and_columns_split_across_programs(causal, hkv, heads, bias, m
     layout = _layout(mask, 32)
     chunk, rows, chunks, t_chunk, cols, t_chunks = layout.split
     assert rows == 2 and cols == 2 and chunks >= 3 and t_chunks >= 3
+    if heads:  # the odd head has one long row and column: the programs for the widest head's second do nothing
+        assert (layout.long_rows[0, 1] > 0).sum() == 1 and (layout.t_long_cols[0, 1] > 0).sum() == 1
     q, k, v = qkv(1, 2, hkv, n, n, 16, device=DEVICE, seed=21)
     b = torch.randn(1, 2, n, n, generator=gen(22)).to(DEVICE).requires_grad_() if bias else None
     compare_with_oracle(functools.partial(op, options=fxsparse.KernelOptions(refine=False)), q, k, v, mask,
