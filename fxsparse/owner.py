@@ -37,7 +37,7 @@ from torch import fx, nn
 from torch.overrides import TorchFunctionMode
 
 from . import capture, deferred, match, rewrite
-from .site import SiteAttention, SiteError
+from .site import SiteAttention, SiteError, capturing
 
 _REDIRECTED = {F.scaled_dot_product_attention: "sdpa", F.multi_head_attention_forward: "mha"}
 
@@ -223,6 +223,8 @@ def _sdpa_bias(attn_mask, query):
     if attn_mask is None or attn_mask.dtype != torch.bool:
         return attn_mask
     if torch.compiler.is_compiling():  # no data_ptr under a compiler; it dedups the conversion itself
+        return rewrite.sdpa_bias(attn_mask, query)
+    if capturing(attn_mask):  # into a CUDA graph: the conversion must be captured, so a replay converts new data
         return rewrite.sdpa_bias(attn_mask, query)
     key = (attn_mask.data_ptr(), attn_mask._version, tuple(attn_mask.shape), attn_mask.stride(), query.dtype)
     if _SDPA_BIAS.get("key") != key:

@@ -282,6 +282,12 @@ def _on_device(data, device):
     return moved
 
 
+def capturing(t: torch.Tensor) -> bool:
+    """Whether work on t's device is being captured into a CUDA graph: per-call results must then be
+    computed inside the capture, not reused from before it (a replay runs only the captured kernels)."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 FOLD_CACHE_SIZE = 4  # runtime masks whose folded layouts are kept (least recently used out first)
 _FOLDED: OrderedDict = OrderedDict()  # (id, version of the mask, ...) -> (weak ref to it, layout, bias dropped)
 
@@ -304,7 +310,9 @@ def _fold_mask_bias(layout: Layout, bias, mask=None):
     and reductions for others), once per mask tensor: every layer of a model gets the same one, so the
     result is kept (keyed by the tensor's identity and version, and checked against a weak reference
     to it, so a new tensor that reuses a freed one's identity is folded afresh and nothing is kept
-    alive). Eager calls only: a traced site runs its bias as it is.
+    alive). Eager calls only: a traced site runs its bias as it is. While a CUDA graph is captured
+    nothing is kept or reused: the fold's kernels must be in the graph, so that a replay with new mask
+    data folds that data.
     """
     if bias is None or layout.density != 1.0 or bias.dim() != 4 or bias.shape[-1] != layout.shape[1]:
         return layout, bias
@@ -312,6 +320,9 @@ def _fold_mask_bias(layout: Layout, bias, mask=None):
         return layout, bias
     source = mask if mask is not None and mask.dtype == torch.bool and mask.dim() == 4 else None
     held = bias if source is None else source
+    if capturing(held):
+        folded, kept = _fold(layout, bias, source)
+        return folded, kept
     key = (id(held), held._version, source is None, layout.block_size, tuple(layout.shape))
     hit = _FOLDED.get(key)
     if hit is not None and hit[0]() is held:

@@ -287,3 +287,32 @@ def test_packed_layout_through_the_kernels():
     mask = (mask & torch.ones(128, 128, dtype=torch.bool).tril())[:, None]
     q, k, v = qkv(2, 2, 1, 128, 128, 32, seed=15)
     compare_with_oracle(fxsparse.sparse_attention, q, k, v, mask, op_mask=layout, causal=True)
+
+
+def test_nothing_reused_while_a_cuda_graph_is_captured(monkeypatch):
+    """A fold or a bool mask made additive before a CUDA graph's capture must not be reused inside it:
+    a replay runs only the captured kernels, so with new data in the mask's buffer it would read the
+    old result. While capturing (stood in for here), each call computes its own, and nothing is kept."""
+    import fxsparse.owner as owner
+
+    n = 64
+    base = P.dense(block_size=32).layout(n, n)
+    keep = padded_keys(2, n, seed=12)[:, None, None, :].expand(2, 1, n, n)
+    bias = torch.zeros(2, 1, n, n).masked_fill(~keep, torch.finfo(torch.float32).min)
+    q = torch.zeros(2, 2, n, 16)
+    folds = []
+    real_fold = fxsparse.site._fold
+    monkeypatch.setattr(fxsparse.site, "_fold", lambda *a: folds.append(1) or real_fold(*a))
+    fxsparse.site._FOLDED.clear()
+    owner._SDPA_BIAS.clear()
+    first = _fold_mask_bias(base, bias)
+    assert _fold_mask_bias(base, bias)[0] is first[0] and len(folds) == 1  # eager: folded once for every layer
+    assert owner._sdpa_bias(keep, q) is owner._sdpa_bias(keep, q)
+    monkeypatch.setattr(fxsparse.site, "capturing", lambda t: True)
+    monkeypatch.setattr(owner, "capturing", lambda t: True)
+    fxsparse.site._FOLDED.clear()
+    a, b = _fold_mask_bias(base, bias), _fold_mask_bias(base, bias)
+    assert a[0] is not b[0] and len(folds) == 3 and not fxsparse.site._FOLDED
+    assert torch.equal(a[0].data, first[0].data)
+    x, y = owner._sdpa_bias(keep, q), owner._sdpa_bias(keep, q)
+    assert x is not y and torch.equal(x, y)
