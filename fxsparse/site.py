@@ -130,6 +130,12 @@ class SiteAttention(nn.Module):
             raise SiteError(f"{self.site.where}: {err}") from err
         return _from_4d(out, rank, lead)
 
+    def traced_layout(self, q, k, v, bias):
+        """(layout, bias) of a call through the site op (compiled or exported): the kernels' Layout with
+        the model's mask in ``bias`` folded in where `skip_padding` allows it (`_fold_mask_bias`)."""
+        layout = self.kernel_layout_for(q, k, v)
+        return _fold_mask_bias(layout, bias) if self.skip_padding else (layout, bias)
+
     def kernel_layout_for(self, q, k, v) -> Layout:
         """The Layout the kernels walk for these inputs, whatever mask_fn said (dense: all blocks)."""
         shape = (q.shape[-2], k.shape[-2])
@@ -212,9 +218,8 @@ def _site(uid: int) -> "SiteAttention":
 @torch.library.custom_op("fxsparse::site_attention", mutates_args=())
 def _site_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor], scale: float,
              causal: bool, site: int) -> tuple[torch.Tensor, torch.Tensor]:
-    s = _site(site)
-    return op.layout_forward(q, k, v, s.kernel_layout_for(q, k, v), scale=scale, bias=bias, causal=causal,
-                             options=s.options)
+    layout, bias = _site(site).traced_layout(q, k, v, bias)
+    return op.layout_forward(q, k, v, layout, scale=scale, bias=bias, causal=causal, options=_site(site).options)
 
 
 @_site_op.register_fake
@@ -229,9 +234,9 @@ def _(q, k, v, bias, scale, causal, site):
 def _site_backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                       lse: torch.Tensor, bias: Optional[torch.Tensor], scale: float, causal: bool, site: int,
                       bias_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    s = _site(site)
-    dq, dk, dv, dbias = op.layout_backward(dout, q, k, v, out, lse, s.kernel_layout_for(q, k, v), scale=scale,
-                                           bias=bias, causal=causal, bias_grad=bias_grad, options=s.options)
+    layout, _ = _site(site).traced_layout(q, k, v, bias)  # the bias stays: it is not SDPA's bool mask
+    dq, dk, dv, dbias = op.layout_backward(dout, q, k, v, out, lse, layout, scale=scale, bias=bias, causal=causal,
+                                           bias_grad=bias_grad, options=_site(site).options)
     dbias = dbias if dbias is not None else q.new_empty(0)
     return dq.contiguous(), dk.contiguous(), dv.contiguous(), dbias
 
@@ -310,7 +315,7 @@ def _fold_mask_bias(layout: Layout, bias, mask=None):
     and reductions for others), once per mask tensor: every layer of a model gets the same one, so the
     result is kept (keyed by the tensor's identity and version, and checked against a weak reference
     to it, so a new tensor that reuses a freed one's identity is folded afresh and nothing is kept
-    alive). Eager calls only: a traced site runs its bias as it is. While a CUDA graph is captured
+    alive). A traced site (the site op) folds its bias when the op runs. While a CUDA graph is captured
     nothing is kept or reused: the fold's kernels must be in the graph, so that a replay with new mask
     data folds that data.
     """

@@ -211,10 +211,13 @@ def test_fold_keeps_a_window_inside_one_partial_block(with_mask):
 
 
 def test_compiled_transformed_model_keeps_the_mask(monkeypatch):
-    """Under torch.compile the site runs as one op that gets the mask as its bias (no fold, which keys
-    its results by tensor identity): the same result."""
-    folds = []
+    """Under torch.compile the site runs as one op that gets the mask as its bias; the op folds it into
+    the layout when it runs (the bias stays): the same result as eager and the model."""
+    folds, walked = [], []
     monkeypatch.setattr(fxsparse.site, "_fold_mask_bias", lambda *a: folds.append(1) or _fold_mask_bias(*a))
+    forward = fxsparse.op.layout_forward
+    monkeypatch.setattr(fxsparse.op, "layout_forward", lambda q, k, v, layout, **kw: walked.append(layout) or
+                        forward(q, k, v, layout, **kw))
     q, k, v = qkv(2, 2, 2, 96, 96, 16, seed=9, grad=False)
     keep = padded_keys(2, 96, seed=10)[:, None, None, :].expand(2, 1, 96, 96)
     keep = keep | ~keep.any(-1, keepdim=True)  # SDPA's compiled math path differs on rows with no key
@@ -225,9 +228,11 @@ def test_compiled_transformed_model_keeps_the_mask(monkeypatch):
         eager = sparse(q, k, v, keep)
         eager_folds = len(folds)
         compiled = torch.compile(sparse, backend="aot_eager", fullgraph=True)(q, k, v, keep)
-    assert eager_folds > 0 and len(folds) == eager_folds, "a compiled site runs the site op, which takes the bias as it is"
+    assert eager_folds > 0 and len(folds) > eager_folds, "a compiled site's op folds the mask too"
+    # the op walked the folded layout: one per sample, without the padded keys' blocks
+    assert walked and all(lay.batch == 2 and bool((lay.kinds == Layout.EMPTY).any()) for lay in walked)
     assert_close(eager, want, what="eager, folded")
-    assert_close(compiled, want, what="compiled")
+    assert_close(compiled, want, what="compiled, folded")
 
 
 @pytest.mark.interpret
