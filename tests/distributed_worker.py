@@ -1,6 +1,7 @@
 """Run by tests/test_distributed.py under `torchrun --nproc_per_node 2` (gloo, CPU): DDP and FSDP2
 (``fully_shard`` per block, then the root) over a transformed timm ViT; loss and every gradient
 must equal a one-process full-batch reference."""
+import os
 import sys
 
 import timm
@@ -63,8 +64,13 @@ def main(kind):
     if rank == 0:
         print(f"{kind}: loss rel err {err:.2e}, worst gradient rel err {worst:.2e}")
     assert err < 1e-5 and worst < 1e-4, (err, worst)
+    dist.barrier()  # both ranks done with every collective before the group goes
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    # checked and torn down: leave without the interpreter's shutdown, where a thread the collectives left
+    # behind once aborted the process after both ranks had passed
+    sys.stdout.flush()
+    os._exit(0)
