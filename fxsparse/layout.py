@@ -315,7 +315,7 @@ class Layout:
             return cls.from_mask_mod(mask_mod, nq, nk, batch=batch, heads=heads, block_size=bs).to(dev)
         classify = None
         if hasattr(mask_mod, "block_kinds"):
-            classify = mask_mod.block_kinds(nq, nk, bs, torch.device("cpu") if device is None else torch.device(device))
+            classify = mask_mod.block_kinds(nq, nk, bs, dev)
         out = build_tables(mask_mod, nq, nk, bl, hl, bs, device, classify)
         out.mask_mod = mask_mod
         return out

@@ -222,9 +222,9 @@ _SDPA_BIAS: dict = {}  # the last bool mask made additive: every layer of a mode
 def _sdpa_bias(attn_mask, query):
     if attn_mask is None or attn_mask.dtype != torch.bool:
         return attn_mask
-    if torch.compiler.is_compiling():  # no data_ptr under a compiler; it dedups the conversion itself
-        return rewrite.sdpa_bias(attn_mask, query)
-    if capturing(attn_mask):  # into a CUDA graph: the conversion must be captured, so a replay converts new data
+    # nothing reused under a compiler (no data_ptr; it dedups the conversion itself) nor into a CUDA graph
+    # (the conversion must be captured, so a replay converts new data)
+    if torch.compiler.is_compiling() or capturing(attn_mask):
         return rewrite.sdpa_bias(attn_mask, query)
     key = (attn_mask.data_ptr(), attn_mask._version, tuple(attn_mask.shape), attn_mask.stride(), query.dtype)
     if _SDPA_BIAS.get("key") != key:

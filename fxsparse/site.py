@@ -218,8 +218,9 @@ def _site(uid: int) -> "SiteAttention":
 @torch.library.custom_op("fxsparse::site_attention", mutates_args=())
 def _site_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor], scale: float,
              causal: bool, site: int) -> tuple[torch.Tensor, torch.Tensor]:
-    layout, bias = _site(site).traced_layout(q, k, v, bias)
-    return op.layout_forward(q, k, v, layout, scale=scale, bias=bias, causal=causal, options=_site(site).options)
+    s = _site(site)
+    layout, bias = s.traced_layout(q, k, v, bias)
+    return op.layout_forward(q, k, v, layout, scale=scale, bias=bias, causal=causal, options=s.options)
 
 
 @_site_op.register_fake
@@ -234,9 +235,10 @@ def _(q, k, v, bias, scale, causal, site):
 def _site_backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                       lse: torch.Tensor, bias: Optional[torch.Tensor], scale: float, causal: bool, site: int,
                       bias_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    layout, _ = _site(site).traced_layout(q, k, v, bias)  # the bias stays: it is not SDPA's bool mask
+    s = _site(site)
+    layout, _ = s.traced_layout(q, k, v, bias)  # the bias stays: it is not SDPA's bool mask
     dq, dk, dv, dbias = op.layout_backward(dout, q, k, v, out, lse, layout, scale=scale, bias=bias, causal=causal,
-                                           bias_grad=bias_grad, options=_site(site).options)
+                                           bias_grad=bias_grad, options=s.options)
     dbias = dbias if dbias is not None else q.new_empty(0)
     return dq.contiguous(), dk.contiguous(), dv.contiguous(), dbias
 
@@ -326,8 +328,7 @@ def _fold_mask_bias(layout: Layout, bias, mask=None):
     source = mask if mask is not None and mask.dtype == torch.bool and mask.dim() == 4 else None
     held = bias if source is None else source
     if capturing(held):
-        folded, kept = _fold(layout, bias, source)
-        return folded, kept
+        return _fold(layout, bias, source)
     key = (id(held), held._version, source is None, layout.block_size, tuple(layout.shape))
     hit = _FOLDED.get(key)
     if hit is not None and hit[0]() is held:

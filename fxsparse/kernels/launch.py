@@ -82,11 +82,13 @@ def _split(tables, options) -> tuple:
     return (split[:3] if split[1] else None), (split[3:] if split[4] else None)
 
 
-def _work(n: int, split, block: int, width: int, device) -> torch.Tensor:
+def _work(n: int, split, block: int, width: int, spare: torch.Tensor) -> torch.Tensor:
     """The float32 workspace of a split launch: per (batch, head) slice, long block and chunk, `width`
-    floats for each of the block's rows."""
-    size = n * split[1] * split[2] * block * width if split else 1
-    return torch.empty(size, dtype=torch.float32, device=device)
+    floats for each of the block's rows. Without a split the kernels never read it: ``spare`` (a float32
+    tensor of the call) stands in, so an unsplit call allocates nothing more."""
+    if not split:
+        return spare
+    return torch.empty(n * split[1] * split[2] * block * width, dtype=torch.float32, device=spare.device)
 
 
 def _bias_args(bias, q, nk):
@@ -279,7 +281,7 @@ def forward(q, k, v, tables, bias, scale, block, causal, out, options: KernelOpt
                   FOLD=scale > 0 and options.forward_fold, TMA=tma, SPLIT=split is not None)
     scalars = (*fwd_offsets, *long_offsets, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *bstr, slot_b,
                slot_h, h, h // hkv, nq, nk, nqb, nkb, scale * LOG2E, *(split or (0, 0, 0)))
-    work = _work(b * h, split, block, dv_pad + 2, q.device)  # each row: its unnormalised output, max and sum
+    work = _work(b * h, split, block, dv_pad + 2, lse)  # each row: its unnormalised output, max and sum
 
     def launch(plan: LaunchConfig):
         kd, vd = _tile_descriptors(k, v, plan.cols) if tma else (k, v)
@@ -327,8 +329,8 @@ def backward(dout, q, k, v, out, lse, tables, bias, scale, block, causal, bias_g
                   nkb, scale, scale * LOG2E, *(row_split or (0, 0, 0)))
     dkdv_scalars = (*bwd_offsets, *t_long_offsets, *io_strides, *bias_slots, h, hkv, h // hkv, nq, nk, nqb, nkb, scale,
                     scale * LOG2E, *(col_split or (0, 0, 0)))
-    dq_work = _work(b * h, row_split, block, d_pad, q.device)  # each row: its partial dq
-    dkdv_work = _work(b * hkv, col_split, block, d_pad + dv_pad, q.device)  # each kv row: partial dk, dv
+    dq_work = _work(b * h, row_split, block, d_pad, delta)  # each row: its partial dq
+    dkdv_work = _work(b * hkv, col_split, block, d_pad + dv_pad, delta)  # each kv row: partial dk, dv
 
     def launch_dq(plan: LaunchConfig):  # rows: query rows, cols: kv rows
         kd, vd = _tile_descriptors(k, v, plan.cols) if dq_tma else (k, v)
