@@ -255,8 +255,10 @@ def bert_padding(rows, quick):
     for site in fxsparse.site.site_modules(unfolded):  # the padding stays an additive bias over every block
         site.skip_padding = False
     results = {}
+    nets = (("fxsparse", sparse), ("dense", model), ("unfolded", unfolded),
+            ("fxsparse compiled", torch.compile(sparse)), ("dense compiled", torch.compile(model)))
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-        for method, net in (("fxsparse", sparse), ("dense", model), ("unfolded", unfolded)) * 2:
+        for method, net in nets * 2:
             t = timed(lambda net=net: net(input_ids=ids, attention_mask=mask))
             results[method] = min(t, results.get(method, t))
     name = f"BERT-base shape, {n} tok, half of each sample padding"
@@ -264,6 +266,8 @@ def bert_padding(rows, quick):
                      fxsparse=results["fxsparse"]))
     rows.append(dict(model=name + " (skip_padding=False)", batch=4, mode="forward", density=1.0,
                      dense=results["dense"], fxsparse=results["unfolded"]))
+    rows.append(dict(model=name + " (both torch.compile'd)", batch=4, mode="forward", density=0.5,
+                     dense=results["dense compiled"], fxsparse=results["fxsparse compiled"]))
     with torch.no_grad():
         got = sparse(input_ids=ids, attention_mask=mask).last_hidden_state[:, : n // 2]
         want = model(input_ids=ids, attention_mask=mask).last_hidden_state[:, : n // 2]

@@ -527,6 +527,34 @@ def _assemble(dims, bits, bs: int, shape, device, fill, density=None, causal=Non
 
     kinds, mask_id = view("kinds"), view("mask_id")
     fill(kinds, mask_id)
+    bits_at = offsets["bits"][0]
+    data[bits_at: bits_at + words] = bits.reshape(-1)
+    if build_kernels(data.device):  # three Triton launches (fxsparse.kernels.build), the same tables
+        from .kernels.build import write_lists
+
+        write_lists(data, offsets, dims, bs, bits.shape[0])
+    else:
+        _write_lists(view, kinds, mask_id, bits, dims, data, bits_at + words)
+    split = ()
+    data[offsets["long_index"][0]: offsets["bits"][0]].zero_()  # no split until _facts finds one
+    if density is None or causal is None:
+        got_density, got_causal, split = _facts(view, kinds, mask_id, bits, bs, nq, nk)
+        density = got_density if density is None else density
+        causal = got_causal if causal is None else causal
+    return Layout(block_size=bs, shape=(nq, nk), batch=bl, num_heads=hl, data=data, density=density,
+                  causal=causal, split=split)
+
+
+def build_kernels(device) -> bool:
+    """Whether a build runs Triton kernels (``fxsparse.kernels.build``: on a GPU) or torch operations."""
+    return torch.device(device).type == "cuda"
+
+
+def _write_lists(view, kinds, mask_id, bits, dims, data, t_bits_at: int) -> None:
+    """`_assemble`'s lists and transposed masks in torch operations, a bounded number of block rows
+    (columns) at a time: the path for CPU tensors and the oracle of ``fxsparse.kernels.build``."""
+    bl, hl, nqb, nkb = dims
+    device = data.device
     cols = torch.arange(nkb, device=device, dtype=torch.int32)
     step = max(1, _CHUNK // max(1, bl * hl * nkb))
     for qb0 in range(0, nqb, step):  # forward tables: per query block, its kv blocks
@@ -546,17 +574,7 @@ def _assemble(dims, bits, bs: int, shape, device, fill, density=None, causal=Non
             pos = _lists_into(k == kind, -1, rows, view("t_" + name + "_num")[:, :, kb0: kb0 + step],
                               view("t_" + name + "_idx")[:, :, kb0: kb0 + step])
         view("t_part_mid")[:, :, kb0: kb0 + step].scatter_(-1, pos, mask_id[:, :, :, kb0: kb0 + step].transpose(-1, -2))
-    bits_at = offsets["bits"][0]
-    data[bits_at: bits_at + words] = bits.reshape(-1)
-    data[bits_at + words:] = _pack_bits(unpack_bits(bits).transpose(-1, -2)).reshape(-1)
-    split = ()
-    data[offsets["long_index"][0]: offsets["bits"][0]].zero_()  # no split until _facts finds one
-    if density is None or causal is None:
-        got_density, got_causal, split = _facts(view, kinds, mask_id, bits, bs, nq, nk)
-        density = got_density if density is None else density
-        causal = got_causal if causal is None else causal
-    return Layout(block_size=bs, shape=(nq, nk), batch=bl, num_heads=hl, data=data, density=density,
-                  causal=causal, split=split)
+    data[t_bits_at:] = _pack_bits(unpack_bits(bits).transpose(-1, -2)).reshape(-1)
 
 
 _UPPER: dict = {}

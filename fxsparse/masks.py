@@ -38,6 +38,7 @@ import os
 
 import torch
 
+from . import layout as layout_module
 from .layout import (
     DEFAULT_BLOCK_SIZE,
     EMPTY,
@@ -404,8 +405,19 @@ def mask_keep(mask: torch.Tensor, q_len: int, what: str) -> torch.Tensor:
 
 def block_tables(keep: torch.Tensor, bs: int):
     """(kinds, mask ids, packed masks) of a bool token mask [Bl, Hl, Nq, Nk] in blocks of ``bs``, with
-    nothing read back to the host: kinds by one reshape and two reductions, and every block its own
-    packed mask (P = all blocks; the partial ones point to theirs). Memory: a few bytes per mask entry."""
+    nothing read back to the host, every block its own packed mask (P = all blocks; the partial ones
+    point to theirs). On a GPU one Triton pass over the mask (``fxsparse.kernels.build``), else
+    `_block_tables_torch`."""
+    if layout_module.build_kernels(keep.device):
+        from .kernels.build import block_tables as build
+
+        return build(keep, bs)
+    return _block_tables_torch(keep, bs)
+
+
+def _block_tables_torch(keep: torch.Tensor, bs: int):
+    """block_tables in torch operations: kinds by one reshape and two reductions, the masks packed from
+    the same reshape. Memory: a few bytes per mask entry. The CPU path and the Triton build's oracle."""
     bl, hl, nq, nk = keep.shape
     nqb, nkb = math.ceil(nq / bs), math.ceil(nk / bs)
     padded = keep

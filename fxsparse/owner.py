@@ -37,7 +37,7 @@ from torch import fx, nn
 from torch.overrides import TorchFunctionMode
 
 from . import capture, deferred, match, rewrite
-from .site import SiteAttention, SiteError, capturing
+from .site import SiteAttention, SiteError
 
 _REDIRECTED = {F.scaled_dot_product_attention: "sdpa", F.multi_head_attention_forward: "mha"}
 
@@ -212,25 +212,9 @@ def _sdpa_to_site(site: SiteAttention, query, key, value, attn_mask=None, dropou
         raise SiteError(
             f"{site.site.where}: attention dropout p={dropout_p} is active (training mode); the sparse op has no "
             "dropout: set the model's attention dropout to 0 (HF: `attention_dropout=0.0`), or call `.eval()`")
-    mask = attn_mask if attn_mask is not None and attn_mask.dtype == torch.bool else None
-    return site(query, key, value, bias=_sdpa_bias(attn_mask, query), scale=scale, causal=bool(is_causal), mask=mask)
-
-
-_SDPA_BIAS: dict = {}  # the last bool mask made additive: every layer of a model passes the same one
-
-
-def _sdpa_bias(attn_mask, query):
-    if attn_mask is None or attn_mask.dtype != torch.bool:
-        return attn_mask
-    # nothing reused under a compiler (no data_ptr; it dedups the conversion itself) nor into a CUDA graph
-    # (the conversion must be captured, so a replay converts new data)
-    if torch.compiler.is_compiling() or capturing(attn_mask):
-        return rewrite.sdpa_bias(attn_mask, query)
-    key = (attn_mask.data_ptr(), attn_mask._version, tuple(attn_mask.shape), attn_mask.stride(), query.dtype)
-    if _SDPA_BIAS.get("key") != key:
-        _SDPA_BIAS.clear()
-        _SDPA_BIAS.update(key=key, value=rewrite.sdpa_bias(attn_mask, query), mask=attn_mask)
-    return _SDPA_BIAS["value"]
+    if attn_mask is not None and attn_mask.dtype == torch.bool:  # made additive by the site where it must be
+        return site(query, key, value, scale=scale, causal=bool(is_causal), mask=attn_mask)
+    return site(query, key, value, bias=attn_mask, scale=scale, causal=bool(is_causal))
 
 
 def _mha_to_site(site: SiteAttention, query, key, value, embed_dim_to_check, num_heads, in_proj_weight,
@@ -251,8 +235,7 @@ def _mha_to_site(site: SiteAttention, query, key, value, embed_dim_to_check, num
     else:
         q, k, v = rewrite.mha_heads(query, key, value, num_heads, False, None, in_proj_bias,
                                     q_proj_weight, k_proj_weight, v_proj_weight)
-    bias = rewrite.mha_bias(key_padding_mask, attn_mask, q)
-    out = site(q, k, v, bias=bias)
+    out = site(q, k, v, bias=rewrite.mha_bias(key_padding_mask, attn_mask, q))
     y, _ = rewrite.mha_output(out, False, out_proj_weight, out_proj_bias)
     return y, None
 

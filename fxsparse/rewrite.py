@@ -71,11 +71,14 @@ def scale_bias(bias, s, divide):
     return bias / s if divide else bias * s
 
 
-def sdpa_bias(attn_mask, like):
-    """SDPA's attn_mask (bool True = may attend, or additive) as an additive bias."""
-    if attn_mask is None or attn_mask.dtype != torch.bool:
-        return attn_mask
-    return like.new_zeros(()).expand(attn_mask.shape).masked_fill(~attn_mask, float("-inf"))
+def sdpa_additive(attn_mask):
+    """SDPA's attn_mask where it is additive, else None."""
+    return None if attn_mask is None or attn_mask.dtype == torch.bool else attn_mask
+
+
+def sdpa_bool(attn_mask):
+    """SDPA's attn_mask where it is bool (True = may attend), else None."""
+    return attn_mask if attn_mask is not None and attn_mask.dtype == torch.bool else None
 
 
 def mha_heads(query, key, value, num_heads, batch_first, in_proj_weight, in_proj_bias,
@@ -182,10 +185,12 @@ def _emit_attention(gm: fx.GraphModule, m: Match, name: str) -> fx.Node:
             bias = g.call_function(scale_bias, (bias, step[1], step[2]))
     if m.replay is not None:
         bias = _emit_replay(g, m, q0, k0)
-    if m.sdpa_mask is not None:
-        bias = g.call_function(sdpa_bias, (m.sdpa_mask, q))
+    kwargs = {}
+    if m.sdpa_mask is not None:  # a bool mask goes as it is: the site makes it additive where it must
+        bias = g.call_function(sdpa_additive, (m.sdpa_mask,))
+        kwargs["mask"] = g.call_function(sdpa_bool, (m.sdpa_mask,))
     scale = _emit_scale(g, m)
-    out = g.call_module(name, (q, k, v), {"bias": bias, "scale": scale, "causal": m.causal})
+    out = g.call_module(name, (q, k, v), {"bias": bias, "scale": scale, "causal": m.causal, **kwargs})
     if m.einsum is not None:
         out = g.call_function(torch.einsum, (out_eq, out))
     if m.split_heads is not None:

@@ -94,35 +94,36 @@ class SiteAttention(nn.Module):
         return f"{self.site.name!r}, kind={self.site.kind!r}"
 
     def forward(self, q, k, v, bias=None, scale=None, causal=False, mask=None):
-        # mask: the model's bool mask (True = may attend) when ``bias`` is nothing but it made additive
-        # (SDPA's bool attn_mask); it lets the fold of the mask into the layout drop the bias
+        # mask: the model's bool mask (True = may attend; SDPA's bool attn_mask) in place of an additive
+        # bias (or beside it when the bias is nothing but that mask made additive). It is made additive
+        # only where a call needs it: a fold into the layout (`skip_padding`) drops it
         if self.training and self.site.dropout > 0:
             raise SiteError(
                 f"{self.site.where}: attention dropout p={self.site.dropout} is active in training mode; the sparse "
                 "op has no dropout: set the attention dropout to 0, or keep this site dense (mask_fn returns None)"
             )
         rank, lead = q.dim(), q.shape[:-3]
+        if mask is not None and q.dim() != 4:  # the op's [B, H, N, D] form reshapes an additive bias only
+            bias, mask = _additive(bias, mask, q), None
         q, k, v, bias = _as_4d(q, k, v, bias)
-        if op.is_traced(q, k, v, bias):  # compiled, exported or transformed: one opaque op, any length
+        if op.is_traced(q, k, v, bias, mask):  # compiled, exported or transformed: one opaque op, any length
             scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-            out = torch.ops.fxsparse.site_attention(q, k, v, bias, scale, bool(causal), self.uid)[0]
+            out = torch.ops.fxsparse.site_attention(q, k, v, bias, mask, scale, bool(causal), self.uid)[0]
             return _from_4d(out, rank, lead)
         if self.recorder is not None:
-            self.recorder(self.site, q, k, bias, scale, causal)
+            self.recorder(self.site, q, k, _additive(bias, mask, q), scale, causal)
         shape = (q.shape[-2], k.shape[-2])
         entry = self._layouts.get(shape, _MISSING)
         if entry is _MISSING:
             entry = self._prepare(q, k, v)
         try:
             if entry is None:
-                out = _dense_attention(q, k, v, bias, scale, causal)
+                out = _dense_attention(q, k, v, _additive(bias, mask, q), scale, causal)
             elif entry[0] is None:  # few queries: the token mask on SDPA
-                out = _dense_attention(q, k, v, _mask_bias(entry[3], bias, q), scale, causal)
+                out = _dense_attention(q, k, v, _mask_bias(entry[3], _additive(bias, mask, q), q), scale, causal)
             else:
                 name, _, _, built = entry  # the tables come from the buffer, which follows .to(device)
-                layout = self._buffer_layout(name, built)
-                if self.skip_padding:
-                    layout, bias = _fold_mask_bias(layout, bias, mask)
+                layout, bias = self._with_mask(self._buffer_layout(name, built), q, bias, mask)
                 out = sparse_attention(q, k, v, layout, scale=scale, bias=bias, causal=causal, options=self.options)
         except (ValueError, TypeError) as err:
             if isinstance(err, SiteError):
@@ -130,11 +131,16 @@ class SiteAttention(nn.Module):
             raise SiteError(f"{self.site.where}: {err}") from err
         return _from_4d(out, rank, lead)
 
-    def traced_layout(self, q, k, v, bias):
+    def traced_layout(self, q, k, v, bias, mask):
         """(layout, bias) of a call through the site op (compiled or exported): the kernels' Layout with
-        the model's mask in ``bias`` folded in where `skip_padding` allows it (`_fold_mask_bias`)."""
-        layout = self.kernel_layout_for(q, k, v)
-        return _fold_mask_bias(layout, bias) if self.skip_padding else (layout, bias)
+        the model's mask folded in where `skip_padding` allows it, and the bias left to apply."""
+        return self._with_mask(self.kernel_layout_for(q, k, v), q, bias, mask)
+
+    def _with_mask(self, layout: Layout, q, bias, mask):
+        """(layout, bias) of a call given the model's mask as `bias` and / or `mask` (see `forward`)."""
+        if self.skip_padding:
+            return _fold_mask_bias(layout, bias, mask, like=q)
+        return layout, _additive(bias, mask, q)
 
     def kernel_layout_for(self, q, k, v) -> Layout:
         """The Layout the kernels walk for these inputs, whatever mask_fn said (dense: all blocks)."""
@@ -216,15 +222,15 @@ def _site(uid: int) -> "SiteAttention":
 
 
 @torch.library.custom_op("fxsparse::site_attention", mutates_args=())
-def _site_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor], scale: float,
-             causal: bool, site: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _site_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor],
+             mask: Optional[torch.Tensor], scale: float, causal: bool, site: int) -> tuple[torch.Tensor, torch.Tensor]:
     s = _site(site)
-    layout, bias = s.traced_layout(q, k, v, bias)
+    layout, bias = s.traced_layout(q, k, v, bias, mask)
     return op.layout_forward(q, k, v, layout, scale=scale, bias=bias, causal=causal, options=s.options)
 
 
 @_site_op.register_fake
-def _(q, k, v, bias, scale, causal, site):
+def _(q, k, v, bias, mask, scale, causal, site):
     b, h, nq, _ = q.shape
     dv = v.shape[-1]
     out = q.new_empty_strided((b, h, nq, dv), (nq * h * dv, dv, h * dv, 1))
@@ -233,10 +239,11 @@ def _(q, k, v, bias, scale, causal, site):
 
 @torch.library.custom_op("fxsparse::site_attention_backward", mutates_args=())
 def _site_backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                      lse: torch.Tensor, bias: Optional[torch.Tensor], scale: float, causal: bool, site: int,
-                      bias_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                      lse: torch.Tensor, bias: Optional[torch.Tensor], mask: Optional[torch.Tensor], scale: float,
+                      causal: bool, site: int, bias_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                         torch.Tensor]:
     s = _site(site)
-    layout, _ = s.traced_layout(q, k, v, bias)  # the bias stays: it is not SDPA's bool mask
+    layout, bias = s.traced_layout(q, k, v, bias, mask)  # what the forward ran (a dropped bias: None)
     dq, dk, dv, dbias = op.layout_backward(dout, q, k, v, out, lse, layout, scale=scale, bias=bias, causal=causal,
                                            bias_grad=bias_grad, options=s.options)
     dbias = dbias if dbias is not None else q.new_empty(0)
@@ -244,7 +251,7 @@ def _site_backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
 
 
 @_site_backward_op.register_fake
-def _(dout, q, k, v, out, lse, bias, scale, causal, site, bias_grad):
+def _(dout, q, k, v, out, lse, bias, mask, scale, causal, site, bias_grad):
     dbias = torch.empty_like(bias, memory_format=torch.contiguous_format) if bias_grad else q.new_empty(0)
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             torch.empty_like(k, memory_format=torch.contiguous_format),
@@ -252,17 +259,17 @@ def _(dout, q, k, v, out, lse, bias, scale, causal, site, bias_grad):
 
 
 def _site_setup(ctx, inputs, output):
-    q, k, v, bias, scale, causal, site = inputs
-    ctx.save_for_backward(q, k, v, output[0], output[1], bias)
+    q, k, v, bias, mask, scale, causal, site = inputs
+    ctx.save_for_backward(q, k, v, output[0], output[1], bias, mask)
     ctx.scale, ctx.causal, ctx.site = scale, causal, site
     ctx.bias_grad = bias is not None and bias.requires_grad
 
 
 def _site_backward(ctx, dout, dlse):
-    q, k, v, out, lse, bias = ctx.saved_tensors
+    q, k, v, out, lse, bias, mask = ctx.saved_tensors
     dq, dk, dv, dbias = torch.ops.fxsparse.site_attention_backward(
-        dout, q, k, v, out, lse, bias, ctx.scale, ctx.causal, ctx.site, ctx.bias_grad)
-    return dq, dk, dv, (dbias if ctx.bias_grad else None), None, None, None
+        dout, q, k, v, out, lse, bias, mask, ctx.scale, ctx.causal, ctx.site, ctx.bias_grad)
+    return dq, dk, dv, (dbias if ctx.bias_grad else None), None, None, None, None
 
 
 torch.library.register_autograd("fxsparse::site_attention", _site_backward, setup_context=_site_setup)
@@ -299,46 +306,75 @@ FOLD_CACHE_SIZE = 4  # runtime masks whose folded layouts are kept (least recent
 _FOLDED: OrderedDict = OrderedDict()  # (id, version of the mask, ...) -> (weak ref to it, layout, bias dropped)
 
 
-def _fold_mask_bias(layout: Layout, bias, mask=None):
-    """(layout, bias) for a call whose bias holds the model's own mask (padding, packed documents, a
-    causal mask built as a tensor): the blocks that mask removes entirely leave the layout, so they are
-    skipped, not computed and masked. Only where mask_fn keeps every pair (the site is sparse only by
-    the model's mask: density 1), and only for masks shared by every head.
+def _fold_mask_bias(layout: Layout, bias, mask=None, like=None):
+    """(layout, bias) for a call given the model's own mask (padding, packed documents, a causal mask
+    built as a tensor): the blocks that mask removes entirely leave the layout, so they are skipped,
+    not computed and masked. Only where mask_fn keeps every pair (the site is sparse only by the
+    model's mask: density 1), and only for masks shared by every head.
 
-    ``mask``: the model's bool mask (True = may attend) when ``bias`` is nothing but it made additive
-    (SDPA's bool ``attn_mask``): the layout is then the mask's exact layout and the bias is dropped.
-    Otherwise the bias stays and the layout loses the blocks where every entry is masked (at or below
+    ``bias``: an additive bias, or None. ``mask``: the model's bool mask (True = may attend; SDPA's
+    bool ``attn_mask``), given alone (``bias`` None) or with ``bias`` being nothing but it made
+    additive. With a 4-D ``mask`` the layout becomes the mask's exact layout and no bias is left;
+    otherwise the bias stays and the layout loses the blocks where every entry is masked (at or below
     half the dtype's minimum): in the blocks left the bias masks as before, and a skipped block adds
     exactly nothing (exp of the minimum is 0). A query row with no unmasked key keeps all its blocks,
-    so it gives what it gave without the fold. Either way the result is the unfolded call's.
+    so it gives what it gave without the fold. Either way the result is the unfolded call's. Where a
+    bool mask cannot be folded it is returned made additive (in ``like``'s dtype).
 
     Built on the device with a fixed number of vectorised steps and nothing read back to the host
     (``masks.key_padding_layout``'s tables for masks that do not vary along the queries, one reshape
     and reductions for others), once per mask tensor: every layer of a model gets the same one, so the
     result is kept (keyed by the tensor's identity and version, and checked against a weak reference
     to it, so a new tensor that reuses a freed one's identity is folded afresh and nothing is kept
-    alive). A traced site (the site op) folds its bias when the op runs. While a CUDA graph is captured
+    alive). A traced site (the site op) folds its mask when the op runs. While a CUDA graph is captured
     nothing is kept or reused: the fold's kernels must be in the graph, so that a replay with new mask
     data folds that data.
     """
-    if bias is None or layout.density != 1.0 or bias.dim() != 4 or bias.shape[-1] != layout.shape[1]:
-        return layout, bias
-    if not _keeps_every_pair(layout):  # a window inside one partial block also has block density 1
-        return layout, bias
     source = mask if mask is not None and mask.dtype == torch.bool and mask.dim() == 4 else None
     held = bias if source is None else source
+    if (held is None or layout.density != 1.0 or held.dim() != 4 or held.shape[-1] != layout.shape[1]
+            or not _keeps_every_pair(layout)):  # a window inside one partial block also has block density 1
+        return layout, _additive(bias, mask, like)
     if capturing(held):
-        return _fold(layout, bias, source)
-    key = (id(held), held._version, source is None, layout.block_size, tuple(layout.shape))
-    hit = _FOLDED.get(key)
-    if hit is not None and hit[0]() is held:
-        _FOLDED.move_to_end(key)
-        return hit[1], None if hit[2] else bias
-    folded, kept = _fold(layout, bias, source)
-    _FOLDED[key] = (weakref.ref(held), folded, kept is None)  # the bias itself is not kept alive
-    while len(_FOLDED) > FOLD_CACHE_SIZE:
-        _FOLDED.popitem(last=False)
-    return folded, kept
+        folded, dropped = _fold(layout, held, source)
+    else:
+        key = (id(held), held._version, source is None, layout.block_size, tuple(layout.shape))
+        hit = _FOLDED.get(key)
+        if hit is not None and hit[0]() is held:
+            _FOLDED.move_to_end(key)
+            folded, dropped = hit[1], hit[2]
+        else:
+            folded, dropped = _fold(layout, held, source)
+            _FOLDED[key] = (weakref.ref(held), folded, dropped)  # the mask itself is not kept alive
+            while len(_FOLDED) > FOLD_CACHE_SIZE:
+                _FOLDED.popitem(last=False)
+    return folded, None if dropped else _additive(bias, mask, like)
+
+
+def _additive(bias, mask, like):
+    """The bias a call applies: ``bias``, or the bool ``mask`` made additive when no bias is given."""
+    return bias if bias is not None or mask is None else _bool_mask_bias(mask, like)
+
+
+_LAST_BIAS: dict = {}  # "key" -> the last bool mask made additive's key, "value" -> that bias, "mask" -> the mask
+
+
+def _bool_mask_bias(mask, like):
+    """A bool mask (True = may attend) as an additive bias of ``like``'s dtype (0 or -inf). Eager calls
+    reuse the last one made, keyed by the mask's storage, version, shape and strides (every layer of a
+    model passes the same mask; the mask is held, so its storage is not reused meanwhile). Nothing is
+    reused under a compiler (no data_ptr; it dedups the conversion itself) nor into a CUDA graph (the
+    conversion must be captured, so that a replay converts new data)."""
+    if op.is_traced(mask) or capturing(mask):
+        return _to_bias(mask, like)
+    key = (mask.data_ptr(), mask._version, tuple(mask.shape), mask.stride(), mask.device, like.dtype)
+    if _LAST_BIAS.get("key") != key:
+        _LAST_BIAS.update(key=key, value=_to_bias(mask, like), mask=mask)
+    return _LAST_BIAS["value"]
+
+
+def _to_bias(mask, like):
+    return like.new_zeros(()).expand(mask.shape).masked_fill(~mask, float("-inf"))
 
 
 _EVERY_PAIR: "weakref.WeakKeyDictionary[Layout, bool]" = weakref.WeakKeyDictionary()
@@ -363,22 +399,23 @@ def _keeps_every_pair(layout: Layout) -> bool:
     return got
 
 
-def _fold(layout: Layout, bias, mask):
+def _fold(layout: Layout, held, mask) -> tuple:
+    """(the folded layout, whether the model's mask `held` is left out of the bias): `_fold_mask_bias`."""
     nq, nk = layout.shape
     bs = layout.block_size
     try:
-        keep = masks.mask_keep(bias if mask is None else mask, nq, "the site's mask")
+        keep = masks.mask_keep(held, nq, "the site's mask")
     except ValueError:
-        return layout, bias
+        return layout, False
     if keep.dim() == 4 and keep.shape[1] > 1:
-        return layout, bias  # per-head masks stay a bias
+        return layout, False  # per-head masks stay a bias
     nan = float("nan")  # the density of a per-call layout is not computed: it would be read back to the host
     if mask is not None:  # the exact layout of the mask, and no bias
         if keep.dim() == 2:
             tables = masks.key_padding_tables(keep, nq, bs)
         else:
             tables = masks.block_tables(keep.expand(-1, -1, nq, -1), bs)
-        return layout_from_kinds(*tables, bs, (nq, nk), density=nan, causal=False), None
+        return layout_from_kinds(*tables, bs, (nq, nk), density=nan, causal=False), True
     # the bias stays: drop the blocks where it masks everything; a row with no unmasked key keeps them all
     nqb, nkb = layout.num_blocks
     keep = keep | ~keep.any(-1, keepdim=True)
@@ -392,7 +429,7 @@ def _fold(layout: Layout, bias, mask):
         visit = padded.view(-1, 1, nqb, bs, nkb, bs).any(-1).any(-2)  # [B, 1, NQB, NKB]
     kinds = torch.where(visit, layout.kinds, EMPTY).to(torch.int8)
     mask_id = torch.where(visit, layout.mask_id, -1).to(torch.int32)
-    return layout_from_kinds(kinds, mask_id, layout.bits, bs, (nq, nk), density=nan, causal=layout.causal), bias
+    return layout_from_kinds(kinds, mask_id, layout.bits, bs, (nq, nk), density=nan, causal=layout.causal), False
 
 
 def _mask_bias(mask, bias, like):

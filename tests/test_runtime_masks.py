@@ -211,28 +211,36 @@ def test_fold_keeps_a_window_inside_one_partial_block(with_mask):
 
 
 def test_compiled_transformed_model_keeps_the_mask(monkeypatch):
-    """Under torch.compile the site runs as one op that gets the mask as its bias; the op folds it into
-    the layout when it runs (the bias stays): the same result as eager and the model."""
+    """Under torch.compile the site runs as one op that gets the model's bool mask as it is (not made
+    additive in the graph); the op folds it into the layout when it runs, forward and backward, and
+    no bias is left: the same result and gradients as eager and the model."""
     folds, walked = [], []
-    monkeypatch.setattr(fxsparse.site, "_fold_mask_bias", lambda *a: folds.append(1) or _fold_mask_bias(*a))
-    forward = fxsparse.op.layout_forward
-    monkeypatch.setattr(fxsparse.op, "layout_forward", lambda q, k, v, layout, **kw: walked.append(layout) or
-                        forward(q, k, v, layout, **kw))
-    q, k, v = qkv(2, 2, 2, 96, 96, 16, seed=9, grad=False)
+    monkeypatch.setattr(fxsparse.site, "_fold_mask_bias", lambda *a, **kw: folds.append(1) or _fold_mask_bias(*a, **kw))
+    forward, backward = fxsparse.op.layout_forward, fxsparse.op.layout_backward
+    monkeypatch.setattr(fxsparse.op, "layout_forward", lambda q, k, v, layout, **kw: walked.append((layout, kw["bias"]))
+                        or forward(q, k, v, layout, **kw))
+    monkeypatch.setattr(fxsparse.op, "layout_backward", lambda *a, **kw: walked.append((a[6], kw["bias"]))
+                        or backward(*a, **kw))
+    q, k, v = qkv(2, 2, 2, 96, 96, 16, seed=9)
     keep = padded_keys(2, 96, seed=10)[:, None, None, :].expand(2, 1, 96, 96)
     keep = keep | ~keep.any(-1, keepdim=True)  # SDPA's compiled math path differs on rows with no key
     model = MaskedAttention()
     sparse = fxsparse.transform(model, P.dense(block_size=32), example_inputs=(q, k, v, keep))
-    with torch.no_grad():
-        want = model(q, k, v, keep)
-        eager = sparse(q, k, v, keep)
-        eager_folds = len(folds)
-        compiled = torch.compile(sparse, backend="aot_eager", fullgraph=True)(q, k, v, keep)
+    want = model(q, k, v, keep)
+    grads_want = torch.autograd.grad(want.square().sum(), (q, k, v))
+    eager = sparse(q, k, v, keep)
+    eager_folds = len(folds)
+    compiled = torch.compile(sparse, backend="aot_eager", fullgraph=True)(q, k, v, keep)
+    grads = torch.autograd.grad(compiled.square().sum(), (q, k, v))
     assert eager_folds > 0 and len(folds) > eager_folds, "a compiled site's op folds the mask too"
-    # the op walked the folded layout: one per sample, without the padded keys' blocks
-    assert walked and all(lay.batch == 2 and bool((lay.kinds == Layout.EMPTY).any()) for lay in walked)
+    # forward and backward walked the mask's exact layout (one per sample, without the padded keys'
+    # blocks) and applied no bias
+    assert len(walked) == 2 and all(lay.batch == 2 and bool((lay.kinds == Layout.EMPTY).any()) and bias is None
+                                    for lay, bias in walked)
     assert_close(eager, want, what="eager, folded")
     assert_close(compiled, want, what="compiled, folded")
+    for got, ref, name in zip(grads, grads_want, "qkv"):
+        assert_close(got, ref, what=f"compiled, folded: d{name}")
 
 
 @pytest.mark.interpret
@@ -298,8 +306,6 @@ def test_nothing_reused_while_a_cuda_graph_is_captured(monkeypatch):
     """A fold or a bool mask made additive before a CUDA graph's capture must not be reused inside it:
     a replay runs only the captured kernels, so with new data in the mask's buffer it would read the
     old result. While capturing (stood in for here), each call computes its own, and nothing is kept."""
-    import fxsparse.owner as owner
-
     n = 64
     base = P.dense(block_size=32).layout(n, n)
     keep = padded_keys(2, n, seed=12)[:, None, None, :].expand(2, 1, n, n)
@@ -309,15 +315,14 @@ def test_nothing_reused_while_a_cuda_graph_is_captured(monkeypatch):
     real_fold = fxsparse.site._fold
     monkeypatch.setattr(fxsparse.site, "_fold", lambda *a: folds.append(1) or real_fold(*a))
     fxsparse.site._FOLDED.clear()
-    owner._SDPA_BIAS.clear()
+    fxsparse.site._LAST_BIAS.clear()
     first = _fold_mask_bias(base, bias)
     assert _fold_mask_bias(base, bias)[0] is first[0] and len(folds) == 1  # eager: folded once for every layer
-    assert owner._sdpa_bias(keep, q) is owner._sdpa_bias(keep, q)
+    assert fxsparse.site._bool_mask_bias(keep, q) is fxsparse.site._bool_mask_bias(keep, q)
     monkeypatch.setattr(fxsparse.site, "capturing", lambda t: True)
-    monkeypatch.setattr(owner, "capturing", lambda t: True)
     fxsparse.site._FOLDED.clear()
     a, b = _fold_mask_bias(base, bias), _fold_mask_bias(base, bias)
     assert a[0] is not b[0] and len(folds) == 3 and not fxsparse.site._FOLDED
     assert torch.equal(a[0].data, first[0].data)
-    x, y = owner._sdpa_bias(keep, q), owner._sdpa_bias(keep, q)
+    x, y = fxsparse.site._bool_mask_bias(keep, q), fxsparse.site._bool_mask_bias(keep, q)
     assert x is not y and torch.equal(x, y)
