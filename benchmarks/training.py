@@ -38,7 +38,6 @@ import fxsparse
 from fxsparse import patterns
 from fxsparse.masks import _packed_layout_torch, document_ids, document_layout, packed_layout
 from fxsparse.op import kernel_layout
-from fxsparse.rewrite import sdpa_bias
 from fxsparse.site import _fold_mask_bias
 
 
@@ -75,6 +74,9 @@ def padding(rows, quick):
     def model_mask():  # a new mask tensor every forward, as a model makes it (HF: key padding expanded)
         return keep[:, None, None, :].expand(b, 1, n, n)
 
+    def additive(mask):
+        return torch.zeros((), dtype=q.dtype, device="cuda").expand(mask.shape).masked_fill(~mask, float("-inf"))
+
     def sdpa(mask, grad):
         for _ in range(layers):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
@@ -83,11 +85,13 @@ def padding(rows, quick):
 
     def sparse(mode):
         def run(mask, grad):
-            bias = sdpa_bias(mask, q)  # the owner hands the site the mask made additive, once per forward
+            # the site gets SDPA's bool mask ("fold"); the other two stand for a model that hands its
+            # attention the mask made additive (HuggingFace's eager attention), once per forward
+            bias = None if mode == "fold" else additive(mask)
             for _ in range(layers):
                 layout, bi = base, bias
                 if mode == "fold":
-                    layout, bi = _fold_mask_bias(base, bias, mask)
+                    layout, bi = _fold_mask_bias(base, None, mask, like=q)
                 elif mode == "fold, bias kept":
                     layout, bi = _fold_mask_bias(base, bias)
                 out = fxsparse.sparse_attention(q, k, v, layout, bias=bi)
@@ -109,7 +113,7 @@ def padding(rows, quick):
     with torch.no_grad():  # exactness on the real query rows, fp32
         qf, kf, vf = (t.detach().float() for t in (q, k, v))
         mask = model_mask()
-        layout, bias = _fold_mask_bias(base, sdpa_bias(mask, qf), mask)
+        layout, bias = _fold_mask_bias(base, None, mask, like=qf)
         got = fxsparse.sparse_attention(qf, kf, vf, layout, bias=bias)
         want = F.scaled_dot_product_attention(qf, kf, vf, attn_mask=mask)
         real = keep[:, None, :, None]

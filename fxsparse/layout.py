@@ -308,11 +308,6 @@ class Layout:
         hl = 1 if heads is None else check_count(heads, "heads", 1)
         bs = check_block_size_any(block_size)
         dev = torch.device("cpu") if device is None else torch.device(device)
-        if (dev.type != "cpu" and getattr(mask_mod, "index_arithmetic", False)
-                and bl * hl * math.ceil(nq / bs) * math.ceil(nk / bs) <= HOST_BUILD_BLOCKS):
-            # a small layout of a pattern: its ~200 small steps cost a GPU launch each, more than they cost
-            # the host; built there and copied over at once
-            return cls.from_mask_mod(mask_mod, nq, nk, batch=batch, heads=heads, block_size=bs).to(dev)
         classify = None
         if hasattr(mask_mod, "block_kinds"):
             classify = mask_mod.block_kinds(nq, nk, bs, dev)
@@ -588,10 +583,6 @@ def _strict_upper(bs: int, device) -> torch.Tensor:
         _UPPER[key] = _pack_bits((r[None, :] > r[:, None])[None])[0]
     return _UPPER[key]
 
-
-# Layouts of index-arithmetic mask_mods (`fxsparse.patterns`) with at most this many blocks are built on the
-# host and copied to their device: 16k tokens in 128-blocks build in ~2 ms there against ~5 ms of launches
-HOST_BUILD_BLOCKS = 1 << 16
 
 # A query block is split across programs when it visits more than 2 * chunk kv blocks, chunk being twice
 # the mean visit count and at least SPLIT_MIN_CHUNK blocks (see `Layout.split`)

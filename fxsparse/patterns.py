@@ -229,7 +229,6 @@ class BoundMaskMod:
         return self.pattern._mod(self.ctx, b, h, q_idx, kv_idx)
 
     broadcasts = True  # patterns' masks take broadcasting index tensors as well as vmap's 0-d ones
-    index_arithmetic = True  # nothing but the indices: the mask can be evaluated on any device (Layout.from_mask_mod)
 
     @property
     def tile_keys(self):

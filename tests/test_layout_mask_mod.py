@@ -478,17 +478,3 @@ def test_model_mask_layout_forms():
     torch.testing.assert_close(got, want_out, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="query rows"):
         model_mask_layout(torch.zeros(2, 1, 7, 100), 100)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the host build applies to layouts asked for on a GPU")
-@pytest.mark.parametrize("pattern", [P.sliding_window(300, causal=True), P.local_2d(window=2, prefix_tokens=1),
-                                     P.bigbird(64, 2, 3, 1)], ids=["window", "local_2d", "bigbird"])
-def test_small_pattern_layouts_built_on_the_host_equal_the_device_build(pattern, monkeypatch):
-    n = 4097 if "local_2d" in pattern.__name__ else 5000
-    mod = pattern.mask_mod(n, n)
-    host = Layout.from_mask_mod(mod, n, n, block_size=64, device="cuda")
-    monkeypatch.setattr(layout_mod, "HOST_BUILD_BLOCKS", 0)
-    device = Layout.from_mask_mod(mod, n, n, block_size=64, device="cuda")
-    assert host.device.type == device.device.type == "cuda"
-    assert torch.equal(host.to_mask(), device.to_mask()) and torch.equal(host.kinds, device.kinds)
-    assert (host.split, host.causal) == (device.split, device.causal) and host.density == pytest.approx(device.density)
