@@ -127,10 +127,20 @@ def _variants(bs: int, rows_left: int, causal: bool, nqb: int, nkb: int, device)
     return hit
 
 
+KERNEL_PADDING_BYTES = 32 << 20  # key padding's tables by the Triton pass when every block's mask fits in this
+
+
 def key_padding_tables(keep: torch.Tensor, nq: int, bs: int, causal: bool = False):
-    """(kinds [B, 1, NQB, NKB], mask ids, packed masks) of key padding; nothing is read back to the host."""
+    """(kinds [B, 1, NQB, NKB], mask ids, packed masks) of key padding; nothing is read back to the host.
+    Per sample and kv block, its keys' packed mask in at most four variants (edge rows, causal cuts). On a
+    GPU, where every block's own mask takes at most ``KERNEL_PADDING_BYTES`` (twice, with the transposed
+    copy), not causal: ``block_tables`` of the padding expanded along the queries, one Triton pass, where
+    these torch steps are ~20 host-bound launches."""
     b, nk = keep.shape
     nqb, nkb = math.ceil(nq / bs), math.ceil(nk / bs)
+    if (not causal and layout_module.build_kernels(keep.device)
+            and 2 * b * nqb * nkb * bs * bs // 8 <= KERNEL_PADDING_BYTES):
+        return block_tables(keep[:, None, None, :].expand(b, 1, nq, nk), bs)
     words, variant, above = _variants(bs, nq - (nqb - 1) * bs, causal, nqb, nkb, keep.device)
     padded = keep
     if nkb * bs != nk:

@@ -48,8 +48,9 @@ BUILDS = {
                                                            density=float("nan"), causal=False),
     "token mask": lambda: Layout.from_mask(torch.rand(2, 3, 70, 90, generator=gen(3)).to(DEVICE) < 0.2, 32),
     "sliding window": lambda: P.sliding_window(20, causal=True).layout(150, 150, block_size=32, device=DEVICE),
-    "key padding": lambda: masks.model_mask_layout((torch.rand(3, 130, generator=gen(4)) < 0.6).to(DEVICE), 100,
-                                                   block_size=32),
+    # causal key padding keeps its torch tables (per kv block, four variants) on a GPU too
+    "key padding": lambda: masks.key_padding_layout((torch.rand(3, 130, generator=gen(4)) < 0.6).to(DEVICE), 130,
+                                                    block_size=32, causal=True),
     "4-D mask": lambda: masks.model_mask_layout((torch.rand(2, 1, 100, 70, generator=gen(5)) < 0.5).to(DEVICE), 100,
                                                 block_size=32),
 }
@@ -83,3 +84,16 @@ def test_block_tables_kernel_equals_the_torch_build(shape, bs, expand):
     for name, a, b in zip(("kinds", "mask ids", "masks"), got, want):
         assert a.dtype == b.dtype and torch.equal(a, b), f"{name} differ"
     assert bool((want[0] == L.FULL).any()) and bool((want[0] == L.PARTIAL).any()) and bool((want[0] == L.EMPTY).any())
+
+
+def test_key_padding_by_the_block_pass_is_the_same_layout(monkeypatch):
+    """Key padding on a GPU goes through the block pass (every block its own mask) where its masks are
+    small: the same mask and block kinds as the torch tables (per kv block, four variants), and the
+    large case keeps those tables."""
+    keep = (torch.rand(3, 130, generator=gen(6)) < 0.6).to(DEVICE)
+    keep[0, :64] = False
+    want, got = both_builds(monkeypatch, lambda: masks.model_mask_layout(keep, 70, block_size=32))
+    assert got.bits.shape[0] == 3 * 3 * 5 != want.bits.shape[0], "the block pass gives every block its mask"
+    assert torch.equal(got.kinds, want.kinds) and torch.equal(got.to_mask(), want.to_mask())
+    monkeypatch.setattr(masks, "KERNEL_PADDING_BYTES", 0)
+    assert masks.model_mask_layout(keep, 70, block_size=32).bits.shape[0] == want.bits.shape[0]
