@@ -169,7 +169,10 @@ class _Redirect(TorchFunctionMode):
         self.counter[0] += 1
         sites = self.state.sites
         if k >= len(sites) and self.state.route == "discover":
-            self._discover(kind)
+            # nn.MultiheadAttention's inputs come before its projections: one tensor for query and key is
+            # self-attention, two are cross-attention (which patterns keep dense)
+            role = ("self" if args[0] is args[1] else "cross") if kind == "mha" and len(args) > 1 else "?"
+            self._discover(kind, role, self._mha_name(args, kwargs) if kind == "mha" else None)
         if k >= len(sites) or sites[k] is None or self.state.kinds[k] != kind:
             return func(*args, **kwargs)
         site = getattr(self.owner, sites[k])
@@ -191,12 +194,24 @@ class _Redirect(TorchFunctionMode):
 
 
     @torch.compiler.disable
-    def _discover(self, kind: str):
-        """A module the graph could not look into computed an attention: it becomes a site."""
+    def _mha_name(self, args, kwargs) -> Optional[str]:
+        """The path of the nn.MultiheadAttention below the owner whose output projection this call of
+        F.multi_head_attention_forward uses (None when none is)."""
+        weight = args[11] if len(args) > 11 else kwargs.get("out_proj_weight")
+        for path, mod in self.owner.named_modules():
+            if isinstance(mod, nn.MultiheadAttention) and mod.out_proj.weight is weight:
+                return ".".join(p for p in (self.state.path, path) if p)
+        return None
+
+    @torch.compiler.disable
+    def _discover(self, kind: str, role: str = "?", name: Optional[str] = None):
+        """A module the graph could not look into computed an attention: it becomes a site, named after
+        the module that computes it where that is known (else after the owner)."""
         state = self.state
         index = state.next_index[0]
         state.next_index[0] += 1
-        site = SiteAttention(match.AttentionSite(index=index, name=state.path, kind=kind), state.mask_fn)
+        site = SiteAttention(match.AttentionSite(index=index, name=name or state.path, kind=kind, role=role),
+                             state.mask_fn)
         site.owner = state.path
         site.options = state.options
         site.training = self.owner.training

@@ -15,7 +15,7 @@ import inspect
 from typing import Callable, Optional
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 from . import capture, match
 from .options import KernelOptions
@@ -151,16 +151,25 @@ def _discover_inside_leaves(model: nn.Module, sparse: nn.Module, owned: set, mas
     """Modules that a library registers as not traceable (timm's attentions that cache biases per
     device, blocks that pad to windows) were leaves of the graph: those with a forward that
     mentions attention somewhere inside look for it at run time, and each attention they compute becomes a site (listed in the report once it ran)."""
-    leaf_types, _ = capture.library_hints()
-    if not leaf_types:
-        return
+    leaf_types = tuple(capture.library_hints()[0])
     for path, module in model.named_modules():
-        if not isinstance(module, tuple(leaf_types)) or not any(_mentions_attention(type(m)) for m in module.modules()):
+        if isinstance(module, leaf_types) and any(_mentions_attention(type(m)) for m in module.modules()):
+            pass
+        elif not _torch_leaf_holding_mha(module):
             continue
         if _overlaps(path, owned):
             continue
         _discover(sparse, path, mask_fn, options, counter)
         owned.add(path)
+
+
+def _torch_leaf_holding_mha(module: nn.Module) -> bool:
+    """A torch.nn module that torch.fx keeps whole (nn.TransformerEncoderLayer, nn.TransformerEncoder,
+    nn.Transformer, ...) with an nn.MultiheadAttention inside: the graph never sees that attention.
+    Called under its owner's redirect, such a module takes its slow path (a torch function mode is on),
+    which calls the attention the redirect makes a site."""
+    return (not isinstance(module, nn.MultiheadAttention) and fx.Tracer().is_leaf_module(module, "")
+            and any(isinstance(m, nn.MultiheadAttention) for m in module.modules()))
 
 
 def _overlaps(path: str, owned: set) -> bool:

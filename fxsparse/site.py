@@ -303,7 +303,7 @@ def capturing(t: torch.Tensor) -> bool:
 
 
 FOLD_CACHE_SIZE = 4  # runtime masks whose folded layouts are kept (least recently used out first)
-_FOLDED: OrderedDict = OrderedDict()  # (id, version of the mask, ...) -> (weak ref to it, layout, bias dropped)
+_FOLDED: OrderedDict = OrderedDict()  # (id of the mask or the tensor it views, ...) -> (weak ref to that, layout, bias dropped)
 
 
 def _fold_mask_bias(layout: Layout, bias, mask=None, like=None):
@@ -324,9 +324,9 @@ def _fold_mask_bias(layout: Layout, bias, mask=None, like=None):
     Built on the device with a fixed number of vectorised steps and nothing read back to the host
     (``masks.key_padding_layout``'s tables for masks that do not vary along the queries, one reshape
     and reductions for others), once per mask tensor: every layer of a model gets the same one, so the
-    result is kept (keyed by the tensor's identity and version, and checked against a weak reference
-    to it, so a new tensor that reuses a freed one's identity is folded afresh and nothing is kept
-    alive). A traced site (the site op) folds its mask when the op runs. While a CUDA graph is captured
+    result is kept (keyed by the identity of the tensor, or of the tensor it views, with where in it,
+    its shape, strides and version, and checked against a weak reference to that tensor, so a new
+    tensor that reuses a freed one's identity is folded afresh and nothing is kept alive). A traced site (the site op) folds its mask when the op runs. While a CUDA graph is captured
     nothing is kept or reused: the fold's kernels must be in the graph, so that a replay with new mask
     data folds that data.
     """
@@ -338,14 +338,18 @@ def _fold_mask_bias(layout: Layout, bias, mask=None, like=None):
     if capturing(held):
         folded, dropped = _fold(layout, held, source)
     else:
-        key = (id(held), held._version, source is None, layout.block_size, tuple(layout.shape))
+        # a view made per layer of one mask (nn.MultiheadAttention's key padding, unsqueezed at every layer)
+        # is the same mask: keyed by the tensor it views, where in it, and its version
+        anchor = held if held._base is None else held._base
+        key = (id(anchor), held.data_ptr(), tuple(held.shape), held.stride(), held._version, source is None,
+               layout.block_size, tuple(layout.shape))
         hit = _FOLDED.get(key)
-        if hit is not None and hit[0]() is held:
+        if hit is not None and hit[0]() is anchor:
             _FOLDED.move_to_end(key)
             folded, dropped = hit[1], hit[2]
         else:
             folded, dropped = _fold(layout, held, source)
-            _FOLDED[key] = (weakref.ref(held), folded, dropped)  # the mask itself is not kept alive
+            _FOLDED[key] = (weakref.ref(anchor), folded, dropped)  # the mask itself is not kept alive
             while len(_FOLDED) > FOLD_CACHE_SIZE:
                 _FOLDED.popitem(last=False)
     return folded, None if dropped else _additive(bias, mask, like)

@@ -200,6 +200,86 @@ def test_torchvision_vit_multihead_attention():
     assert_close(got, want, what="torchvision ViT, sparse mask vs the masked original")
 
 
+class Encoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(32, 2, 64, dropout=0.0, batch_first=True)
+        self.enc = nn.TransformerEncoder(layer, 2)  # nested tensors on: its eval fast path is a fused kernel
+
+    def forward(self, x, pad):
+        return self.enc(x, src_key_padding_mask=pad)
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_torch_transformer_encoder_with_key_padding(mode, monkeypatch):
+    """nn.TransformerEncoder is one leaf of torch.fx's graph (a torch.nn module), so its attentions are
+    found when it runs: under the redirect it takes its slow path, whose nn.MultiheadAttention calls
+    become sites. Every layer is rewritten; the key padding folds once for both layers; the output
+    matches the original on the real tokens (the fused eval path leaves padded positions at zero), and
+    with a sparse mask the masked original."""
+    torch.manual_seed(0)
+    model = Encoder().train(mode == "train")
+    x = torch.randn(2, 64, 32)
+    pad = torch.zeros(2, 64, dtype=torch.bool)
+    pad[0, 40:] = True
+    real = ~pad[..., None]
+    folds = []
+    real_fold = fxsparse.site._fold
+    monkeypatch.setattr(fxsparse.site, "_fold", lambda *a: folds.append(1) or real_fold(*a))
+    sparse = fxsparse.transform(model, fxsparse.patterns.dense(block_size=32), example_inputs=(x, pad))
+    assert isinstance(sparse.enc, nn.TransformerEncoder)
+    with torch.no_grad():
+        fxsparse.site._FOLDED.clear()
+        folds.clear()
+        got = sparse(x, pad)
+        assert len(folds) == 1, "one fold of the padding serves both layers"
+        want = model(x, pad)
+    rows = fxsparse.report(sparse).rows
+    assert [(r.status, r.site.role, r.site.name) for r in rows] == [
+        ("rewritten", "self", "enc.layers.0.self_attn"), ("rewritten", "self", "enc.layers.1.self_attn")]
+    assert_close(got * real, want * real, what=f"nn.TransformerEncoder ({mode}), all-True mask")
+    with torch.no_grad():
+        got = fxsparse.transform(model, band(4), example_inputs=(x, pad))(x, pad)
+    want, sites = masked_forward(model.train(), (x, pad), band(4))  # the slow path, which the oracle sees
+    assert len(sites) == 2
+    assert_close(got * real, want.to(got.dtype) * real, what=f"nn.TransformerEncoder ({mode}), band mask")
+
+
+class Seq2Seq(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.t = nn.Transformer(32, 2, 1, 1, 64, dropout=0.0, batch_first=True)
+
+    def forward(self, src, tgt):
+        causal = nn.Transformer.generate_square_subsequent_mask(tgt.shape[1])
+        return self.t(src, tgt, tgt_mask=causal, tgt_is_causal=True)
+
+
+def test_torch_transformer_self_attention_sparse_cross_attention_dense():
+    """nn.Transformer: its three attentions are found when it runs, named after their modules, with
+    their roles (query and key from one tensor: self-attention); a pattern rewrites the two
+    self-attentions and keeps the cross-attention dense, as the masked original does."""
+    torch.manual_seed(0)
+    model = Seq2Seq().eval()
+    src, tgt = torch.randn(2, 40, 32), torch.randn(2, 24, 32)
+    mask_fn = fxsparse.patterns.sliding_window(4, block_size=32)
+    sparse = fxsparse.transform(model, mask_fn, example_inputs=(src, tgt))
+    rows = fxsparse.report(sparse).rows
+    assert [(r.site.name, r.site.role, r.status) for r in rows] == [
+        ("t.encoder.layers.0.self_attn", "self", "rewritten"), ("t.decoder.layers.0.self_attn", "self", "rewritten"),
+        ("t.decoder.layers.0.multihead_attn", "cross", "dense")]
+
+
+    def self_band(site):  # by name, which the oracle's sites carry too: the self-attentions banded
+        return None if site.name.endswith("multihead_attn") else band(4)(site)
+
+    with torch.no_grad():
+        got = fxsparse.transform(model, self_band, example_inputs=(src, tgt))(src, tgt)
+    want, sites = masked_forward(model, (src, tgt), self_band)
+    assert [site.name for site in sites] == [row.site.name for row in rows]
+    assert_close(got, want.to(got.dtype), what="nn.Transformer, a band on the self-attentions")
+
+
 # ------------------------------------------------------------------------------ HuggingFace
 def hf_model(name, impl):
     transformers = pytest.importorskip("transformers")
