@@ -497,6 +497,8 @@ def find(gm: fx.GraphModule, constants: Optional[dict] = None) -> list[Match]:
             m = _match_mha(node, facts)
         elif c == "mha_fn":
             m = _match_mha_fn(node, facts)
+        elif node.op == "call_function" and node.target in _FUSED_ATTENTION:
+            m = _fused_fast_path(node, facts)
         elif c is None and node.op in ("call_function", "call_module"):
             m = _opaque(node, facts)
         if m is not None:
@@ -667,6 +669,25 @@ def _path_ops(end: fx.Node, parent: dict, facts: GraphFacts) -> list:
 _PLAIN_OPS = {"mul", "div", "add", "truediv", "to", "float", "type_as", "contiguous", "clone", "view", "reshape",
               "permute", "transpose", "dropout", "masked_fill", "where", "getitem", "softmax", "_softmax",
               "__mul__", "__truediv__", "__add__", "_to_copy"}
+
+
+# PyTorch's fused fast paths of nn.TransformerEncoderLayer and nn.MultiheadAttention (eval mode, no
+# gradients), as torch functions (Dynamo's graphs) and as aten ops (torch.export's)
+_FUSED_ATTENTION = {f for f in (getattr(torch, "_transformer_encoder_layer_fwd", None),
+                                getattr(torch, "_native_multi_head_attention", None),
+                                getattr(getattr(torch.ops.aten, "_transformer_encoder_layer_fwd", None), "default", None),
+                                getattr(getattr(torch.ops.aten, "_native_multi_head_attention", None), "default", None))
+                    if f is not None}
+
+
+def _fused_fast_path(n: fx.Node, facts: GraphFacts) -> Match:
+    """A fused fast path in the graph: its attention is inside one kernel, reported rather than missed."""
+    site = AttentionSite(index=-1, name=facts.module_path(n), kind="fused fast path")
+    return Match(site=site, out=n, nodes={n}, skip=(
+        "inside PyTorch's fused fast path of nn.TransformerEncoderLayer / nn.MultiheadAttention (taken in eval "
+        "mode without gradients), one kernel whose attention cannot be rewritten; call "
+        "`torch.backends.mha.set_fastpath_enabled(False)` before compiling, or use `fxsparse.transform(model, "
+        "mask_fn)`, whose model keeps that path off"))
 
 
 def _opaque(n: fx.Node, facts: GraphFacts) -> Optional[Match]:

@@ -352,6 +352,29 @@ def test_multihead_attention_found_by_the_backend():
     assert_close(got, want)
 
 
+def test_fused_fast_path_under_the_backend_is_reported():
+    """In eval mode without gradients Dynamo traces nn.TransformerEncoderLayer's fused fast path: one
+    kernel, its attention out of reach. It is reported skipped with what to do, not missed silently; with
+    the fast path off the same layer is rewritten."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True).eval()
+    x = torch.randn(2, 10, 32)
+    with torch.no_grad():
+        want = layer(x)
+    got, rows = _backend_rows(layer, x)
+    assert [(r.status, r.site.kind) for r in rows] == [("skipped", "fused fast path")]
+    assert "set_fastpath_enabled(False)" in rows[0].reason
+    assert_close(got, want)
+    enabled = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        got, rows = _backend_rows(layer, x)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(enabled)
+    assert [(r.status, r.site.role) for r in rows] == [("rewritten", "self")]
+    assert_close(got, want)
+
+
 class AddsANumber(nn.Module):
     def forward(self, q, k, v):
         return (q @ k.transpose(-2, -1) * 0.25 + 0.0).softmax(-1) @ v
