@@ -94,7 +94,7 @@ def transform(model: nn.Module, mask_fn: Callable, *, example_inputs=None, concr
         owned.add(path)
         # reported until the module's attentions show at run time (the report drops these rows then)
         skipped.extend((m.site, m.skip, path) for m in calls)
-    _discover_inside_leaves(model, sparse, owned, mask_fn, options, counter)
+    skipped.extend(_discover_inside_leaves(model, sparse, owned, mask_fn, options, counter))
     sparse.__dict__["fxsparse_skipped"] = skipped
     if example_inputs is not None:
         warm_up(sparse, example_inputs)
@@ -149,9 +149,11 @@ def _discover(sparse: nn.Module, path: str, mask_fn, options, counter: list) -> 
 
 def _discover_inside_leaves(model: nn.Module, sparse: nn.Module, owned: set, mask_fn, options, counter: list):
     """Modules that a library registers as not traceable (timm's attentions that cache biases per
-    device, blocks that pad to windows) were leaves of the graph: those with a forward that
-    mentions attention somewhere inside look for it at run time, and each attention they compute becomes a site (listed in the report once it ran)."""
+    device, blocks that pad to windows) and torch.nn's Transformer modules were leaves of the graph:
+    those that hold attention look for it at run time, and each attention they compute becomes a site.
+    Returns a report row for each (the report drops it once the module has run and its sites show)."""
     leaf_types = tuple(capture.library_hints()[0])
+    pending = []
     for path, module in model.named_modules():
         if isinstance(module, leaf_types) and any(_mentions_attention(type(m)) for m in module.modules()):
             pass
@@ -161,6 +163,10 @@ def _discover_inside_leaves(model: nn.Module, sparse: nn.Module, owned: set, mas
             continue
         _discover(sparse, path, mask_fn, options, counter)
         owned.add(path)
+        site = match.AttentionSite(index=counter[0], name=path, kind="opaque call")
+        pending.append((site, f"not run yet: the module `{path}` ({type(module).__name__}) is one call of the graph "
+                              "(torch.fx does not trace into it); its attentions become sites at its first call", path))
+    return pending
 
 
 def _torch_leaf_holding_mha(module: nn.Module) -> bool:
