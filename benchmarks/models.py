@@ -274,12 +274,43 @@ def bert_padding(rows, quick):
     print(f"check BERT padding fp32: fxsparse vs the model max rel err {((got - want).abs().max() / want.abs().max()).item():.2e}")
 
 
+def torch_encoder(rows, quick):
+    """PyTorch's own nn.TransformerEncoder (BERT-base-sized: 12 layers, 768 wide, 12 heads) on a batch
+    whose samples are half padding (``src_key_padding_mask``), in eval mode: the original takes PyTorch's
+    fused fast path (nested tensors skip the padding); fxsparse's model takes the slow path, with the
+    padding folded into an all-True layout, and with a sliding window of 256 tokens on top."""
+    n = 1024 if quick else 4096
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(768, 12, 3072, dropout=0.0, batch_first=True)
+    model = torch.nn.TransformerEncoder(layer, 12).cuda().eval()
+    x = torch.randn(4, n, 768, device="cuda")
+    pad = torch.zeros(4, n, dtype=torch.bool, device="cuda")
+    pad[:, n // 2:] = True
+    example = (x[:, :128], pad[:, :128])
+    dense = fxsparse.transform(model, patterns.dense(), example_inputs=example)
+    window = fxsparse.transform(model, patterns.sliding_window(256), example_inputs=example)
+    results = {}
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        for method, net in (("dense", model), ("fxsparse", dense), ("window", window)) * 2:
+            t = timed(lambda net=net: net(x, src_key_padding_mask=pad))
+            results[method] = min(t, results.get(method, t))
+        real = ~pad[..., None]
+        got, want = dense(x, src_key_padding_mask=pad) * real, model(x, src_key_padding_mask=pad) * real
+    name = f"nn.TransformerEncoder (12 x 768, 12 heads), {n} tok, half of each sample padding, eval"
+    rows.append(dict(model=name + ", all-True mask_fn", batch=4, mode="forward", density=0.5,
+                     dense=results["dense"], fxsparse=results["fxsparse"]))
+    rows.append(dict(model=name + ", sliding window 256", batch=4, mode="forward", density=float("nan"),
+                     dense=results["dense"], fxsparse=results["window"]))
+    print(f"check nn.TransformerEncoder bf16: fxsparse vs the model on the real tokens, max rel err "
+          f"{((got - want).abs().max() / want.abs().max()).item():.2e}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller sizes, forward only")
     parser.add_argument("--only-new", action="store_true", help="skip the ViT cases")
-    parser.add_argument("--cases", default="vit1024,vit2048,lm-dense,lm-window,bert",
-                        help="which cases to run, of vit1024, vit2048, lm-dense, lm-window, bert")
+    parser.add_argument("--cases", default="vit1024,vit2048,lm-dense,lm-window,bert,torch-encoder",
+                        help="which cases to run, of vit1024, vit2048, lm-dense, lm-window, bert, torch-encoder")
     parser.add_argument("--profile", action="store_true",
                         help="also print where one step's time goes, per case and method (torch.profiler)")
     args = parser.parse_args()
@@ -299,6 +330,8 @@ def main():
         lm_window(rows, args.quick)
     if "bert" in cases:
         bert_padding(rows, args.quick)
+    if "torch-encoder" in cases:
+        torch_encoder(rows, args.quick)
     from tabulate import tabulate
 
     table = []

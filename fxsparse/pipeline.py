@@ -53,6 +53,10 @@ def transform(model: nn.Module, mask_fn: Callable, *, example_inputs=None, concr
     sparse = capture.clone_model(model)
     by_owner: dict = {}
     opaque: dict = {}  # calls fx kept whole (a wrapped function, a no-trace module) that compute attention
+    blocks = _torch_blocks(model)  # their attentions are found when they run, whatever the graph saw inside
+    matches = [m for m in matches if not any(_within(facts.module_path(m.out), b) for b in blocks)]
+    for i, m in enumerate(matches):
+        m.site.index = i
     for m in matches:
         if m.site.kind == "opaque call":
             opaque.setdefault(m.out.target if m.out.op == "call_module" else facts.module_path(m.out), []).append(m)
@@ -94,7 +98,7 @@ def transform(model: nn.Module, mask_fn: Callable, *, example_inputs=None, concr
         owned.add(path)
         # reported until the module's attentions show at run time (the report drops these rows then)
         skipped.extend((m.site, m.skip, path) for m in calls)
-    skipped.extend(_discover_inside_leaves(model, sparse, owned, mask_fn, options, counter))
+    skipped.extend(_discover_inside_leaves(model, sparse, owned, blocks, mask_fn, options, counter))
     sparse.__dict__["fxsparse_skipped"] = skipped
     if example_inputs is not None:
         warm_up(sparse, example_inputs)
@@ -147,7 +151,8 @@ def _discover(sparse: nn.Module, path: str, mask_fn, options, counter: list) -> 
     make_owner(sparse.get_submodule(path), state, {})
 
 
-def _discover_inside_leaves(model: nn.Module, sparse: nn.Module, owned: set, mask_fn, options, counter: list):
+def _discover_inside_leaves(model: nn.Module, sparse: nn.Module, owned: set, blocks: list, mask_fn, options,
+                            counter: list):
     """Modules that a library registers as not traceable (timm's attentions that cache biases per
     device, blocks that pad to windows) and torch.nn's Transformer modules were leaves of the graph:
     those that hold attention look for it at run time, and each attention they compute becomes a site.
@@ -155,9 +160,8 @@ def _discover_inside_leaves(model: nn.Module, sparse: nn.Module, owned: set, mas
     leaf_types = tuple(capture.library_hints()[0])
     pending = []
     for path, module in model.named_modules():
-        if isinstance(module, leaf_types) and any(_mentions_attention(type(m)) for m in module.modules()):
-            pass
-        elif not _torch_leaf_holding_mha(module):
+        if path not in blocks and not (isinstance(module, leaf_types)
+                                       and any(_mentions_attention(type(m)) for m in module.modules())):
             continue
         if _overlaps(path, owned):
             continue
@@ -169,13 +173,26 @@ def _discover_inside_leaves(model: nn.Module, sparse: nn.Module, owned: set, mas
     return pending
 
 
-def _torch_leaf_holding_mha(module: nn.Module) -> bool:
-    """A torch.nn module that torch.fx keeps whole (nn.TransformerEncoderLayer, nn.TransformerEncoder,
-    nn.Transformer, ...) with an nn.MultiheadAttention inside: the graph never sees that attention.
-    Called under its owner's redirect, such a module takes its slow path (a torch function mode is on),
-    which calls the attention the redirect makes a site."""
-    return (not isinstance(module, nn.MultiheadAttention) and fx.Tracer().is_leaf_module(module, "")
-            and any(isinstance(m, nn.MultiheadAttention) for m in module.modules()))
+def _torch_blocks(model: nn.Module) -> list:
+    """The outermost modules torch.fx keeps whole (torch.nn's, nn.Sequential aside) with a forward of
+    their own (nn.TransformerEncoderLayer, nn.TransformerEncoder, nn.Transformer, ...) that hold an
+    nn.MultiheadAttention, the model itself included. torch.fx keeps them whole, and in eval mode they may take a fused fast path that calls no
+    attention at all; as owners whose attentions are found when they run, under the redirect's torch
+    function mode, they take their slow path, whose nn.MultiheadAttention calls become sites."""
+    out = []
+    for path, module in model.named_modules():
+        if any(_within(path, b) for b in out):
+            continue
+        if (fx.Tracer().is_leaf_module(module, path) and not isinstance(module, nn.MultiheadAttention)
+                and type(module).forward is not nn.Module.forward  # not a container (nn.ModuleList)
+                and any(isinstance(m, nn.MultiheadAttention) for m in module.modules())):
+            out.append(path)
+    return out
+
+
+def _within(path: str, block: str) -> bool:
+    """Whether the module at ``path`` is or sits inside the module at ``block`` ("" is the model)."""
+    return not block or path == block or path.startswith(block + ".")
 
 
 def _overlaps(path: str, owned: set) -> bool:

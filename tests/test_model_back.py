@@ -245,6 +245,27 @@ def test_torch_transformer_encoder_with_key_padding(mode, monkeypatch):
     assert_close(got * real, want.to(got.dtype) * real, what=f"nn.TransformerEncoder ({mode}), band mask")
 
 
+def test_torch_transformer_encoder_as_the_model_itself():
+    """The model is an nn.TransformerEncoder: torch.fx cannot trace it (its fast-path checks branch on
+    tensors), torch.export captures it with its attentions decomposed; those are still found when it
+    runs, as sites of its own (in eval mode its fused fast path would otherwise skip them)."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(32, 2, 64, dropout=0.0, batch_first=True)
+    model = nn.TransformerEncoder(layer, 2).eval()
+    x = torch.randn(2, 64, 32)
+    pad = torch.zeros(2, 64, dtype=torch.bool)
+    pad[:, 40:] = True
+    sparse = fxsparse.transform(model, band(4), example_inputs=(x, None, pad))
+    rows = fxsparse.report(sparse).rows
+    assert [(r.index, r.site.name, r.status) for r in rows] == [
+        (0, "layers.0.self_attn", "rewritten"), (1, "layers.1.self_attn", "rewritten")]
+    with torch.no_grad():
+        got = sparse(x, src_key_padding_mask=pad)
+    want, _ = masked_forward(model.train(), (x, None, pad), band(4))
+    real = ~pad[..., None]
+    assert_close(got * real, want.to(got.dtype) * real, what="nn.TransformerEncoder as the model, band mask")
+
+
 class Seq2Seq(nn.Module):
     def __init__(self):
         super().__init__()
