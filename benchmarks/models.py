@@ -286,7 +286,7 @@ def torch_encoder(rows, quick):
     x = torch.randn(4, n, 768, device="cuda")
     pad = torch.zeros(4, n, dtype=torch.bool, device="cuda")
     pad[:, n // 2:] = True
-    example = (x[:, :128], pad[:, :128])
+    example = (x[:, :128], None, pad[:, :128])  # (src, mask, src_key_padding_mask)
     dense = fxsparse.transform(model, patterns.dense(), example_inputs=example)
     window = fxsparse.transform(model, patterns.sliding_window(256), example_inputs=example)
     results = {}
