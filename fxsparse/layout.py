@@ -307,10 +307,9 @@ class Layout:
         bl = 1 if batch is None else check_count(batch, "batch", 1)
         hl = 1 if heads is None else check_count(heads, "heads", 1)
         bs = check_block_size_any(block_size)
-        dev = torch.device("cpu") if device is None else torch.device(device)
         classify = None
         if hasattr(mask_mod, "block_kinds"):
-            classify = mask_mod.block_kinds(nq, nk, bs, dev)
+            classify = mask_mod.block_kinds(nq, nk, bs, torch.device("cpu") if device is None else torch.device(device))
         out = build_tables(mask_mod, nq, nk, bl, hl, bs, device, classify)
         out.mask_mod = mask_mod
         return out

@@ -227,9 +227,7 @@ def _sdpa_to_site(site: SiteAttention, query, key, value, attn_mask=None, dropou
         raise SiteError(
             f"{site.site.where}: attention dropout p={dropout_p} is active (training mode); the sparse op has no "
             "dropout: set the model's attention dropout to 0 (HF: `attention_dropout=0.0`), or call `.eval()`")
-    if attn_mask is not None and attn_mask.dtype == torch.bool:  # made additive by the site where it must be
-        return site(query, key, value, scale=scale, causal=bool(is_causal), mask=attn_mask)
-    return site(query, key, value, bias=attn_mask, scale=scale, causal=bool(is_causal))
+    return site(query, key, value, scale=scale, causal=bool(is_causal), mask=attn_mask)
 
 
 def _mha_to_site(site: SiteAttention, query, key, value, embed_dim_to_check, num_heads, in_proj_weight,

@@ -176,9 +176,9 @@ def _discover_inside_leaves(model: nn.Module, sparse: nn.Module, owned: set, blo
 def _torch_blocks(model: nn.Module) -> list:
     """The outermost modules torch.fx keeps whole (torch.nn's, nn.Sequential aside) with a forward of
     their own (nn.TransformerEncoderLayer, nn.TransformerEncoder, nn.Transformer, ...) that hold an
-    nn.MultiheadAttention, the model itself included. torch.fx keeps them whole, and in eval mode they may take a fused fast path that calls no
-    attention at all; as owners whose attentions are found when they run, under the redirect's torch
-    function mode, they take their slow path, whose nn.MultiheadAttention calls become sites."""
+    nn.MultiheadAttention, the model itself included. In eval mode they may take a fused fast path that
+    calls no attention at all; as owners whose attentions are found when they run, under the redirect's
+    torch function mode, they take their slow path, whose nn.MultiheadAttention calls become sites."""
     out = []
     for path, module in model.named_modules():
         if any(_within(path, b) for b in out):
@@ -197,7 +197,7 @@ def _within(path: str, block: str) -> bool:
 
 def _overlaps(path: str, owned: set) -> bool:
     """Whether the module at ``path`` is, holds or sits inside an owner already."""
-    return any(not o or path == o or path.startswith(o + ".") or o.startswith(path + ".") for o in owned)
+    return any(_within(path, o) or _within(o, path) for o in owned)
 
 
 def _mentions_attention(cls: type) -> bool:

@@ -71,16 +71,6 @@ def scale_bias(bias, s, divide):
     return bias / s if divide else bias * s
 
 
-def sdpa_additive(attn_mask):
-    """SDPA's attn_mask where it is additive, else None."""
-    return None if attn_mask is None or attn_mask.dtype == torch.bool else attn_mask
-
-
-def sdpa_bool(attn_mask):
-    """SDPA's attn_mask where it is bool (True = may attend), else None."""
-    return attn_mask if attn_mask is not None and attn_mask.dtype == torch.bool else None
-
-
 def mha_heads(query, key, value, num_heads, batch_first, in_proj_weight, in_proj_bias,
               q_proj_weight=None, k_proj_weight=None, v_proj_weight=None):
     """nn.MultiheadAttention's input projections, as q, k, v of shape [B, H, N, D]."""
@@ -185,12 +175,10 @@ def _emit_attention(gm: fx.GraphModule, m: Match, name: str) -> fx.Node:
             bias = g.call_function(scale_bias, (bias, step[1], step[2]))
     if m.replay is not None:
         bias = _emit_replay(g, m, q0, k0)
-    kwargs = {}
-    if m.sdpa_mask is not None:  # a bool mask goes as it is: the site makes it additive where it must
-        bias = g.call_function(sdpa_additive, (m.sdpa_mask,))
-        kwargs["mask"] = g.call_function(sdpa_bool, (m.sdpa_mask,))
-    scale = _emit_scale(g, m)
-    out = g.call_module(name, (q, k, v), {"bias": bias, "scale": scale, "causal": m.causal, **kwargs})
+    kwargs = {"bias": bias, "scale": _emit_scale(g, m), "causal": m.causal}
+    if m.sdpa_mask is not None:  # SDPA's attn_mask, bool or additive, as it is: the site takes either
+        kwargs = dict(kwargs, bias=None, mask=m.sdpa_mask)
+    out = g.call_module(name, (q, k, v), kwargs)
     if m.einsum is not None:
         out = g.call_function(torch.einsum, (out_eq, out))
     if m.split_heads is not None:

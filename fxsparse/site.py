@@ -94,15 +94,17 @@ class SiteAttention(nn.Module):
         return f"{self.site.name!r}, kind={self.site.kind!r}"
 
     def forward(self, q, k, v, bias=None, scale=None, causal=False, mask=None):
-        # mask: the model's bool mask (True = may attend; SDPA's bool attn_mask) in place of an additive
-        # bias (or beside it when the bias is nothing but that mask made additive). It is made additive
-        # only where a call needs it: a fold into the layout (`skip_padding`) drops it
+        # mask: the model's mask as SDPA takes it (attn_mask): an additive one joins the bias; a bool one
+        # (True = may attend) stays apart (or beside a bias that is nothing but it made additive) and is
+        # made additive only where a call needs it: a fold into the layout (`skip_padding`) drops it
         if self.training and self.site.dropout > 0:
             raise SiteError(
                 f"{self.site.where}: attention dropout p={self.site.dropout} is active in training mode; the sparse "
                 "op has no dropout: set the attention dropout to 0, or keep this site dense (mask_fn returns None)"
             )
         rank, lead = q.dim(), q.shape[:-3]
+        if mask is not None and mask.dtype != torch.bool:
+            bias, mask = (mask if bias is None else bias + mask), None
         if mask is not None and q.dim() != 4:  # the op's [B, H, N, D] form reshapes an additive bias only
             bias, mask = _additive(bias, mask, q), None
         q, k, v, bias = _as_4d(q, k, v, bias)
@@ -326,9 +328,10 @@ def _fold_mask_bias(layout: Layout, bias, mask=None, like=None):
     and reductions for others), once per mask tensor: every layer of a model gets the same one, so the
     result is kept (keyed by the identity of the tensor, or of the tensor it views, with where in it,
     its shape, strides and version, and checked against a weak reference to that tensor, so a new
-    tensor that reuses a freed one's identity is folded afresh and nothing is kept alive). A traced site (the site op) folds its mask when the op runs. While a CUDA graph is captured
-    nothing is kept or reused: the fold's kernels must be in the graph, so that a replay with new mask
-    data folds that data.
+    tensor that reuses a freed one's identity is folded afresh and nothing is kept alive). A traced
+    site (the site op) folds its mask when the op runs. While a CUDA graph is captured nothing is kept
+    or reused: the fold's kernels must be in the graph, so that a replay with new mask data folds that
+    data.
     """
     source = mask if mask is not None and mask.dtype == torch.bool and mask.dim() == 4 else None
     held = bias if source is None else source
@@ -336,7 +339,7 @@ def _fold_mask_bias(layout: Layout, bias, mask=None, like=None):
             or not _keeps_every_pair(layout)):  # a window inside one partial block also has block density 1
         return layout, _additive(bias, mask, like)
     if capturing(held):
-        folded, dropped = _fold(layout, held, source)
+        folded, dropped = _fold(layout, held, source is not None)
     else:
         # a view made per layer of one mask (nn.MultiheadAttention's key padding, unsqueezed at every layer)
         # is the same mask: keyed by the tensor it views, where in it, and its version
@@ -348,7 +351,7 @@ def _fold_mask_bias(layout: Layout, bias, mask=None, like=None):
             _FOLDED.move_to_end(key)
             folded, dropped = hit[1], hit[2]
         else:
-            folded, dropped = _fold(layout, held, source)
+            folded, dropped = _fold(layout, held, source is not None)
             _FOLDED[key] = (weakref.ref(anchor), folded, dropped)  # the mask itself is not kept alive
             while len(_FOLDED) > FOLD_CACHE_SIZE:
                 _FOLDED.popitem(last=False)
@@ -403,8 +406,9 @@ def _keeps_every_pair(layout: Layout) -> bool:
     return got
 
 
-def _fold(layout: Layout, held, mask) -> tuple:
-    """(the folded layout, whether the model's mask `held` is left out of the bias): `_fold_mask_bias`."""
+def _fold(layout: Layout, held, exact: bool) -> tuple:
+    """(the folded layout, whether the model's mask `held` is left out of the bias): `_fold_mask_bias`;
+    ``exact``: `held` is a bool mask, whose exact layout replaces the site's."""
     nq, nk = layout.shape
     bs = layout.block_size
     try:
@@ -414,7 +418,7 @@ def _fold(layout: Layout, held, mask) -> tuple:
     if keep.dim() == 4 and keep.shape[1] > 1:
         return layout, False  # per-head masks stay a bias
     nan = float("nan")  # the density of a per-call layout is not computed: it would be read back to the host
-    if mask is not None:  # the exact layout of the mask, and no bias
+    if exact:  # the exact layout of the mask, and no bias
         if keep.dim() == 2:
             tables = masks.key_padding_tables(keep, nq, bs)
         else:

@@ -339,14 +339,19 @@ def test_soft_cap_is_reported_skipped_and_left_working():
     assert torch.equal(got, want)
 
 
+def _encoder_layer(train: bool):
+    """An nn.TransformerEncoderLayer without dropout in that mode, an input, and its output."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True).train(train)
+    x = torch.randn(2, 10, 32)
+    with torch.no_grad():
+        return layer, x, layer(x)
+
+
 def test_multihead_attention_found_by_the_backend():
     """Dynamo inlines nn.MultiheadAttention into F.multi_head_attention_forward (training mode with
     no dropout: in eval mode the layer takes PyTorch's fused fast path, which has no attention to find)."""
-    torch.manual_seed(0)
-    layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True).train()
-    x = torch.randn(2, 10, 32)
-    with torch.no_grad():
-        want = layer(x)
+    layer, x, want = _encoder_layer(train=True)
     got, rows = _backend_rows(layer, x)
     assert [(r.status, r.site.role) for r in rows] == [("rewritten", "self")]
     assert_close(got, want)
@@ -356,11 +361,7 @@ def test_fused_fast_path_under_the_backend_is_reported():
     """In eval mode without gradients Dynamo traces nn.TransformerEncoderLayer's fused fast path: one
     kernel, its attention out of reach. It is reported skipped with what to do, not missed silently; with
     the fast path off the same layer is rewritten."""
-    torch.manual_seed(0)
-    layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True).eval()
-    x = torch.randn(2, 10, 32)
-    with torch.no_grad():
-        want = layer(x)
+    layer, x, want = _encoder_layer(train=False)
     got, rows = _backend_rows(layer, x)
     assert [(r.status, r.site.kind) for r in rows] == [("skipped", "fused fast path")]
     assert "set_fastpath_enabled(False)" in rows[0].reason

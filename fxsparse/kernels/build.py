@@ -20,12 +20,22 @@ import triton
 import triton.language as tl
 
 from .. import layout
+from .common import load_bits
 from .launch import launch_device
 
 CHUNK = 256  # blocks of a row one step of the lists kernel handles
 FULL = tl.constexpr(layout.FULL)
 PARTIAL = tl.constexpr(layout.PARTIAL)
 EMPTY = tl.constexpr(layout.EMPTY)
+
+
+@triton.jit
+def _list_pos(sel, seen, total, c):
+    """Where blocks c go in a list of the `total` selected ones (`sel`) first, the others after, both
+    ascending (`layout._lists_into`), `seen` selected ones having gone before this step: (positions,
+    selected ones so far)."""
+    csum = seen + tl.cumsum(sel, 0)  # inclusive: selected blocks up to and with c
+    return tl.where(sel != 0, csum - 1, total + c - csum), seen + tl.sum(sel, 0)
 
 
 @triton.jit
@@ -54,17 +64,11 @@ def _lists_kernel(DATA, KINDS, MID, FULL_NUM, FULL_IDX, PART_NUM, PART_IDX, PART
         m = c < C
         k = tl.load(DATA + KINDS + src + c * stride_c, mask=m, other=0)
         mid = tl.load(DATA + MID + src + c * stride_c, mask=m, other=-1)
-        sel = (k == FULL).to(tl.int32)
-        csum = seen_full + tl.cumsum(sel, 0)  # inclusive: selected blocks up to and with c
-        pos = tl.where(sel != 0, csum - 1, n_full + c - csum)
+        pos, seen_full = _list_pos((k == FULL).to(tl.int32), seen_full, n_full, c)
         tl.store(DATA + FULL_IDX + dst + pos, c, mask=m)
-        seen_full += tl.sum(sel, 0)
-        sel = (k == PARTIAL).to(tl.int32)
-        csum = seen_part + tl.cumsum(sel, 0)
-        pos = tl.where(sel != 0, csum - 1, n_part + c - csum)
+        pos, seen_part = _list_pos((k == PARTIAL).to(tl.int32), seen_part, n_part, c)
         tl.store(DATA + PART_IDX + dst + pos, c, mask=m)
         tl.store(DATA + PART_MID + dst + pos, mid, mask=m)
-        seen_part += tl.sum(sel, 0)
 
 
 @triton.jit
@@ -73,9 +77,7 @@ def _transpose_bits_kernel(DATA, SRC, DST, BS: tl.constexpr):
     W: tl.constexpr = BS // 32
     p = tl.program_id(0).to(tl.int64)
     rows = tl.arange(0, BS)
-    words = tl.load(DATA + SRC + p * BS * W + rows[:, None] * W + tl.arange(0, W)[None, :])
-    bits = (words[:, :, None] >> tl.arange(0, 32)[None, None, :]) & 1
-    cols = tl.trans(tl.reshape(bits, [BS, BS]))  # row = the old column
+    cols = tl.trans(load_bits(DATA + SRC, p, rows, 0, BLOCK=BS, ROWS=BS, COLS=BS).to(tl.int32))  # row = old column
     packed = tl.sum(tl.reshape(cols, [BS, W, 32]) << tl.arange(0, 32)[None, None, :], 2)  # distinct bits: sum = or
     tl.store(DATA + DST + p * BS * W + rows[:, None] * W + tl.arange(0, W)[None, :], packed)
 
