@@ -274,35 +274,64 @@ def bert_padding(rows, quick):
     print(f"check BERT padding fp32: fxsparse vs the model max rel err {((got - want).abs().max() / want.abs().max()).item():.2e}")
 
 
+class MHABlock(torch.nn.Module):
+    """A pre-norm encoder block as a user writes it around nn.MultiheadAttention."""
+
+    def __init__(self, width=768, heads=12):
+        super().__init__()
+        self.norm1, self.norm2 = torch.nn.LayerNorm(width), torch.nn.LayerNorm(width)
+        self.attn = torch.nn.MultiheadAttention(width, heads, batch_first=True)
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(width, 4 * width), torch.nn.GELU(), torch.nn.Linear(4 * width, width))
+
+    def forward(self, x, pad):
+        h = self.norm1(x)
+        x = x + self.attn(h, h, h, key_padding_mask=pad, need_weights=False)[0]
+        return x + self.mlp(self.norm2(x))
+
+
+class MHAEncoder(torch.nn.Module):
+    def __init__(self, depth=12):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(MHABlock() for _ in range(depth))
+
+    def forward(self, x, pad):
+        for blk in self.blocks:
+            x = blk(x, pad)
+        return x
+
+
 def torch_encoder(rows, quick):
-    """PyTorch's own nn.TransformerEncoder (BERT-base-sized: 12 layers, 768 wide, 12 heads) on a batch
-    whose samples are half padding (``src_key_padding_mask``), in eval mode: the original takes PyTorch's
-    fused fast path (nested tensors skip the padding); fxsparse's model takes the slow path, with the
-    padding folded into an all-True layout, and with a sliding window of 256 tokens on top."""
+    """PyTorch's own nn.TransformerEncoder, and a user's encoder of nn.MultiheadAttention blocks (both
+    BERT-base-sized: 12 layers, 768 wide, 12 heads) on a batch whose samples are half padding (the key
+    padding mask), in eval mode. The originals take PyTorch's fused fast paths (nested tensors skip the
+    padding in the encoder); fxsparse's models fold the padding into an all-True layout (its blocks
+    skipped), and add a sliding window of 256 tokens on top."""
     n = 1024 if quick else 4096
     torch.manual_seed(0)
     layer = torch.nn.TransformerEncoderLayer(768, 12, 3072, dropout=0.0, batch_first=True)
-    model = torch.nn.TransformerEncoder(layer, 12).cuda().eval()
+    models = {"nn.TransformerEncoder": (torch.nn.TransformerEncoder(layer, 12).cuda().eval(), "src_key_padding_mask"),
+              "nn.MultiheadAttention blocks": (MHAEncoder().cuda().eval(), "pad")}
     x = torch.randn(4, n, 768, device="cuda")
     pad = torch.zeros(4, n, dtype=torch.bool, device="cuda")
     pad[:, n // 2:] = True
-    example = (x[:, :128], None, pad[:, :128])  # (src, mask, src_key_padding_mask)
-    dense = fxsparse.transform(model, patterns.dense(), example_inputs=example)
-    window = fxsparse.transform(model, patterns.sliding_window(256), example_inputs=example)
-    results = {}
-    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-        for method, net in (("dense", model), ("fxsparse", dense), ("window", window)) * 2:
-            t = timed(lambda net=net: net(x, src_key_padding_mask=pad))
-            results[method] = min(t, results.get(method, t))
-        real = ~pad[..., None]
-        got, want = dense(x, src_key_padding_mask=pad) * real, model(x, src_key_padding_mask=pad) * real
-    name = f"nn.TransformerEncoder (12 x 768, 12 heads), {n} tok, half of each sample padding, eval"
-    rows.append(dict(model=name + ", all-True mask_fn", batch=4, mode="forward", density=0.5,
-                     dense=results["dense"], fxsparse=results["fxsparse"]))
-    rows.append(dict(model=name + ", sliding window 256", batch=4, mode="forward", density=float("nan"),
-                     dense=results["dense"], fxsparse=results["window"]))
-    print(f"check nn.TransformerEncoder bf16: fxsparse vs the model on the real tokens, max rel err "
-          f"{((got - want).abs().max() / want.abs().max()).item():.2e}")
+    real = ~pad[..., None]
+    for label, (model, pad_name) in models.items():
+        example = (x[:, :128], None, pad[:, :128]) if pad_name != "pad" else (x[:, :128], pad[:, :128])
+        dense = fxsparse.transform(model, patterns.dense(), example_inputs=example)
+        window = fxsparse.transform(model, patterns.sliding_window(256), example_inputs=example)
+        results = {}
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            for method, net in (("dense", model), ("fxsparse", dense), ("window", window)) * 2:
+                t = timed(lambda net=net: net(x, **{pad_name: pad}))
+                results[method] = min(t, results.get(method, t))
+            got, want = dense(x, **{pad_name: pad}) * real, model(x, **{pad_name: pad}) * real
+        name = f"{label} (12 x 768, 12 heads), {n} tok, half of each sample padding, eval"
+        rows.append(dict(model=name + ", all-True mask_fn", batch=4, mode="forward", density=0.5,
+                         dense=results["dense"], fxsparse=results["fxsparse"]))
+        rows.append(dict(model=name + ", sliding window 256", batch=4, mode="forward", density=float("nan"),
+                         dense=results["dense"], fxsparse=results["window"]))
+        print(f"check {label} bf16: fxsparse vs the model on the real tokens, max rel err "
+              f"{((got - want).abs().max() / want.abs().max()).item():.2e}")
 
 
 def main():

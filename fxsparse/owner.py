@@ -40,6 +40,7 @@ from . import capture, deferred, match, rewrite
 from .site import SiteAttention, SiteError
 
 _REDIRECTED = {F.scaled_dot_product_attention: "sdpa", F.multi_head_attention_forward: "mha"}
+_MASK_STEPS = (torch.zeros_like, torch.Tensor.masked_fill_)  # F._canonical_mask's, watched by the redirect
 
 
 class OwnerState:
@@ -147,6 +148,8 @@ class _Redirect(TorchFunctionMode):
         self.counter = [0]
         self.defer = defer
         self.materialized: list = []  # functions that needed deferred scores for real
+        self.zeros: dict = {}  # id -> (float zeros made like a bool mask, its version)
+        self.made_from: dict = {}  # id -> (float mask, its version, the bool mask it was made from, that one's version)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -162,6 +165,8 @@ class _Redirect(TorchFunctionMode):
                         func not in deferred.MATMUL:
                     self.materialized.append(getattr(func, "__name__", str(func)))
                 return result
+        if func in _MASK_STEPS and not torch.compiler.is_compiling():
+            return self._mask_step(func, args, kwargs)
         kind = _REDIRECTED.get(func)
         if kind is None:
             return func(*args, **kwargs)
@@ -178,7 +183,37 @@ class _Redirect(TorchFunctionMode):
         site = getattr(self.owner, sites[k])
         if kind == "sdpa":
             return _sdpa_to_site(site, *args, **kwargs)
-        return _mha_to_site(site, *args, **kwargs)
+        return _mha_to_site(site, *args, bool_mask=self._bool_source, **kwargs)
+
+    def _mask_step(self, func, args, kwargs):
+        """Runs one step of F._canonical_mask, which nn.MultiheadAttention (and nn.TransformerEncoder
+        before it) applies to a bool mask: ``zeros_like(mask, dtype=float).masked_fill_(mask, -inf)``,
+        noting the float mask it makes, so the site can be given the bool mask back (`_bool_source`)."""
+        if func is torch.zeros_like:
+            out = func(*args, **kwargs)
+            src = args[0] if args else kwargs.get("input")
+            if isinstance(src, torch.Tensor) and src.dtype == torch.bool and out.is_floating_point() \
+                    and out.shape == src.shape:
+                self.zeros[id(out)] = (out, out._version)
+            return out
+        t = args[0]
+        mask = args[1] if len(args) > 1 else kwargs.get("mask")
+        value = args[2] if len(args) > 2 else kwargs.get("value")
+        zeros = self.zeros.pop(id(t), None)
+        fresh = zeros is not None and zeros[0] is t and zeros[1] == t._version
+        out = func(*args, **kwargs)
+        if (fresh and isinstance(mask, torch.Tensor) and mask.dtype == torch.bool and mask.shape == t.shape
+                and isinstance(value, float) and value == float("-inf")):
+            self.made_from[id(t)] = (t, t._version, mask, mask._version)
+        return out
+
+    def _bool_source(self, mask):
+        """The bool mask (True = may not attend) a float mask was made from in this forward, where it and
+        that mask are unchanged since; else the mask as it is."""
+        entry = None if mask is None else self.made_from.get(id(mask))
+        if entry is not None and entry[0] is mask and entry[1] == mask._version and entry[2]._version == entry[3]:
+            return entry[2]
+        return mask
 
     def _attention(self, q, k, v, bias, scale):
         """A product of deferred probabilities with v: the next site of the owner computes it."""
@@ -234,7 +269,7 @@ def _mha_to_site(site: SiteAttention, query, key, value, embed_dim_to_check, num
                  in_proj_bias, bias_k, bias_v, add_zero_attn, dropout_p, out_proj_weight, out_proj_bias,
                  training=True, key_padding_mask=None, need_weights=True, attn_mask=None,
                  use_separate_proj_weight=False, q_proj_weight=None, k_proj_weight=None, v_proj_weight=None,
-                 static_k=None, static_v=None, average_attn_weights=True, is_causal=False):
+                 static_k=None, static_v=None, average_attn_weights=True, is_causal=False, bool_mask=None):
     where = site.site.where
     if bias_k is not None or add_zero_attn or static_k is not None or static_v is not None:
         raise SiteError(f"{where}: nn.MultiheadAttention with add_bias_kv / add_zero_attn / static k, v is not "
@@ -248,7 +283,9 @@ def _mha_to_site(site: SiteAttention, query, key, value, embed_dim_to_check, num
     else:
         q, k, v = rewrite.mha_heads(query, key, value, num_heads, False, None, in_proj_bias,
                                     q_proj_weight, k_proj_weight, v_proj_weight)
-    out = site(q, k, v, bias=rewrite.mha_bias(key_padding_mask, attn_mask, q))
+    if bool_mask is not None:  # a float mask made from a bool one: the bool one, whose exact layout can be folded
+        key_padding_mask, attn_mask = bool_mask(key_padding_mask), bool_mask(attn_mask)
+    out = site(q, k, v, mask=rewrite.mha_mask(key_padding_mask, attn_mask, q))
     y, _ = rewrite.mha_output(out, False, out_proj_weight, out_proj_bias)
     return y, None
 

@@ -17,7 +17,7 @@ from torch import fx
 
 from . import match
 from .match import Match
-from .site import SiteAttention, is_transformed, site_modules  # noqa: F401  (re-exported)
+from .site import SiteAttention, is_transformed, reuse_last, site_modules  # noqa: F401  (re-exported)
 
 
 # ------------------------------------------------------------------------------ graph helpers
@@ -91,17 +91,40 @@ def mha_heads(query, key, value, num_heads, batch_first, in_proj_weight, in_proj
     return heads(query, wq, bq), heads(key, wk, bk), heads(value, wv, bv)
 
 
-def mha_bias(key_padding_mask, attn_mask, like):
-    """nn.MultiheadAttention's masks (bool True = may NOT attend, or additive) as one bias."""
+def mha_mask(key_padding_mask, attn_mask, like):
+    """nn.MultiheadAttention's masks (bool: True = may NOT attend; or additive) as one mask as SDPA's
+    ``attn_mask`` takes it: bool (True = may attend) where every mask given is bool, so the site can
+    fold it into the exact layout of the padding (blocks of padded keys skipped, no bias), else
+    additive. Every layer of a model gets the same object for the same masks (`site.reuse_last`), so
+    the site folds it once."""
     B, H, nq, _ = like.shape
+    if attn_mask is not None and attn_mask.dim() == 3:
+        attn_mask = attn_mask.reshape(B, H, nq, -1)
+    given = [m for m in (key_padding_mask, attn_mask) if m is not None]
+    if not given:
+        return None
+    if all(m.dtype == torch.bool for m in given):
+        return reuse_last(_LAST_KEEP, (key_padding_mask, attn_mask), lambda: _may_attend(key_padding_mask, attn_mask))
     bias = None
     if attn_mask is not None:
-        am = attn_mask.reshape(B, H, nq, -1) if attn_mask.dim() == 3 else attn_mask
-        bias = _not_attend_to_bias(am, like)
+        bias = _not_attend_to_bias(attn_mask, like)
     if key_padding_mask is not None:
         kpm = _not_attend_to_bias(key_padding_mask, like)[:, None, None, :]
         bias = kpm if bias is None else bias + kpm
     return bias
+
+
+_LAST_KEEP: dict = {}  # the last bool masks of nn.MultiheadAttention turned into one (`reuse_last`'s cache)
+
+
+def _may_attend(key_padding_mask, attn_mask):
+    keep = None if attn_mask is None else ~attn_mask
+    if key_padding_mask is not None:
+        keys = ~key_padding_mask[:, None, None, :]
+        keep = keys if keep is None else keep & keys
+    while keep.dim() < 4:
+        keep = keep.unsqueeze(0)
+    return keep
 
 
 def _not_attend_to_bias(mask, like):
@@ -241,10 +264,10 @@ def _emit_mha(gm: fx.GraphModule, m: Match, name: str) -> fx.Node:
         proj = (None, attr("in_proj_bias"), attr("q_proj_weight"), attr("k_proj_weight"), attr("v_proj_weight"))
     heads = g.call_function(mha_heads, (query, key, value, mod.num_heads, mod.batch_first) + proj)
     q, k, v = (g.call_function(operator.getitem, (heads, i)) for i in range(3))
-    bias = None
+    mask = None
     if key_padding_mask is not None or attn_mask is not None:
-        bias = g.call_function(mha_bias, (key_padding_mask, attn_mask, q))
-    out = g.call_module(name, (q, k, v), {"bias": bias})
+        mask = g.call_function(mha_mask, (key_padding_mask, attn_mask, q))
+    out = g.call_module(name, (q, k, v), {"mask": mask})
     out_w, out_b = g.get_attr(f"{n.target}.out_proj.weight"), None
     if mod.out_proj.bias is not None:
         out_b = g.get_attr(f"{n.target}.out_proj.bias")
@@ -260,11 +283,26 @@ def _emit_mha_fn(gm: fx.GraphModule, m: Match, name: str) -> fx.Node:
         proj = (a["in_proj_weight"], a["in_proj_bias"])
     heads = g.call_function(mha_heads, (a["query"], a["key"], a["value"], a["num_heads"], False) + proj)
     q, k, v = (g.call_function(operator.getitem, (heads, i)) for i in range(3))
-    bias = None
+    mask = None
     if a["key_padding_mask"] is not None or a["attn_mask"] is not None:
-        bias = g.call_function(mha_bias, (a["key_padding_mask"], a["attn_mask"], q))
-    out = g.call_module(name, (q, k, v), {"bias": bias})
+        mask = g.call_function(mha_mask, (_bool_origin(a["key_padding_mask"]), _bool_origin(a["attn_mask"]), q))
+    out = g.call_module(name, (q, k, v), {"mask": mask})
     return g.call_function(mha_output, (out, False, a["out_proj_weight"], a["out_proj_bias"]))
+
+
+def _bool_origin(node):
+    """The bool mask a float mask node was made from by F._canonical_mask (nn.MultiheadAttention's
+    ``zeros_like(mask, dtype=float).masked_fill_(mask, -inf)``, which Dynamo's graph holds), so the
+    site gets the bool one; any other node as it is."""
+    if not (isinstance(node, fx.Node) and node.op == "call_method" and node.target == "masked_fill_"
+            and len(node.args) == 3 and not node.kwargs):
+        return node
+    zeros, source, value = node.args
+    readers = (F.multi_head_attention_forward, mha_mask)  # nothing else reads it, or writes it after the fill
+    if (all(u.op == "call_function" and u.target in readers for u in node.users) and isinstance(zeros, fx.Node) and zeros.op == "call_function" and zeros.target is torch.zeros_like
+            and zeros.args[:1] == (source,) and len(zeros.users) == 1 and value == float("-inf")):
+        return source  # masked_fill_ takes bool masks only; the fresh zeros are filled once, nothing else
+    return node
 
 
 def _erase(graph: fx.Graph, m: Match):

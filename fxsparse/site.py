@@ -363,21 +363,30 @@ def _additive(bias, mask, like):
     return bias if bias is not None or mask is None else _bool_mask_bias(mask, like)
 
 
-_LAST_BIAS: dict = {}  # "key" -> the last bool mask made additive's key, "value" -> that bias, "mask" -> the mask
+_LAST_BIAS: dict = {}  # the last bool mask made additive (`reuse_last`'s cache)
 
 
 def _bool_mask_bias(mask, like):
-    """A bool mask (True = may attend) as an additive bias of ``like``'s dtype (0 or -inf). Eager calls
-    reuse the last one made, keyed by the mask's storage, version, shape and strides (every layer of a
-    model passes the same mask; the mask is held, so its storage is not reused meanwhile). Nothing is
-    reused under a compiler (no data_ptr; it dedups the conversion itself) nor into a CUDA graph (the
-    conversion must be captured, so that a replay converts new data)."""
-    if op.is_traced(mask) or capturing(mask):
-        return _to_bias(mask, like)
-    key = (mask.data_ptr(), mask._version, tuple(mask.shape), mask.stride(), mask.device, like.dtype)
-    if _LAST_BIAS.get("key") != key:
-        _LAST_BIAS.update(key=key, value=_to_bias(mask, like), mask=mask)
-    return _LAST_BIAS["value"]
+    """A bool mask (True = may attend) as an additive bias of ``like``'s dtype (0 or -inf); eager calls
+    reuse the last one made (`reuse_last`)."""
+    return reuse_last(_LAST_BIAS, (mask,), lambda: _to_bias(mask, like), like.dtype)
+
+
+def reuse_last(cache: dict, tensors: tuple, build: Callable, *extra):
+    """``build()``, or what it returned last time for these tensors: every layer of a model passes the
+    same mask, and gets one conversion of it (and one fold of that). Keyed by each tensor's storage,
+    version, shape, strides and device, plus ``extra``; the tensors are held, so their storage is not
+    reused meanwhile. Nothing is reused under a compiler (no data_ptr; it dedups the work itself) nor
+    into a CUDA graph (the work must be captured, so that a replay converts new data). ``cache``
+    holds one entry."""
+    given = [t for t in tensors if t is not None]
+    if op.is_traced(*given) or any(capturing(t) for t in given):
+        return build()
+    key = tuple(None if t is None else (t.data_ptr(), t._version, tuple(t.shape), t.stride(), t.device)
+                for t in tensors) + extra
+    if cache.get("key") != key:
+        cache.update(key=key, value=build(), held=tensors)
+    return cache["value"]
 
 
 def _to_bias(mask, like):

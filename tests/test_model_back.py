@@ -210,30 +210,51 @@ class Encoder(nn.Module):
         return self.enc(x, src_key_padding_mask=pad)
 
 
+def _spy_folds_and_calls(monkeypatch):
+    """(folds, calls): one entry per fold of a runtime mask; the (layout, bias) of each forward (eager or
+    through the site op)."""
+    folds, calls = [], []
+    real_fold = fxsparse.site._fold
+    monkeypatch.setattr(fxsparse.site, "_fold", lambda *a: folds.append(1) or real_fold(*a))
+    for where, name in ((fxsparse.site, "sparse_attention"), (fxsparse.op, "layout_forward")):
+        def spy(q, k, v, layout, real=getattr(where, name), **kw):
+            calls.append((layout, kw["bias"]))
+            return real(q, k, v, layout, **kw)
+        monkeypatch.setattr(where, name, spy)
+    return folds, calls
+
+
+def _padded_batch():
+    torch.manual_seed(0)
+    x = torch.randn(2, 64, 32)
+    pad = torch.zeros(2, 64, dtype=torch.bool)
+    pad[0, 30:] = True  # sample 0: key block 1 (of 32 tokens) is all padding
+    return x, pad
+
+
 @pytest.mark.parametrize("mode", ["eval", "train"])
 def test_torch_transformer_encoder_with_key_padding(mode, monkeypatch):
     """nn.TransformerEncoder is one leaf of torch.fx's graph (a torch.nn module), so its attentions are
     found when it runs: under the redirect it takes its slow path, whose nn.MultiheadAttention calls
-    become sites. Every layer is rewritten; the key padding folds once for both layers; the output
-    matches the original on the real tokens (the fused eval path leaves padded positions at zero), and
-    with a sparse mask the masked original."""
-    torch.manual_seed(0)
+    become sites. Every layer is rewritten; the key padding, which the encoder turns into a float mask,
+    reaches the sites as the bool mask it was made from: it folds once for both layers into its exact
+    layout (the padded block skipped, no bias); the output matches the original on the real tokens (the
+    fused eval path leaves padded positions at zero), and with a sparse mask the masked original."""
+    x, pad = _padded_batch()
     model = Encoder().train(mode == "train")
-    x = torch.randn(2, 64, 32)
-    pad = torch.zeros(2, 64, dtype=torch.bool)
-    pad[0, 40:] = True
     real = ~pad[..., None]
-    folds = []
-    real_fold = fxsparse.site._fold
-    monkeypatch.setattr(fxsparse.site, "_fold", lambda *a: folds.append(1) or real_fold(*a))
+    folds, calls = _spy_folds_and_calls(monkeypatch)
     sparse = fxsparse.transform(model, fxsparse.patterns.dense(block_size=32), example_inputs=(x, pad))
     assert isinstance(sparse.enc, nn.TransformerEncoder)
     with torch.no_grad():
         fxsparse.site._FOLDED.clear()
         folds.clear()
+        calls.clear()
         got = sparse(x, pad)
         assert len(folds) == 1, "one fold of the padding serves both layers"
         want = model(x, pad)
+    assert len(calls) == 2 and all(bias is None and bool((lay.kinds == fxsparse.Layout.EMPTY).any())
+                                   for lay, bias in calls), "the padding's exact layout, no bias"
     rows = fxsparse.report(sparse).rows
     assert [(r.status, r.site.role, r.site.name) for r in rows] == [
         ("rewritten", "self", "enc.layers.0.self_attn"), ("rewritten", "self", "enc.layers.1.self_attn")]
@@ -243,6 +264,69 @@ def test_torch_transformer_encoder_with_key_padding(mode, monkeypatch):
     want, sites = masked_forward(model.train(), (x, pad), band(4))  # the slow path, which the oracle sees
     assert len(sites) == 2
     assert_close(got * real, want.to(got.dtype) * real, what=f"nn.TransformerEncoder ({mode}), band mask")
+
+
+class TwoAttentions(nn.Module):
+    """Two nn.MultiheadAttention called with a bool key padding mask (leaves of torch.fx's graph)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.MultiheadAttention(32, 2, batch_first=True)
+        self.b = nn.MultiheadAttention(32, 2, batch_first=True)
+
+    def forward(self, x, pad):
+        y = self.a(x, x, x, key_padding_mask=pad, need_weights=False)[0]
+        return self.b(y, y, y, key_padding_mask=pad, need_weights=False)[0]
+
+
+@pytest.mark.parametrize("route", ["transform", "backend"])
+def test_multihead_attention_key_padding_folds_exactly_once(route, monkeypatch):
+    """nn.MultiheadAttention's bool key_padding_mask (True = padding) reaches the sites as a bool mask:
+    given as it is (transform), or recovered from the float mask nn.MultiheadAttention makes of it
+    (Dynamo's graph, backend). The padding folds once for both attentions into its exact layout with no
+    bias, and the output equals the original model's."""
+    x, pad = _padded_batch()
+    model = TwoAttentions().eval()
+    folds, calls = _spy_folds_and_calls(monkeypatch)
+    mask_fn = fxsparse.patterns.dense(block_size=32)
+    if route == "transform":
+        sparse = fxsparse.transform(model, mask_fn, example_inputs=(x, pad))
+    else:
+        sparse = torch.compile(model, backend=fxsparse.backend(mask_fn))
+    with torch.no_grad():
+        sparse(x, pad)  # compiles (backend)
+        fxsparse.site._FOLDED.clear()
+        folds.clear()
+        calls.clear()
+        got = sparse(x, pad)
+        want = model(x, pad)
+    assert len(folds) == (1 if route == "transform" else 2)  # the site op folds at each call
+    assert len(calls) == 2 and all(bias is None and bool((lay.kinds == fxsparse.Layout.EMPTY).any())
+                                   for lay, bias in calls), "the padding's exact layout, no bias"
+    assert_close(got, want, what=f"two nn.MultiheadAttention with key padding ({route})")
+
+
+def test_float_mask_made_from_bool_is_traced_back_only_while_unchanged():
+    """The redirect recovers the bool mask that F._canonical_mask's zeros_like(...).masked_fill_(mask,
+    -inf) made a float mask from, and only while neither has changed since: any other float mask
+    reaches the site as it is."""
+    from fxsparse.owner import _Redirect
+
+    pad = torch.tensor([[False, False, True, True]])
+    inf = float("-inf")
+    mode = _Redirect(nn.Module(), state=None)
+    with mode:
+        made = torch.zeros_like(pad, dtype=torch.float32).masked_fill_(pad, inf)
+        changed = torch.zeros_like(pad, dtype=torch.float32).masked_fill_(pad, inf)
+        changed.add_(1.0)
+        other = pad.clone()
+        from_other = torch.zeros_like(other, dtype=torch.float32).masked_fill_(other, inf)
+        other[0, 0] = True
+        finite = torch.zeros_like(pad, dtype=torch.float32).masked_fill_(pad, -1e4)
+        not_zeros = torch.ones_like(pad, dtype=torch.float32).masked_fill_(pad, inf)
+    assert mode._bool_source(made) is pad
+    for mask in (changed, from_other, finite, not_zeros, None):
+        assert mode._bool_source(mask) is mask
 
 
 def test_torch_transformer_encoder_as_the_model_itself():
