@@ -183,7 +183,9 @@ class _Redirect(TorchFunctionMode):
         site = getattr(self.owner, sites[k])
         if kind == "sdpa":
             return _sdpa_to_site(site, *args, **kwargs)
-        return _mha_to_site(site, *args, bool_mask=self._bool_source, **kwargs)
+        # traced: the conversions were not watched (`_mask_step`), and id() would break the graph
+        bool_mask = None if torch.compiler.is_compiling() else self._bool_source
+        return _mha_to_site(site, *args, bool_mask=bool_mask, **kwargs)
 
     def _mask_step(self, func, args, kwargs):
         """Runs one step of F._canonical_mask, which nn.MultiheadAttention (and nn.TransformerEncoder

@@ -305,54 +305,66 @@ def capturing(t: torch.Tensor) -> bool:
 
 
 FOLD_CACHE_SIZE = 4  # runtime masks whose folded layouts are kept (least recently used out first)
-_FOLDED: OrderedDict = OrderedDict()  # (id of the mask or the tensor it views, ...) -> (weak ref to that, layout, bias dropped)
+_FOLDED: OrderedDict = OrderedDict()  # (id of the mask or the tensor it views, ...) -> (weak refs to that and to
+# the layout's tables or None, layout, bias dropped)
 
 
 def _fold_mask_bias(layout: Layout, bias, mask=None, like=None):
     """(layout, bias) for a call given the model's own mask (padding, packed documents, a causal mask
     built as a tensor): the blocks that mask removes entirely leave the layout, so they are skipped,
-    not computed and masked. Only where mask_fn keeps every pair (the site is sparse only by the
-    model's mask: density 1), and only for masks shared by every head.
+    not computed and masked. Only for masks shared by every head.
 
     ``bias``: an additive bias, or None. ``mask``: the model's bool mask (True = may attend; SDPA's
     bool ``attn_mask``), given alone (``bias`` None) or with ``bias`` being nothing but it made
-    additive. With a 4-D ``mask`` the layout becomes the mask's exact layout and no bias is left;
-    otherwise the bias stays and the layout loses the blocks where every entry is masked (at or below
-    half the dtype's minimum): in the blocks left the bias masks as before, and a skipped block adds
-    exactly nothing (exp of the minimum is 0). A query row with no unmasked key keeps all its blocks,
-    so it gives what it gave without the fold. Either way the result is the unfolded call's. Where a
-    bool mask cannot be folded it is returned made additive (in ``like``'s dtype).
+    additive.
+    * Where mask_fn keeps every pair (the site is sparse only by the model's mask: density 1), a 4-D
+      ``mask`` replaces the layout by its exact layout, and no bias is left.
+    * Otherwise the bias stays and the layout loses the blocks where every entry is masked (at or
+      below half the dtype's minimum): in the blocks left the bias masks as before, and a skipped block
+      adds exactly nothing (exp of the minimum is 0). With a sparse layout only a bool ``mask`` does
+      this: its masked entries are -inf, so a query row whose visited keys are all masked gives 0
+      either way; a float bias at the dtype's minimum gives such a row the mean of those keys, so it
+      is folded only where the layout keeps every pair (where a query row with no unmasked key keeps
+      all its blocks, and gives what it gave without the fold).
+    Either way the result is the unfolded call's. Where a bool mask cannot be folded it is returned
+    made additive (in ``like``'s dtype).
 
     Built on the device with a fixed number of vectorised steps and nothing read back to the host
     (``masks.key_padding_layout``'s tables for masks that do not vary along the queries, one reshape
-    and reductions for others), once per mask tensor: every layer of a model gets the same one, so the
+    and reductions for others), once per mask tensor and layout tables: every layer of a model gets the
+    same mask, and sites whose mask_fn gave the same layout share its tables (`_on_device`), so the
     result is kept (keyed by the identity of the tensor, or of the tensor it views, with where in it,
-    its shape, strides and version, and checked against a weak reference to that tensor, so a new
-    tensor that reuses a freed one's identity is folded afresh and nothing is kept alive). A traced
-    site (the site op) folds its mask when the op runs. While a CUDA graph is captured nothing is kept
-    or reused: the fold's kernels must be in the graph, so that a replay with new mask data folds that
-    data.
+    its shape, strides and version, and, for a sparse layout, by the identity of its tables; checked
+    against weak references to those tensors, so a new tensor that reuses a freed one's identity is
+    folded afresh and nothing is kept alive). A traced site (the site op) folds its mask when the op
+    runs. While a CUDA graph is captured nothing is kept or reused: the fold's kernels must be in the
+    graph, so that a replay with new mask data folds that data.
     """
     source = mask if mask is not None and mask.dtype == torch.bool and mask.dim() == 4 else None
     held = bias if source is None else source
-    if (held is None or layout.density != 1.0 or held.dim() != 4 or held.shape[-1] != layout.shape[1]
-            or not _keeps_every_pair(layout)):  # a window inside one partial block also has block density 1
+    if held is None or held.dim() != 4 or held.shape[-1] != layout.shape[1]:
         return layout, _additive(bias, mask, like)
+    every_pair = layout.density == 1.0 and _keeps_every_pair(layout)  # a window inside one partial block has density 1
+    if not every_pair and source is None:
+        return layout, _additive(bias, mask, like)
+    exact = every_pair and source is not None
     if capturing(held):
-        folded, dropped = _fold(layout, held, source is not None)
+        folded, dropped = _fold(layout, held, exact)
     else:
         # a view made per layer of one mask (nn.MultiheadAttention's key padding, unsqueezed at every layer)
         # is the same mask: keyed by the tensor it views, where in it, and its version
         anchor = held if held._base is None else held._base
+        tables = None if every_pair else layout.data  # the folded layout keeps the sparse layout's blocks
         key = (id(anchor), held.data_ptr(), tuple(held.shape), held.stride(), held._version, source is None,
-               layout.block_size, tuple(layout.shape))
+               layout.block_size, tuple(layout.shape), None if tables is None else (id(tables), tables._version))
         hit = _FOLDED.get(key)
-        if hit is not None and hit[0]() is anchor:
+        if hit is not None and hit[0]() is anchor and (tables is None or hit[1]() is tables):
             _FOLDED.move_to_end(key)
-            folded, dropped = hit[1], hit[2]
+            folded, dropped = hit[2], hit[3]
         else:
-            folded, dropped = _fold(layout, held, source is not None)
-            _FOLDED[key] = (weakref.ref(anchor), folded, dropped)  # the mask itself is not kept alive
+            folded, dropped = _fold(layout, held, exact)
+            # neither the mask nor the tables are kept alive
+            _FOLDED[key] = (weakref.ref(anchor), None if tables is None else weakref.ref(tables), folded, dropped)
             while len(_FOLDED) > FOLD_CACHE_SIZE:
                 _FOLDED.popitem(last=False)
     return folded, None if dropped else _additive(bias, mask, like)

@@ -458,14 +458,17 @@ def test_generate_dense_and_sliding_window(name, impl):
 
 
 def test_compile_the_result_without_graph_break():
-    for fused in (False, True):
-        model = vit(fused)
-        x = torch.randn(2, 3, 64, 64)
-        sparse = fxsparse.transform(model, band(3), example_inputs=(x,))
+    """timm's ViT (fused or not) and nn.MultiheadAttention given key padding (redirected in its owner)
+    compile whole."""
+    x, pad = _padded_batch()
+    cases = [(fxsparse.transform(vit(fused), band(3), example_inputs=(torch.randn(2, 3, 64, 64),)),
+              (torch.randn(2, 3, 64, 64),)) for fused in (False, True)]
+    cases.append((fxsparse.transform(TwoAttentions().eval(), band(4), example_inputs=(x, pad)), (x, pad)))
+    for sparse, args in cases:
         with torch.no_grad():
-            want = sparse(x)
-            got = torch.compile(sparse, backend="aot_eager", fullgraph=True)(x)
-        assert_close(got, want, what="torch.compile(fullgraph=True) of the result")
+            want = sparse(*args)
+            got = torch.compile(sparse, backend="aot_eager", fullgraph=True)(*args)
+        assert_close(got, want, what=f"torch.compile(fullgraph=True) of the transformed {type(sparse).__name__}")
 
 
 def test_a_forward_that_skips_the_attention_raises():

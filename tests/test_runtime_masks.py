@@ -193,6 +193,29 @@ def test_fold_keeps_the_bias_where_only_it_is_given():
     assert _fold_mask_bias(window, bias) == (window, bias)
 
 
+def test_bool_mask_drops_its_blocks_from_a_sparse_layout():
+    """A layout mask_fn made sparse, given the model's bool mask (padding, query rows with no key): the
+    blocks the mask empties leave the layout, the mask stays as a bias for the rest, and the result is
+    the masked window's (float64 oracle) and the unfolded call's. Folds are kept per mask and tables:
+    each layer with these tables gets the same one, another layout its own."""
+    n, bs = 128, 32
+    q, k, v = qkv(2, 2, 2, n, n, 16, seed=13, grad=False)
+    window = P.sliding_window(40).layout(n, n, block_size=bs)
+    keep = padded_keys(2, n, seed=14)[:, None, None, :].expand(2, 1, n, n)
+    fxsparse.site._FOLDED.clear()
+    layout, kept = _fold_mask_bias(window, None, keep, like=q)
+    assert kept is not None and kept.dtype == q.dtype, "the mask stays, made additive"
+    dropped = (layout.kinds == Layout.EMPTY) & (window.kinds != Layout.EMPTY)
+    assert int(dropped.sum()) > 0 and not bool(((layout.kinds != Layout.EMPTY) & (window.kinds == Layout.EMPTY)).any())
+    got = fxsparse.sparse_attention(q, k, v, layout, bias=kept)
+    want = dense_attention(q.double(), k.double(), v.double(), window.to_mask() & keep)
+    assert_close(got, want.to(got.dtype), tol=1e-5, what="window with the model's bool mask")
+    assert_close(got, fxsparse.sparse_attention(q, k, v, window, bias=kept), tol=1e-6, what="folded vs not folded")
+    assert _fold_mask_bias(window, None, keep, like=q)[0] is layout
+    other = P.sliding_window(8).layout(n, n, block_size=bs)
+    assert not torch.equal(_fold_mask_bias(other, None, keep, like=q)[0].kinds, layout.kinds)
+
+
 @pytest.mark.parametrize("with_mask", [False, True])
 def test_fold_keeps_a_window_inside_one_partial_block(with_mask):
     """A window over 20 tokens in 128-blocks is one partial block: its block density is 1, but its mask
