@@ -108,7 +108,7 @@ def report(obj) -> Report:
             row.block, row.density = built
             row.layout = mod.current_layout()
             if row.density >= 1.0 and status == "rewritten":
-                row.reason = _nothing_skipped(row.block, site)
+                row.reason = _nothing_skipped(row.block, site, getattr(mod, "mask_folded", False))
         elif status == "dense":
             row.density = 1.0
         rows.append(row)
@@ -128,8 +128,12 @@ def _dense_reason(site: AttentionSite) -> str:
     return "mask_fn returned None" + (f"; {why}, so the patterns keep it dense" if why else "")
 
 
-def _nothing_skipped(block: int, site: AttentionSite) -> str:
-    """Why a rewritten site saves nothing, and what to do about it."""
+def _nothing_skipped(block: int, site: AttentionSite, mask_folded: bool = False) -> str:
+    """Why a rewritten site's layout saves nothing, and what to do about it; or that the model's own
+    mask (padding, packed documents) has removed blocks at run time (``mask_folded``)."""
+    if mask_folded:
+        return (f"the layout keeps every {block}-token block; the blocks the model's own mask (padding, "
+                "documents) empties are skipped when it runs")
     n = max(site.q_len or 0, site.kv_len or 0)
     hint = f"; at {n} tokens pass a smaller block_size (32 or 64)" if block > 32 and n and n < 8 * block else ""
     return f"the layout keeps every {block}-token block: nothing is skipped{hint}"

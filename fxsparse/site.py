@@ -50,6 +50,7 @@ class SiteAttention(nn.Module):
         # are skipped, not computed and masked (``_fold_mask_bias``; exact, and nothing is read back to
         # the host). False: the mask stays an additive bias over every block mask_fn keeps.
         self.skip_padding = True
+        self.mask_folded = False  # whether a call has had blocks of its layout removed by the model's mask (report)
         self._layouts: OrderedDict = OrderedDict()  # (q_len, kv_len) -> None (dense) | (buffer, block, density, Layout)
         # the Layouts calls run, made once rather than per call: buffer name -> Layout over that buffer
         # (rebuilt when `.to()` replaces the buffer), and, for a traced call where mask_fn keeps the site
@@ -61,6 +62,7 @@ class SiteAttention(nn.Module):
     def __setstate__(self, state):  # a copy (deepcopy, pickle) is a site of its own in the registry
         super().__setstate__(state)
         self.__dict__.setdefault("_run_layouts", {})
+        self.__dict__.setdefault("mask_folded", False)
         self.uid = _register(self)
 
     @property
@@ -141,7 +143,9 @@ class SiteAttention(nn.Module):
     def _with_mask(self, layout: Layout, q, bias, mask):
         """(layout, bias) of a call given the model's mask as `bias` and / or `mask` (see `forward`)."""
         if self.skip_padding:
-            return _fold_mask_bias(layout, bias, mask, like=q)
+            folded = _fold_mask_bias(layout, bias, mask, like=q)
+            self.mask_folded = self.mask_folded or folded[0] is not layout
+            return folded
         return layout, _additive(bias, mask, q)
 
     def kernel_layout_for(self, q, k, v) -> Layout:

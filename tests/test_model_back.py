@@ -258,6 +258,7 @@ def test_torch_transformer_encoder_with_key_padding(mode, monkeypatch):
     rows = fxsparse.report(sparse).rows
     assert [(r.status, r.site.role, r.site.name) for r in rows] == [
         ("rewritten", "self", "enc.layers.0.self_attn"), ("rewritten", "self", "enc.layers.1.self_attn")]
+    assert all("empties are skipped when it runs" in r.reason for r in rows), [r.reason for r in rows]
     assert_close(got * real, want * real, what=f"nn.TransformerEncoder ({mode}), all-True mask")
     with torch.no_grad():
         got = fxsparse.transform(model, band(4), example_inputs=(x, pad))(x, pad)
