@@ -38,7 +38,7 @@ import fxsparse
 from fxsparse import patterns
 from fxsparse.masks import _packed_layout_torch, document_ids, document_layout, packed_layout
 from fxsparse.op import kernel_layout
-from fxsparse.site import _fold_mask_bias
+from fxsparse.site import _fold_mask_bias, _to_bias
 
 
 def timed(fn, warmup=3, reps=10, before=None):
@@ -74,9 +74,6 @@ def padding(rows, quick):
     def model_mask():  # a new mask tensor every forward, as a model makes it (HF: key padding expanded)
         return keep[:, None, None, :].expand(b, 1, n, n)
 
-    def additive(mask):
-        return torch.zeros((), dtype=q.dtype, device="cuda").expand(mask.shape).masked_fill(~mask, float("-inf"))
-
     def sdpa(mask, grad):
         for _ in range(layers):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
@@ -87,7 +84,7 @@ def padding(rows, quick):
         def run(mask, grad):
             # the site gets SDPA's bool mask ("fold"); the other two stand for a model that hands its
             # attention the mask made additive (HuggingFace's eager attention), once per forward
-            bias = None if mode == "fold" else additive(mask)
+            bias = None if mode == "fold" else _to_bias(mask, q)
             for _ in range(layers):
                 layout, bi = base, bias
                 if mode == "fold":

@@ -183,9 +183,7 @@ class _Redirect(TorchFunctionMode):
         site = getattr(self.owner, sites[k])
         if kind == "sdpa":
             return _sdpa_to_site(site, *args, **kwargs)
-        # traced: the conversions were not watched (`_mask_step`), and id() would break the graph
-        bool_mask = None if torch.compiler.is_compiling() else self._bool_source
-        return _mha_to_site(site, *args, bool_mask=bool_mask, **kwargs)
+        return _mha_to_site(site, *args, bool_mask=self._bool_source, **kwargs)
 
     def _mask_step(self, func, args, kwargs):
         """Runs one step of F._canonical_mask, which nn.MultiheadAttention (and nn.TransformerEncoder
@@ -211,7 +209,10 @@ class _Redirect(TorchFunctionMode):
 
     def _bool_source(self, mask):
         """The bool mask (True = may not attend) a float mask was made from in this forward, where it and
-        that mask are unchanged since; else the mask as it is."""
+        that mask are unchanged since; else the mask as it is (always while traced: the conversions were
+        not watched then, and id() of a traced tensor would break the graph)."""
+        if torch.compiler.is_compiling():
+            return mask
         entry = None if mask is None else self.made_from.get(id(mask))
         if entry is not None and entry[0] is mask and entry[1] == mask._version and entry[2]._version == entry[3]:
             return entry[2]

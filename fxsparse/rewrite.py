@@ -17,7 +17,7 @@ from torch import fx
 
 from . import match
 from .match import Match
-from .site import SiteAttention, is_transformed, reuse_last, site_modules  # noqa: F401  (re-exported)
+from .site import SiteAttention, _to_bias, is_transformed, reuse_last, site_modules  # noqa: F401  (re-exported)
 
 
 # ------------------------------------------------------------------------------ graph helpers
@@ -128,9 +128,7 @@ def _may_attend(key_padding_mask, attn_mask):
 
 
 def _not_attend_to_bias(mask, like):
-    if mask.dtype != torch.bool:
-        return mask.to(like.dtype)
-    return like.new_zeros(()).expand(mask.shape).masked_fill(mask, float("-inf"))
+    return mask.to(like.dtype) if mask.dtype != torch.bool else _to_bias(~mask, like)
 
 
 def mha_output(out, batch_first, out_proj_weight, out_proj_bias):
@@ -299,10 +297,11 @@ def _bool_origin(node):
         return node
     zeros, source, value = node.args
     readers = (F.multi_head_attention_forward, mha_mask)  # nothing else reads it, or writes it after the fill
-    if (all(u.op == "call_function" and u.target in readers for u in node.users) and isinstance(zeros, fx.Node) and zeros.op == "call_function" and zeros.target is torch.zeros_like
-            and zeros.args[:1] == (source,) and len(zeros.users) == 1 and value == float("-inf")):
-        return source  # masked_fill_ takes bool masks only; the fresh zeros are filled once, nothing else
-    return node
+    only_read = all(u.op == "call_function" and u.target in readers for u in node.users)
+    fresh_zeros = (isinstance(zeros, fx.Node) and zeros.op == "call_function" and zeros.target is torch.zeros_like
+                   and zeros.args[:1] == (source,) and len(zeros.users) == 1)
+    # masked_fill_ takes bool masks only; the fresh zeros of the source's shape are filled once, with -inf
+    return source if only_read and fresh_zeros and value == float("-inf") else node
 
 
 def _erase(graph: fx.Graph, m: Match):

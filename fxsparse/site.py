@@ -144,7 +144,8 @@ class SiteAttention(nn.Module):
         """(layout, bias) of a call given the model's mask as `bias` and / or `mask` (see `forward`)."""
         if self.skip_padding:
             folded = _fold_mask_bias(layout, bias, mask, like=q)
-            self.mask_folded = self.mask_folded or folded[0] is not layout
+            if folded[0] is not layout and not self.mask_folded:  # set once: a module attribute costs per call
+                self.mask_folded = True
             return folded
         return layout, _additive(bias, mask, q)
 
